@@ -1,0 +1,28 @@
+"""Shared fixtures: the repository root, and a runner for scripts under mpiexec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workshop_lib import sysinfo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def mpirun():
+    """``mpirun(n, args, timeout=...)``: run ``mpiexec -n n python *args`` from the repository root."""
+    if sysinfo.mpiexec_path() is None:
+        pytest.skip("no mpiexec: install the mpich wheel (pip install mpich)")
+
+    def run(n, args, timeout=120, check=True, threads_per_rank=1, cwd=ROOT, env=None):
+        return sysinfo.run_mpi(n, args, timeout=timeout, check=check, threads_per_rank=threads_per_rank, cwd=cwd, env=env)
+
+    return run

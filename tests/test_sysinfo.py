@@ -1,0 +1,70 @@
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from workshop_lib import cli, sysinfo
+
+
+def test_cpu_features_agree_with_proc_cpuinfo():
+    features = sysinfo.cpu_features()
+    assert set(features) == set(sysinfo.FEATURES)
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(re.search(r"^flags\s*:\s*(.+)$", text, re.M).group(1).split()) if "flags" in text else None
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo flags on this OS")
+    for name, (cpu_flag, _, _) in sysinfo.FEATURES.items():
+        assert features[name] == (cpu_flag in flags), name
+
+
+def test_llvm_view_agrees_with_the_kernel_on_avx512_vnni():
+    llvm = sysinfo._llvm_features()
+    if not llvm:
+        pytest.skip("llvmlite cannot report host features here")
+    assert llvm.get("avx512vnni", False) == sysinfo.cpu_features()["avx512_vnni"]
+
+
+def test_core_counts_are_consistent():
+    cores = sysinfo.core_counts()
+    assert cores["logical"] >= 1 and 1 <= cores["usable"] <= cores["logical"]
+    assert cores["physical"] is None or 1 <= cores["physical"] <= cores["logical"]
+
+
+def test_mpi_library_version_names_a_real_library():
+    version = sysinfo.mpi_library_version()
+    assert not version.startswith("unavailable"), version
+    assert re.search(r"MPICH|Open MPI|Intel|MVAPICH|Microsoft", version), version
+
+
+def test_workshop_check_reports_features_mpi_and_succeeds():
+    proc = subprocess.run([sys.executable, "-m", "workshop_lib.cli", "check"], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"avx512_vnni\s+(yes|no)", proc.stdout)
+    if sysinfo.cpu_features()["avx512_vnni"]:
+        assert re.search(r"avx512_vnni\s+yes", proc.stdout)
+    assert "MPI library" in proc.stdout and sysinfo.mpi_library_version().splitlines()[0] in proc.stdout
+    assert re.search(r"mpiexec -n 2\s+ok", proc.stdout)
+
+
+def test_workshop_check_fails_clearly_when_mpiexec_is_broken(monkeypatch, capsys):
+    monkeypatch.setattr(sysinfo, "mpiexec_path", lambda: "/bin/false")
+    assert cli.main(["check"]) == 1
+    err = capsys.readouterr().err
+    assert "ERROR: mpiexec cannot start 2 ranks" in err
+
+
+def test_problems_reports_a_numba_that_cannot_compile():
+    info = {"numba": {"compiles": False, "error": "LoweringError: boom"}, "mpiexec": "/x", "mpi_library": "MPICH"}
+    assert sysinfo.problems(info) == ["numba cannot compile a parallel kernel: LoweringError: boom"]
+
+
+def test_run_mpi_kills_a_hung_job_and_says_so():
+    with pytest.raises(TimeoutError, match="did not finish within 3 s"):
+        sysinfo.run_mpi(2, ["-c", "import time; time.sleep(60)"], timeout=3)
+
+
+def test_mpiexec_command_validates_rank_count():
+    with pytest.raises(ValueError, match="n=0 must be a positive integer"):
+        sysinfo.mpiexec_command(0, ["x.py"])

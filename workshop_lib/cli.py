@@ -1,0 +1,70 @@
+"""The ``workshop`` command: ``workshop check``, ``workshop build-labs [--check]``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _check(args) -> int:
+    from . import sysinfo
+
+    info = sysinfo.report(mpi_check=not args.no_mpi)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(sysinfo.format_report(info))
+    found = sysinfo.problems(info)
+    for problem in found:
+        print(f"ERROR: {problem}", file=sys.stderr)
+    if not found and not args.json:
+        print("Everything the labs need is working.")
+    return 1 if found else 0
+
+
+def _build_labs(args) -> int:
+    from . import course
+
+    try:
+        if args.check:
+            stale = course.stale_labs(args.solutions, args.labs)
+            if stale:
+                print("labs/ is out of date with solutions/; run `workshop build-labs`. Stale:", file=sys.stderr)
+                for path in stale:
+                    print(f"  {path}", file=sys.stderr)
+                return 1
+            print(f"{args.labs} is in sync with {args.solutions}")
+            return 0
+        written = course.build_labs(args.solutions, args.labs)
+    except (course.MarkerError, FileNotFoundError, ValueError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(written)} file(s) updated in {args.labs}" if written else f"{args.labs} already up to date")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workshop", description="Deep Learning at Scale: course tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="report CPU features, threads and MPI; fail if something essential is broken")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--no-mpi", action="store_true", help="skip starting 2 MPI ranks")
+    check.set_defaults(func=_check)
+
+    build = sub.add_parser("build-labs", help="generate labs/ from solutions/")
+    build.add_argument("--check", action="store_true", help="exit non-zero if labs/ is stale instead of writing")
+    build.add_argument("--solutions", default="solutions", help="source folder (default: solutions)")
+    build.add_argument("--labs", default="labs", help="output folder (default: labs)")
+    build.set_defaults(func=_build_labs)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""What this machine offers the labs: CPU features, cores, numba threads, MPI.
+
+Mirrors ``lscpu`` and ``numba -s``. The one idea: every speed-up in this course
+depends on what the CPU can do (AVX-512, VNNI, AMX) and on how work is spread
+over cores (threads) and processes (MPI ranks), so we read it off the machine
+instead of assuming it. Also home of the ``mpiexec`` helpers: we always call the
+``mpiexec`` installed next to this Python, so a learner's other MPI is never
+mixed with the libmpi that mpi4py was built against.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "FEATURES",
+    "cpu_model",
+    "cpu_features",
+    "core_counts",
+    "numba_info",
+    "mpi_library_version",
+    "package_versions",
+    "mpiexec_path",
+    "mpiexec_command",
+    "run_mpi",
+    "mpi_cluster",
+    "report",
+    "format_report",
+    "problems",
+]
+
+# Our name -> (name in /proc/cpuinfo flags, name in LLVM's host features, macOS sysctl name)
+FEATURES = {
+    "sse4_2": ("sse4_2", "sse4.2", "SSE4.2"),
+    "avx2": ("avx2", "avx2", "AVX2"),
+    "fma": ("fma", "fma", "FMA"),
+    "avx512f": ("avx512f", "avx512f", "AVX512F"),
+    "avx512bw": ("avx512bw", "avx512bw", "AVX512BW"),
+    "avx512_vnni": ("avx512_vnni", "avx512vnni", "AVX512VNNI"),
+    "avx_vnni": ("avx_vnni", "avxvnni", "AVXVNNI"),
+    "avx512_bf16": ("avx512_bf16", "avx512bf16", "AVX512BF16"),
+    "amx_int8": ("amx_int8", "amx-int8", "AMX_INT8"),
+}
+
+
+def _proc_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name, or the best substitute the OS offers."""
+    match = re.search(r"^model name\s*:\s*(.+)$", _proc_cpuinfo(), re.M)
+    if match:
+        return match.group(1).strip()
+    if sys.platform == "darwin":
+        return _sysctl("machdep.cpu.brand_string") or platform.processor()
+    return platform.processor() or platform.machine()
+
+
+def _llvm_features() -> dict:
+    try:
+        import llvmlite.binding as llvm
+
+        try:
+            llvm.initialize_native_target()
+        except Exception:  # noqa: BLE001 - newer llvmlite initialises itself
+            pass
+        text = llvm.get_host_cpu_features().flatten()
+    except Exception:  # noqa: BLE001 - llvmlite missing or unable to probe: fall back
+        return {}
+    return {item[1:]: item[0] == "+" for item in text.split(",") if item}
+
+
+def cpu_features() -> dict:
+    """``{feature: bool}`` for the features in :data:`FEATURES`.
+
+    Read from /proc/cpuinfo on Linux (what the kernel enabled), else from
+    LLVM's view of the host (what numba will compile for), else from sysctl on
+    macOS. A feature is reported only if the source says it is there.
+    """
+    flags = set()
+    match = re.search(r"^flags\s*:\s*(.+)$", _proc_cpuinfo(), re.M)
+    if match:
+        flags = set(match.group(1).split())
+        return {name: cpu in flags for name, (cpu, _, _) in FEATURES.items()}
+    llvm = _llvm_features()
+    if llvm:
+        return {name: bool(llvm.get(llvm_name, False)) for name, (_, llvm_name, _) in FEATURES.items()}
+    if sys.platform == "darwin":
+        text = " ".join(_sysctl(k) for k in ("machdep.cpu.features", "machdep.cpu.leaf7_features")).upper()
+        return {name: mac in text.split() for name, (_, _, mac) in FEATURES.items()}
+    return {name: False for name in FEATURES}
+
+
+def core_counts() -> dict:
+    """Logical CPUs, physical cores (when the OS says), and the CPUs this process may use."""
+    logical = os.cpu_count() or 1
+    physical = None
+    text = _proc_cpuinfo()
+    pairs = set(re.findall(r"physical id\s*:\s*(\d+).*?core id\s*:\s*(\d+)", text, re.S))
+    if pairs:
+        physical = len(pairs)
+    elif sys.platform == "darwin":
+        value = _sysctl("hw.physicalcpu")
+        physical = int(value) if value.isdigit() else None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = logical
+    return {"logical": logical, "physical": physical, "usable": usable}
+
+
+def numba_info() -> dict:
+    """numba's version, threading layer and thread count (compiles a tiny parallel kernel)."""
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, cache=False)
+    def _parallel_sum(x):
+        total = 0.0
+        for i in numba.prange(x.shape[0]):
+            total += x[i]
+        return total
+
+    info = {"version": numba.__version__, "threads": numba.get_num_threads()}
+    try:
+        ok = _parallel_sum(np.ones(1000)) == 1000.0
+        info["compiles"] = bool(ok)
+        info["threading_layer"] = numba.threading_layer()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: this is a diagnosis tool
+        info["compiles"] = False
+        info["threading_layer"] = "unavailable"
+        info["error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def mpiexec_path() -> str | None:
+    """The ``mpiexec`` next to this Python (the one mpi4py's MPI came with), else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("mpiexec")
+
+
+def mpiexec_command(n: int, args, python: bool = True) -> list:
+    """``[mpiexec, -n, N, python, *args]`` with this interpreter; raises if no mpiexec exists."""
+    exe = mpiexec_path()
+    if exe is None:
+        raise RuntimeError(
+            "no mpiexec found next to this Python or on PATH; install the MPI runtime "
+            "with `pip install mpich` (or use your site's MPI module)"
+        )
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be a positive integer number of ranks")
+    return [exe, "-n", str(n)] + ([sys.executable] if python else []) + [str(a) for a in args]
+
+
+def run_mpi(n: int, args, timeout: float = 120, threads_per_rank: int | None = 1, check: bool = True, env=None, cwd=None):
+    """Run ``mpiexec -n N python *args`` and return the CompletedProcess.
+
+    Each rank gets ``NUMBA_NUM_THREADS=threads_per_rank`` (None leaves it alone),
+    so N ranks do not each start a thread per core. The whole process group is
+    killed if it outlives ``timeout`` seconds, so a deadlock is an error, not a hang.
+    """
+    cmd = mpiexec_command(n, args)
+    full_env = dict(os.environ if env is None else env)
+    if threads_per_rank is not None:
+        full_env["NUMBA_NUM_THREADS"] = str(threads_per_rank)
+        full_env["OMP_NUM_THREADS"] = str(threads_per_rank)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise TimeoutError(
+            f"`{' '.join(cmd)}` did not finish within {timeout} s and was killed.\n"
+            f"stdout:\n{out}\nstderr:\n{err}"
+        ) from None
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with {proc.returncode}.\nstdout:\n{out}\nstderr:\n{err}")
+    return result
+
+
+def mpi_library_version(timeout: float = 60) -> str:
+    """The MPI library's own version string (asked in a child process, so this one never initialises MPI)."""
+    code = "import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; print(MPI.Get_library_version().strip())"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "unavailable (mpi4py timed out)"
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+        return f"unavailable ({last})"
+    return proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else "unknown"
+
+
+def package_versions() -> dict:
+    names = ["numpy", "numba", "llvmlite", "mpi4py", "mpich", "ipyparallel", "jupyterlab", "matplotlib", "pillow"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def mpi_cluster(n: int = 2, threads_per_engine: int = 1):
+    """An ipyparallel ``Cluster`` of ``n`` MPI engines launched with this Python's mpiexec.
+
+    Start it with ``rc = cluster.start_and_connect_sync()`` and stop it with
+    ``cluster.stop_cluster_sync()``; each engine is an MPI rank.
+    """
+    import ipyparallel as ipp
+
+    exe = mpiexec_path()
+    if exe is None:
+        raise RuntimeError("no mpiexec found; install it with `pip install mpich`")
+    cluster = ipp.Cluster(engines="mpi", n=n, log_level=40)
+    cluster.config.MPIEngineSetLauncher.mpi_cmd = [exe]
+    cluster.config.MPIEngineSetLauncher.environment = {
+        "NUMBA_NUM_THREADS": str(threads_per_engine),
+        "OMP_NUM_THREADS": str(threads_per_engine),
+    }
+    return cluster
+
+
+_HELLO = (
+    "from mpi4py import MPI; c = MPI.COMM_WORLD; "
+    "s = c.allreduce(c.Get_rank() + 1); "
+    "lines = c.gather(f'rank {c.Get_rank()} of {c.Get_size()}: sum={s}', root=0); "
+    "c.Get_rank() == 0 and print('\\n'.join(lines), flush=True)"
+)
+
+
+def _mpi_smoke(n: int = 2, timeout: float = 60) -> str | None:
+    """None if ``mpiexec -n n`` starts n ranks that can allreduce, else what went wrong."""
+    try:
+        proc = run_mpi(n, ["-c", _HELLO], timeout=timeout, check=False)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        return str(exc).splitlines()[0]
+    expected = n * (n + 1) // 2
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("rank ")]
+    if proc.returncode != 0 or len(lines) != n or not all(f"sum={expected}" in ln for ln in lines):
+        return f"mpiexec -n {n} exited {proc.returncode}: {(proc.stderr or proc.stdout).strip()[:300]}"
+    return None
+
+
+def report(mpi_check: bool = True) -> dict:
+    """Everything ``workshop check`` prints, as a dict."""
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": core_counts(),
+        "features": cpu_features(),
+        "numba": numba_info(),
+        "mpi_library": mpi_library_version(),
+        "mpiexec": mpiexec_path(),
+        "packages": package_versions(),
+    }
+    if mpi_check:
+        info["mpi_smoke"] = _mpi_smoke(2)
+    return info
+
+
+def problems(info: dict) -> list:
+    """The essential things that are broken, as sentences a learner can act on."""
+    found = []
+    if not info["numba"].get("compiles"):
+        found.append(f"numba cannot compile a parallel kernel: {info['numba'].get('error', 'unknown error')}")
+    if info["mpiexec"] is None:
+        found.append("no mpiexec found: install the MPI runtime with `pip install mpich`")
+    if info.get("mpi_smoke"):
+        found.append(f"mpiexec cannot start 2 ranks: {info['mpi_smoke']}")
+    if info["mpi_library"].startswith("unavailable"):
+        found.append(f"mpi4py cannot load an MPI library: {info['mpi_library']}")
+    return found
+
+
+def format_report(info: dict) -> str:
+    """The report as a two-column text table."""
+    cores = info["cores"]
+    rows = [
+        ("Python", info["python"]),
+        ("Platform", info["platform"]),
+        ("CPU", info["cpu"]),
+        ("Cores", f"{cores['logical']} logical, {cores['physical'] or '?'} physical, {cores['usable']} usable"),
+    ]
+    rows += [(f"  {name}", "yes" if present else "no") for name, present in info["features"].items()]
+    nb = info["numba"]
+    rows += [
+        ("numba", f"{nb['version']}, threading layer {nb.get('threading_layer')}, {nb['threads']} threads"),
+        ("MPI library", info["mpi_library"]),
+        ("mpiexec", info["mpiexec"] or "not found"),
+    ]
+    if "mpi_smoke" in info:
+        rows.append(("mpiexec -n 2", "ok" if info["mpi_smoke"] is None else "FAILED"))
+    rows += [(name, version) for name, version in info["packages"].items()]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    rule = "-" * max(len(line) for line in lines)
+    return "\n".join([rule, *lines, rule])
