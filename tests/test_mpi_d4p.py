@@ -1,0 +1,61 @@
+"""Distributed K-Means under mpiexec -n 1, 2, 3 equals the serial computation."""
+
+import numpy as np
+import pytest
+
+from workshop_lib import d4p
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
+
+K = 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    rng = np.random.default_rng(42)
+    centers = rng.uniform(0, 1, (K, 3))
+    X = centers[rng.integers(K, size=2999)] + rng.normal(scale=0.08, size=(2999, 3))  # 2999: ranks get unequal rows
+    path = tmp_path_factory.mktemp("d4p") / "data.npz"
+    np.savez(path, X=X)
+    return X, path
+
+
+@pytest.fixture(scope="module")
+def serial(dataset):
+    X, _ = dataset
+    out = {}
+    for method in d4p.INIT_METHODS:
+        for trials in (1, 3) if method == "plusPlusDense" else (1,):
+            out[f"init_{method}_{trials}"] = d4p.kmeans_init(
+                K, method=method, nTrials=trials, engine=d4p.engines_mt19937(seed=11)
+            ).compute(X).centroids
+    out["fit"] = d4p.kmeans(K, 30).compute(X, out["init_plusPlusDense_1"])
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_distributed_kmeans_equals_serial(mpirun, dataset, serial, tmp_path, n):
+    _, data = dataset
+    out = tmp_path / "out.npz"
+    mpirun(n, ["tests/mpi_scripts/kmeans_spmd.py", data, out, "--k", K])
+    got = np.load(out)
+    for key in serial:
+        if key.startswith("init_"):
+            np.testing.assert_array_equal(got[key], serial[key], err_msg=f"{key} differs on {n} ranks")
+    fit = serial["fit"]
+    assert bool(got["same_on_all_ranks"])
+    np.testing.assert_allclose(got["centroids"], fit.centroids, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(got["labels"], fit.assignments[:, 0])
+    np.testing.assert_array_equal(got["labels_assign_only"], fit.assignments[:, 0])
+    np.testing.assert_allclose(got["objective"], fit.objectiveFunction, rtol=1e-12)
+    assert got["iterations"][0, 0] == fit.nIterations[0, 0]
+
+
+@pytest.mark.parametrize("n, flag", [(2, "--nan-on-rank"), (3, "--nan-on-rank"), (3, "--bad-centroids-on-rank")])
+def test_bad_input_on_one_rank_raises_on_every_rank(mpirun, dataset, tmp_path, n, flag):
+    _, data = dataset
+    proc = mpirun(n, ["tests/mpi_scripts/kmeans_spmd.py", data, tmp_path / "o.npz", "--k", K, flag, n - 1], timeout=120)
+    lines = [line for line in proc.stdout.splitlines() if "raised ValueError" in line]
+    assert sorted(int(line.split()[1]) for line in lines) == list(range(n)), proc.stdout
+    expected = "NaN or Inf" if flag == "--nan-on-rank" else r"centroids.shape"
+    assert all(f"rank {n - 1}: " in line and expected in line for line in lines), lines

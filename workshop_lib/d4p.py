@@ -1,0 +1,729 @@
+"""Distributed K-Means with daal4py's names: ``daalinit``, ``kmeans_init``, ``kmeans``.
+
+Mirrors daal4py's SPMD mode: every MPI rank calls the same function on its own
+chunk of rows (``distributed=True``) and every rank receives the same global
+result. The one idea: a data-parallel algorithm only needs each rank to reduce
+its chunk to a few numbers (per-cluster sums and counts, an objective), and one
+allreduce per iteration combines them; the data never moves.
+
+Shapes: n points (rows) of d features; k clusters. ``assignments`` is (n, 1) for
+the rank's own rows, as daal4py returns it.
+
+Determinism: k-means++ (``plusPlusDense``) samples with D^2 weights that are
+rounded to 64-bit integers on a scale every rank agrees on, and sums integers,
+so the chosen centroids are *bit for bit* the same for 1, 2 or 3 ranks and equal
+the serial result for the same seed. Lloyd iterations sum floating-point
+partials, so their results agree across rank counts to rounding.
+
+Empty clusters: when a cluster receives no point, it is re-seeded with the point
+farthest from its own centroid (over all ranks; ties go to the lowest global row
+index), the next empty cluster with the next-farthest point, as daal4py does.
+
+``daalfini()`` ends the distributed session but leaves ``MPI_Finalize`` to
+mpi4py at exit, so a notebook can call ``daalinit()`` again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = [
+    "daalinit",
+    "daalfini",
+    "num_procs",
+    "my_procid",
+    "num_threads",
+    "engines_mt19937",
+    "kmeans_init",
+    "kmeans",
+    "kmeans_init_result",
+    "kmeans_result",
+]
+
+INIT_METHODS = ("defaultDense", "randomDense", "plusPlusDense", "parallelPlusDense")
+FPTYPES = {"double": np.float64, "float": np.float32}
+_BLOCK = 512  # points per cache block in the Lloyd kernel
+_WEIGHT_RANGE = 2.0**62  # integer D^2 weights of all points sum to less than this
+
+
+# ----------------------------------------------------------------------------------------------
+# Process-wide state: one small object, as Horovod keeps it.
+
+
+class _State:
+    def __init__(self):
+        self.comm = None  # mpi4py communicator once MPI is in use
+        self.initialized = False
+
+    def mpi(self):
+        if self.comm is None:
+            from mpi4py import MPI  # lazy: importing this package never starts MPI
+
+            self.comm = MPI.COMM_WORLD
+        return self.comm
+
+
+_state = _State()
+
+
+def daalinit(nthreads=None):
+    """Start a (possibly distributed) session; optionally set the number of threads per process.
+
+    Parameters
+    ----------
+    nthreads : int, optional
+        Threads each rank uses for its chunk (numba's thread count). Must be at
+        most ``NUMBA_NUM_THREADS`` (set it before Python starts to allow more).
+    """
+    if nthreads is not None:
+        limit = numba.config.NUMBA_NUM_THREADS
+        if not isinstance(nthreads, (int, np.integer)) or not 1 <= nthreads <= limit:
+            raise ValueError(f"nthreads={nthreads!r} must be an integer between 1 and NUMBA_NUM_THREADS={limit}")
+        numba.set_num_threads(int(nthreads))
+    _state.mpi()
+    _state.initialized = True
+
+
+def daalfini():
+    """End the distributed session: wait for every rank (a barrier)."""
+    if _state.comm is not None:
+        _state.comm.Barrier()
+    _state.initialized = False
+
+
+def num_procs() -> int:
+    """Number of MPI ranks (1 when not started under mpiexec)."""
+    return _state.mpi().Get_size()
+
+
+def my_procid() -> int:
+    """This process's rank, 0 .. num_procs() - 1."""
+    return _state.mpi().Get_rank()
+
+
+def num_threads() -> int:
+    """Threads this process uses for its chunk."""
+    return numba.get_num_threads()
+
+
+class engines_mt19937:  # noqa: N801 - daal4py's name
+    """A Mersenne Twister random engine with a seed, as ``daal4py.engines_mt19937(seed=777)``."""
+
+    def __init__(self, seed=777):
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be a non-negative integer")
+        self.seed = int(seed)
+
+    def generator(self) -> np.random.Generator:
+        return np.random.Generator(np.random.MT19937(self.seed))
+
+    def __repr__(self):
+        return f"engines_mt19937(seed={self.seed})"
+
+
+class kmeans_init_result:  # noqa: N801
+    """Result of :class:`kmeans_init`: ``centroids`` (k, d)."""
+
+    def __init__(self, centroids):
+        self.centroids = centroids
+
+    def __repr__(self):
+        return f"kmeans_init_result(centroids: {self.centroids.shape})"
+
+
+class kmeans_result:  # noqa: N801
+    """Result of :class:`kmeans`, with daal4py's attribute names and shapes."""
+
+    def __init__(self, centroids, assignments, objective, n_iterations):
+        self.centroids = centroids
+        self.assignments = assignments
+        self.objectiveFunction = np.array([[objective]], dtype=np.float64)
+        self.goalFunction = self.objectiveFunction
+        self.nIterations = np.array([[n_iterations]], dtype=np.int64)
+
+    def __repr__(self):
+        return (
+            f"kmeans_result(centroids: {self.centroids.shape}, objectiveFunction={self.objectiveFunction[0, 0]:.6g}, "
+            f"nIterations={self.nIterations[0, 0]})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Communication: every rank calls these in the same order. Small Python objects go through the
+# lower-case methods, numpy buffers through the upper-case ones.
+
+
+class _Serial:
+    rank, size = 0, 1
+
+    def agree(self, error):
+        if error:
+            raise ValueError(error)
+
+    def allgather(self, obj):
+        return [obj]
+
+    def allreduce_sum(self, buf):
+        return buf
+
+    def allreduce_max(self, value):
+        return value
+
+    def bcast(self, obj, root):
+        return obj
+
+
+class _Distributed:
+    def __init__(self, comm):
+        self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+
+    def agree(self, error):
+        """Raise the same error on every rank if any rank found one; never leave a rank waiting."""
+        errors = self.comm.allgather(error)
+        for rank, message in enumerate(errors):
+            if message:
+                raise ValueError(message if self.size == 1 else f"rank {rank}: {message}")
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def allreduce_sum(self, buf):
+        from mpi4py import MPI
+
+        out = np.empty_like(buf)
+        self.comm.Allreduce(buf, out, op=MPI.SUM)
+        return out
+
+    def allreduce_max(self, value):
+        from mpi4py import MPI
+
+        return self.comm.allreduce(value, op=MPI.MAX)
+
+    def bcast(self, obj, root):
+        return self.comm.bcast(obj, root=root)
+
+
+def _communicator(distributed):
+    return _Distributed(_state.mpi()) if distributed else _Serial()
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation at the public boundary (the kernels trust their inputs).
+
+
+def _check_common(nClusters, fptype):
+    if not isinstance(nClusters, (int, np.integer)) or isinstance(nClusters, bool) or nClusters < 1:
+        raise ValueError(f"nClusters={nClusters!r} must be a positive integer")
+    if fptype not in FPTYPES:
+        raise ValueError(f"fptype={fptype!r} must be one of {sorted(FPTYPES)}")
+
+
+def _local_data_error(data, dtype, name="data"):
+    """A message describing what is wrong with this rank's chunk, or None; plus the converted array."""
+    arr = np.asarray(data) if not isinstance(data, np.ndarray) else data
+    if arr.dtype.kind not in "iuf":
+        return f"{name}.dtype={arr.dtype} must be a real numeric type (float64, float32 or integer)", None
+    if arr.ndim != 2:
+        return f"{name}.shape={arr.shape} must be 2-D (n_rows, n_features)", None
+    if arr.shape[1] < 1:
+        return f"{name}.shape={arr.shape} has no features", None
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        bad = np.argwhere(~np.isfinite(arr))[0]
+        return f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); clean or impute it first", None
+    return None, arr
+
+
+def _prepare(comm, data, nClusters, dtype):
+    """Validate every rank's chunk together; return (chunk, n_total, global offset of this chunk)."""
+    error, arr = _local_data_error(data, dtype)
+    shape_info = comm.allgather(None if arr is None else arr.shape)
+    comm.agree(error)
+    features = {s[1] for s in shape_info}
+    if len(features) != 1:
+        comm.agree(f"ranks hold different numbers of features: {[s[1] for s in shape_info]}")
+    counts = [s[0] for s in shape_info]
+    n_total = sum(counts)
+    if nClusters > n_total:
+        comm.agree(f"nClusters={nClusters} is larger than the number of rows in total ({n_total})")
+    return arr, n_total, sum(counts[: comm.rank]), counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels. Each takes its output buffers (# OUT) and does no checking.
+
+
+@numba.njit(cache=True, inline="always")
+def _weight(d2, scale):
+    return np.int64(math.floor(d2 * scale))
+
+
+@numba.njit(parallel=True, cache=True)
+def _d2_to_point(x, c, d2):  # IN x (n, d), c (d,); OUT d2 (n,); returns max
+    n, d = x.shape
+    for i in numba.prange(n):
+        s = 0.0
+        for q in range(d):
+            diff = np.float64(x[i, q]) - np.float64(c[q])
+            s += diff * diff
+        d2[i] = s
+    m = 0.0
+    for i in range(n):
+        if d2[i] > m:
+            m = d2[i]
+    return m
+
+
+@numba.njit(parallel=True, cache=True)
+def _update_d2_and_weigh(x, new_centroids, d2, scale, chunk_sums):  # OUT d2, chunk_sums; returns max d2
+    """d2 = min(d2, |x - c|^2 over the new centroids); integer weights floor(d2 * scale) summed per chunk."""
+    n, d = x.shape
+    n_new = new_centroids.shape[0]
+    n_chunks = chunk_sums.shape[0]
+    size = (n + n_chunks - 1) // n_chunks
+    maxima = np.zeros(n_chunks)
+    for t in numba.prange(n_chunks):
+        total = np.int64(0)
+        m = 0.0
+        for i in range(t * size, min(n, (t + 1) * size)):
+            v = d2[i]
+            for j in range(n_new):
+                s = 0.0
+                for q in range(d):
+                    diff = np.float64(x[i, q]) - np.float64(new_centroids[j, q])
+                    s += diff * diff
+                if s < v:
+                    v = s
+            d2[i] = v
+            total += _weight(v, scale)
+            if v > m:
+                m = v
+        chunk_sums[t] = total
+        maxima[t] = m
+    return maxima.max()
+
+
+@numba.njit(cache=True)
+def _find_weighted(d2, scale, chunk_sums, target):
+    """Index of the first row whose cumulative integer weight exceeds ``target``."""
+    n = d2.shape[0]
+    n_chunks = chunk_sums.shape[0]
+    size = (n + n_chunks - 1) // n_chunks
+    acc = np.int64(0)
+    for t in range(n_chunks):
+        if acc + chunk_sums[t] > target:
+            for i in range(t * size, min(n, (t + 1) * size)):
+                acc += _weight(d2[i], scale)
+                if acc > target:
+                    return i
+        acc += chunk_sums[t]
+    return -1
+
+
+@numba.njit(parallel=True, cache=True)
+def _trial_potentials(x, candidates, d2, scale, out):  # OUT out (n_trials,): sum of weights if candidate is added
+    n, d = x.shape
+    n_trials = candidates.shape[0]
+    for t in range(n_trials):
+        total = np.int64(0)
+        for i in numba.prange(n):
+            s = 0.0
+            for q in range(d):
+                diff = np.float64(x[i, q]) - np.float64(candidates[t, q])
+                s += diff * diff
+            total += _weight(min(s, d2[i]), scale)
+        out[t] = total
+
+
+@numba.njit(parallel=True, cache=True)
+def _lloyd_pass(xt, centroids, labels, sums, counts, objective):
+    """Assign each point to its nearest centroid; accumulate per-chunk sums, counts and objective.
+
+    IN  xt (d, n) the chunk transposed so the inner loops run over contiguous points;
+        centroids (k, d).
+    OUT labels (n,), sums (n_chunks, k, d), counts (n_chunks, k), objective (n_chunks,).
+    Distances use |x|^2 - 2 x.c + |c|^2; only the last two decide the nearest centroid.
+    """
+    d, n = xt.shape
+    k = centroids.shape[0]
+    n_chunks = counts.shape[0]
+    size = (n + n_chunks - 1) // n_chunks
+    c_norm = np.empty(k, dtype=centroids.dtype)
+    for j in range(k):
+        s = centroids.dtype.type(0)
+        for q in range(d):
+            s += centroids[j, q] * centroids[j, q]
+        c_norm[j] = s
+    for t in numba.prange(n_chunks):
+        best = np.empty(_BLOCK, dtype=xt.dtype)
+        arg = np.empty(_BLOCK, dtype=np.int32)
+        dist = np.empty(_BLOCK, dtype=xt.dtype)
+        sums[t, :, :] = 0.0
+        counts[t, :] = 0.0
+        obj = 0.0
+        stop = min(n, (t + 1) * size)
+        for b0 in range(t * size, stop, _BLOCK):
+            m = min(_BLOCK, stop - b0)
+            for i in range(m):
+                best[i] = np.inf
+                arg[i] = 0
+            for j in range(k):
+                cn = c_norm[j]
+                for i in range(m):
+                    dist[i] = cn
+                for q in range(d):
+                    c2 = -2 * centroids[j, q]
+                    for i in range(m):
+                        dist[i] += c2 * xt[q, b0 + i]
+                for i in range(m):
+                    if dist[i] < best[i]:
+                        best[i] = dist[i]
+                        arg[i] = j
+            for i in range(m):
+                lab = arg[i]
+                labels[b0 + i] = lab
+                xx = 0.0
+                for q in range(d):
+                    v = np.float64(xt[q, b0 + i])
+                    xx += v * v
+                    sums[t, lab, q] += v
+                counts[t, lab] += 1.0
+                obj += max(np.float64(best[i]) + xx, 0.0)
+        objective[t] = obj
+
+
+@numba.njit(parallel=True, cache=True)
+def _dist_to_assigned(x, centroids, labels, out):  # OUT out (n,)
+    n, d = x.shape
+    for i in numba.prange(n):
+        s = 0.0
+        for q in range(d):
+            diff = np.float64(x[i, q]) - np.float64(centroids[labels[i], q])
+            s += diff * diff
+        out[i] = s
+
+
+@numba.njit(cache=True)
+def _mix64(z):
+    """SplitMix64 finaliser: a counter-based uniform in [0, 1) keyed by (round seed, global row index)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@numba.njit(parallel=True, cache=True)
+def _oversample(d2, scale, total, ell, seed, offset, chosen):  # OUT chosen (n,) bool
+    n = d2.shape[0]
+    for i in numba.prange(n):
+        w = _weight(d2[i], scale)
+        key = np.uint64(seed) + np.uint64(offset + i) * np.uint64(0x9E3779B97F4A7C15)
+        chosen[i] = w > 0 and _mix64(key) * total < ell * w
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def _n_chunks(n):
+    return max(1, min(4 * numba.get_num_threads(), n // 4096 or 1))
+
+
+def _row(comm, x, counts, global_index):
+    """Row ``global_index`` of the union of the chunks (in rank order), on every rank."""
+    bounds = np.cumsum([0] + list(counts))
+    owner = int(np.searchsorted(bounds, global_index, side="right") - 1)
+    row = x[global_index - bounds[owner]].copy() if comm.rank == owner else None
+    return comm.bcast(row, owner)
+
+
+class _PlusPlusSampler:
+    """D^2 sampling over the union of all chunks, with exact integer weights.
+
+    Every d2 is at most the global maximum of the previous step (d2 only
+    shrinks), so weights floor(d2 * 2^62 / (n_total * that maximum)) sum below
+    2^62; integer sums do not depend on how the rows are split over ranks.
+    """
+
+    def __init__(self, comm, x, counts, first):
+        self.comm, self.x, self.n_total = comm, x, sum(counts)
+        self.d2 = np.empty(x.shape[0], dtype=np.float64)
+        self.chunk_sums = np.zeros(_n_chunks(x.shape[0]), dtype=np.int64)
+        self.global_max = comm.allreduce_max(_d2_to_point(x, first, self.d2) if x.shape[0] else 0.0)
+        self.add(np.empty((0, x.shape[1]), dtype=x.dtype))
+
+    def add(self, new_centroids):
+        """Account for new centroids (m, d): shrink d2, re-weigh, agree on the totals."""
+        self.scale = _WEIGHT_RANGE / (self.n_total * self.global_max) if self.global_max > 0 else 0.0
+        local_max = 0.0
+        if self.x.shape[0]:
+            local_max = _update_d2_and_weigh(self.x, new_centroids, self.d2, self.scale, self.chunk_sums)
+        parts = self.comm.allgather((int(self.chunk_sums.sum()), float(local_max)))
+        self.rank_totals = np.array([p[0] for p in parts], dtype=np.int64)
+        self.total = int(self.rank_totals.sum())
+        self.global_max = max(p[1] for p in parts)
+
+    def draw(self, target):
+        """The row whose cumulative weight first exceeds ``target`` (0 <= target < total), on every rank."""
+        prefix = np.concatenate([[0], np.cumsum(self.rank_totals)])
+        owner = int(np.searchsorted(prefix, target, side="right") - 1)
+        row = None
+        if self.comm.rank == owner:
+            i = _find_weighted(self.d2, self.scale, self.chunk_sums, np.int64(target - prefix[owner]))
+            row = self.x[i].copy()
+        return self.comm.bcast(row, owner)
+
+    def potentials(self, candidates):
+        """For each candidate, the total weight if it were added (greedy k-means++)."""
+        out = np.zeros(candidates.shape[0], dtype=np.int64)
+        if self.x.shape[0]:
+            _trial_potentials(self.x, candidates, self.d2, self.scale, out)
+        return self.comm.allreduce_sum(out)
+
+
+def _plus_plus(comm, x, counts, k, n_trials, rng):
+    n_total = sum(counts)
+    centroids = np.empty((k, x.shape[1]), dtype=x.dtype)
+    centroids[0] = _row(comm, x, counts, int(rng.integers(n_total)))
+    sampler = _PlusPlusSampler(comm, x, counts, centroids[0])
+    for j in range(1, k):
+        if sampler.total == 0:  # every point coincides with a centroid: take any remaining row
+            centroids[j] = _row(comm, x, counts, int(rng.integers(n_total)))
+            continue
+        targets = [int(rng.integers(sampler.total)) for _ in range(n_trials)]
+        candidates = np.array([sampler.draw(t) for t in targets])
+        best = 0
+        if n_trials > 1:  # greedy k-means++: keep the candidate that lowers the potential most
+            best = int(np.argmin(sampler.potentials(candidates)))
+        centroids[j] = candidates[best]
+        sampler.add(centroids[j : j + 1])
+    return centroids
+
+
+def _weighted_plus_plus_lloyd(points, weights, k, rng, iterations=20):
+    """Serial weighted k-means++ then weighted Lloyd on a small candidate set (k-means|| recluster)."""
+    points = points.astype(np.float64)
+    centroids = np.empty((k, points.shape[1]))
+    probs = weights / weights.sum()
+    centroids[0] = points[rng.choice(len(points), p=probs)]
+    d2 = ((points - centroids[0]) ** 2).sum(1)
+    for j in range(1, k):
+        w = weights * d2
+        idx = rng.choice(len(points), p=w / w.sum()) if w.sum() > 0 else int(rng.integers(len(points)))
+        centroids[j] = points[idx]
+        d2 = np.minimum(d2, ((points - centroids[j]) ** 2).sum(1))
+    for _ in range(iterations):
+        labels = ((points[:, None, :] - centroids[None]) ** 2).sum(2).argmin(1)
+        new = centroids.copy()
+        for j in range(k):
+            mask = labels == j
+            if weights[mask].sum() > 0:
+                new[j] = (weights[mask, None] * points[mask]).sum(0) / weights[mask].sum()
+        if np.array_equal(new, centroids):
+            break
+        centroids = new
+    return centroids
+
+
+def _parallel_plus_plus(comm, x, counts, k, oversampling, n_rounds, rng, offset):
+    n_total = sum(counts)
+    first = _row(comm, x, counts, int(rng.integers(n_total)))
+    candidates = [first]
+    sampler = _PlusPlusSampler(comm, x, counts, first)
+    ell = oversampling * k
+    chosen = np.zeros(x.shape[0], dtype=np.bool_)
+    for _ in range(n_rounds):
+        if sampler.total == 0:
+            break
+        seed = int(rng.integers(2**63))
+        if x.shape[0]:
+            _oversample(sampler.d2, sampler.scale, float(sampler.total), ell, seed, offset, chosen)
+        new_rows = np.concatenate(comm.allgather(x[chosen]), axis=0)
+        candidates.extend(new_rows)
+        sampler.add(new_rows)
+    cand = np.array(candidates)
+    # Weight of a candidate: how many points are nearest to it (an exact integer count).
+    labels = np.empty(x.shape[0], dtype=np.int32)
+    n_chunks = _n_chunks(x.shape[0])
+    sums = np.zeros((n_chunks, len(cand), x.shape[1]))
+    cnt = np.zeros((n_chunks, len(cand)))
+    obj = np.zeros(n_chunks)
+    if x.shape[0]:
+        _lloyd_pass(np.ascontiguousarray(x.T), cand.astype(x.dtype), labels, sums, cnt, obj)
+    weights = comm.allreduce_sum(cnt.sum(0))
+    if len(cand) <= k:
+        extra = [_row(comm, x, counts, int(i)) for i in rng.choice(n_total, k, replace=False)]
+        return np.array((list(cand) + extra)[:k], dtype=x.dtype)
+    return _weighted_plus_plus_lloyd(cand, weights, k, rng).astype(x.dtype)
+
+
+class kmeans_init:  # noqa: N801 - daal4py's name
+    """Initial centroids for K-Means, as ``daal4py.kmeans_init``.
+
+    Parameters
+    ----------
+    nClusters : int
+        Number of centroids k.
+    method : {"defaultDense", "randomDense", "plusPlusDense", "parallelPlusDense"}
+        ``defaultDense``: the first k rows (of the union of chunks, in rank
+        order). ``randomDense``: k distinct rows drawn uniformly.
+        ``plusPlusDense``: k-means++ (D^2 sampling; with ``nTrials > 1`` the
+        greedy variant keeps the best of nTrials candidates). ``parallelPlusDense``:
+        k-means|| (``nRounds`` rounds oversampling ``oversamplingFactor * k``
+        points each, then a weighted k-means++ recluster of the candidates).
+    nTrials, oversamplingFactor, nRounds : see ``method``.
+    engine : engines_mt19937
+        Random engine; the same seed gives the same centroids for any number of ranks.
+    distributed : bool
+        Each rank passes its own chunk; every rank gets the same centroids.
+    fptype : {"double", "float"}
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).random((1000, 3))
+    >>> kmeans_init(4, method="plusPlusDense").compute(X).centroids.shape
+    (4, 3)
+    """
+
+    def __init__(self, nClusters, method="defaultDense", nTrials=1, oversamplingFactor=0.5, nRounds=5,
+                 engine=None, distributed=False, fptype="double"):
+        _check_common(nClusters, fptype)
+        if method not in INIT_METHODS:
+            raise ValueError(f"method={method!r} must be one of {INIT_METHODS}")
+        if not isinstance(nTrials, (int, np.integer)) or nTrials < 1:
+            raise ValueError(f"nTrials={nTrials!r} must be a positive integer")
+        if not oversamplingFactor > 0:
+            raise ValueError(f"oversamplingFactor={oversamplingFactor!r} must be positive")
+        if not isinstance(nRounds, (int, np.integer)) or nRounds < 1:
+            raise ValueError(f"nRounds={nRounds!r} must be a positive integer")
+        self.nClusters, self.method, self.nTrials = int(nClusters), method, int(nTrials)
+        self.oversamplingFactor, self.nRounds = float(oversamplingFactor), int(nRounds)
+        self.engine = engine if engine is not None else engines_mt19937(seed=777)
+        if not isinstance(self.engine, engines_mt19937):
+            raise TypeError(f"engine={engine!r} must be an engines_mt19937")
+        self.distributed, self.fptype = bool(distributed), fptype
+
+    def compute(self, data) -> kmeans_init_result:
+        comm = _communicator(self.distributed)
+        x, n_total, offset, counts = _prepare(comm, data, self.nClusters, FPTYPES[self.fptype])
+        k, rng = self.nClusters, self.engine.generator()
+        if self.method == "defaultDense":
+            centroids = np.array([_row(comm, x, counts, i) for i in range(k)], dtype=x.dtype)
+        elif self.method == "randomDense":
+            picks = rng.choice(n_total, size=k, replace=False)
+            centroids = np.array([_row(comm, x, counts, int(i)) for i in picks], dtype=x.dtype)
+        elif self.method == "plusPlusDense":
+            centroids = _plus_plus(comm, x, counts, k, self.nTrials, rng)
+        else:
+            centroids = _parallel_plus_plus(comm, x, counts, k, self.oversamplingFactor, self.nRounds, rng, offset)
+        return kmeans_init_result(np.ascontiguousarray(centroids, dtype=x.dtype).reshape(k, x.shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Lloyd iterations
+
+
+class kmeans:  # noqa: N801 - daal4py's name
+    """K-Means clustering by Lloyd iterations, as ``daal4py.kmeans``.
+
+    Parameters
+    ----------
+    nClusters : int
+    maxIterations : int
+        Lloyd iterations at most; ``0`` only assigns points to the given
+        centroids (inference).
+    accuracyThreshold : float
+        Stop when the objective's relative decrease in one iteration is at most
+        this (``0`` stops when it no longer decreases at all).
+    assignFlag : bool
+        Return ``assignments`` (n, 1) for this rank's rows.
+    distributed : bool
+        Each rank passes its own chunk; one allreduce per iteration combines the
+        per-cluster sums, counts and the objective; every rank gets the same centroids.
+    fptype : {"double", "float"}
+
+    Returns (from ``compute(data, centroids)``)
+    -------
+    kmeans_result
+        ``centroids`` (k, d); ``assignments`` (n, 1) int32 or None;
+        ``objectiveFunction`` (1, 1): the sum of squared distances of all points
+        to the *returned* centroids; ``goalFunction`` (the same);
+        ``nIterations`` (1, 1).
+
+    Raises
+    ------
+    ValueError
+        On every rank, if any rank's data or centroids are invalid.
+    """
+
+    def __init__(self, nClusters, maxIterations=300, accuracyThreshold=0.0, assignFlag=True,
+                 distributed=False, fptype="double"):
+        _check_common(nClusters, fptype)
+        if not isinstance(maxIterations, (int, np.integer)) or maxIterations < 0:
+            raise ValueError(f"maxIterations={maxIterations!r} must be a non-negative integer")
+        if not accuracyThreshold >= 0:
+            raise ValueError(f"accuracyThreshold={accuracyThreshold!r} must be >= 0")
+        self.nClusters, self.maxIterations = int(nClusters), int(maxIterations)
+        self.accuracyThreshold, self.assignFlag = float(accuracyThreshold), bool(assignFlag)
+        self.distributed, self.fptype = bool(distributed), fptype
+
+    def compute(self, data, centroids) -> kmeans_result:
+        comm = _communicator(self.distributed)
+        dtype = FPTYPES[self.fptype]
+        x, n_total, offset, counts = _prepare(comm, data, self.nClusters, dtype)
+        error, c = _local_data_error(centroids, dtype, name="centroids")
+        if error is None and c.shape != (self.nClusters, x.shape[1]):
+            error = f"centroids.shape={c.shape} must be (nClusters, n_features) = ({self.nClusters}, {x.shape[1]})"
+        comm.agree(error)
+
+        k, d, n = self.nClusters, x.shape[1], x.shape[0]
+        xt = np.ascontiguousarray(x.T)
+        labels = np.zeros(n, dtype=np.int32)
+        n_chunks = _n_chunks(n)
+        sums = np.zeros((n_chunks, k, d))
+        cnt = np.zeros((n_chunks, k))
+        obj = np.zeros(n_chunks)
+        packed = np.empty(k * d + k + 1)
+
+        def assign(cur):
+            """One pass: labels for ``cur``; global sums (k, d), counts (k,) and objective by one allreduce."""
+            if n:
+                _lloyd_pass(xt, cur, labels, sums, cnt, obj)
+            packed[: k * d] = sums.sum(0).ravel() if n else 0.0
+            packed[k * d : k * d + k] = cnt.sum(0) if n else 0.0
+            packed[-1] = obj.sum() if n else 0.0
+            total = comm.allreduce_sum(packed)
+            return total[: k * d].reshape(k, d), total[k * d : k * d + k], float(total[-1])
+
+        current = c.copy()
+        global_sums, global_counts, objective = assign(current)
+        iterations = 0
+        while iterations < self.maxIterations:
+            new = np.empty_like(current)
+            filled = global_counts > 0
+            new[filled] = (global_sums[filled] / global_counts[filled, None]).astype(dtype)
+            empty = np.flatnonzero(~filled)
+            if empty.size:
+                new[empty] = self._farthest_points(comm, x, current, labels, offset, empty.size)
+            previous, current = objective, new
+            global_sums, global_counts, objective = assign(current)
+            iterations += 1
+            if previous - objective <= self.accuracyThreshold * previous:
+                break
+        assignments = labels.reshape(-1, 1).copy() if self.assignFlag else None
+        return kmeans_result(current, assignments, objective, iterations)
+
+    @staticmethod
+    def _farthest_points(comm, x, centroids, labels, offset, m):
+        """The m rows farthest from their own centroid over all ranks (ties: lowest global index)."""
+        dist = np.empty(x.shape[0])
+        if x.shape[0]:
+            _dist_to_assigned(x, centroids, labels, dist)
+        top = np.argsort(-dist, kind="stable")[:m]
+        local = [(-float(dist[i]), offset + int(i), x[i].copy()) for i in top]
+        everyone = sorted((item for part in comm.allgather(local) for item in part), key=lambda t: (t[0], t[1]))
+        return np.array([row for _, _, row in everyone[:m]], dtype=x.dtype)
