@@ -45,7 +45,7 @@ __all__ = [
 
 INIT_METHODS = ("defaultDense", "randomDense", "plusPlusDense", "parallelPlusDense")
 FPTYPES = {"double": np.float64, "float": np.float32}
-_BLOCK = 512  # points per cache block in the Lloyd kernel
+_BLOCK = 256  # points per cache block in the Lloyd kernel
 _WEIGHT_RANGE = 2.0**62  # integer D^2 weights of all points sum to less than this
 
 
@@ -338,61 +338,99 @@ def _trial_potentials(x, candidates, d2, scale, out):  # OUT out (n_trials,): su
         out[t] = total
 
 
+_PANEL = 4  # features are processed four at a time: xt is padded with zero rows to a multiple of 4
+_LANES = 4  # independent accumulators, so runs of equal labels do not serialise on one memory cell
+
+
+def _panels(x):
+    """The chunk transposed to (4 * ceil(d / 4), n), zero-padded: inner loops run over contiguous points."""
+    n, d = x.shape
+    xt = np.zeros((-(-d // _PANEL) * _PANEL, n), dtype=x.dtype)
+    xt[:d] = x.T
+    return xt
+
+
 @numba.njit(parallel=True, cache=True)
 def _lloyd_pass(xt, centroids, labels, sums, counts, objective):
     """Assign each point to its nearest centroid; accumulate per-chunk sums, counts and objective.
 
-    IN  xt (d, n) the chunk transposed so the inner loops run over contiguous points;
-        centroids (k, d).
+    IN  xt (4P, n) from :func:`_panels`; centroids (k, d).
     OUT labels (n,), sums (n_chunks, k, d), counts (n_chunks, k), objective (n_chunks,).
-    Distances use |x|^2 - 2 x.c + |c|^2; only the last two decide the nearest centroid.
+    Distances are |x|^2 - 2 x.c + |c|^2; only the last two terms decide the nearest centroid,
+    computed for a block of points at a time so the loops over points vectorise.
     """
-    d, n = xt.shape
-    k = centroids.shape[0]
+    n = xt.shape[1]
+    k, d = centroids.shape
+    n_panels = xt.shape[0] // _PANEL
     n_chunks = counts.shape[0]
     size = (n + n_chunks - 1) // n_chunks
-    c_norm = np.empty(k, dtype=centroids.dtype)
+    cm2 = np.zeros((k, xt.shape[0]), dtype=xt.dtype)  # -2 c, zero-padded like xt
+    c_norm = np.zeros(k, dtype=xt.dtype)
     for j in range(k):
-        s = centroids.dtype.type(0)
         for q in range(d):
-            s += centroids[j, q] * centroids[j, q]
-        c_norm[j] = s
+            cm2[j, q] = -2 * centroids[j, q]
+            c_norm[j] += centroids[j, q] * centroids[j, q]
+    flat = xt.reshape(-1)  # 1-D slices of a contiguous array stay contiguous for the vectoriser
     for t in numba.prange(n_chunks):
         best = np.empty(_BLOCK, dtype=xt.dtype)
-        arg = np.empty(_BLOCK, dtype=np.int32)
         dist = np.empty(_BLOCK, dtype=xt.dtype)
-        sums[t, :, :] = 0.0
-        counts[t, :] = 0.0
-        obj = 0.0
-        stop = min(n, (t + 1) * size)
-        for b0 in range(t * size, stop, _BLOCK):
+        arg = np.empty(_BLOCK, dtype=np.int32)
+        local_sums = np.zeros((_LANES, k, d))
+        local_counts = np.zeros((_LANES, k))
+        obj = np.zeros(_LANES)
+        start = t * size
+        stop = min(n, start + size)
+        for b0 in range(start, stop, _BLOCK):
             m = min(_BLOCK, stop - b0)
             for i in range(m):
                 best[i] = np.inf
                 arg[i] = 0
-            for j in range(k):
-                cn = c_norm[j]
-                for i in range(m):
-                    dist[i] = cn
-                for q in range(d):
-                    c2 = -2 * centroids[j, q]
+            if n_panels == 1:  # d <= 4 (RGB pixels): the distance never leaves a register
+                a0 = flat[b0 : b0 + m]
+                a1 = flat[n + b0 : n + b0 + m]
+                a2 = flat[2 * n + b0 : 2 * n + b0 + m]
+                a3 = flat[3 * n + b0 : 3 * n + b0 + m]
+                for j in range(k):
+                    cj = c_norm[j]
+                    c0, c1, c2, c3 = cm2[j, 0], cm2[j, 1], cm2[j, 2], cm2[j, 3]
                     for i in range(m):
-                        dist[i] += c2 * xt[q, b0 + i]
+                        s = cj + c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i]
+                        better = s < best[i]
+                        best[i] = s if better else best[i]
+                        arg[i] = j if better else arg[i]
+            for j in range(k if n_panels > 1 else 0):
+                cj = c_norm[j]
                 for i in range(m):
-                    if dist[i] < best[i]:
-                        best[i] = dist[i]
-                        arg[i] = j
+                    dist[i] = cj
+                for p in range(n_panels):
+                    q = p * _PANEL
+                    a0 = flat[q * n + b0 : q * n + b0 + m]
+                    a1 = flat[(q + 1) * n + b0 : (q + 1) * n + b0 + m]
+                    a2 = flat[(q + 2) * n + b0 : (q + 2) * n + b0 + m]
+                    a3 = flat[(q + 3) * n + b0 : (q + 3) * n + b0 + m]
+                    c0, c1, c2, c3 = cm2[j, q], cm2[j, q + 1], cm2[j, q + 2], cm2[j, q + 3]
+                    for i in range(m):
+                        dist[i] = dist[i] + c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i]
+                for i in range(m):
+                    better = dist[i] < best[i]
+                    best[i] = dist[i] if better else best[i]
+                    arg[i] = j if better else arg[i]
             for i in range(m):
                 lab = arg[i]
                 labels[b0 + i] = lab
+                lane = i & (_LANES - 1)
                 xx = 0.0
                 for q in range(d):
                     v = np.float64(xt[q, b0 + i])
                     xx += v * v
-                    sums[t, lab, q] += v
-                counts[t, lab] += 1.0
-                obj += max(np.float64(best[i]) + xx, 0.0)
-        objective[t] = obj
+                    local_sums[lane, lab, q] += v
+                local_counts[lane, lab] += 1.0
+                obj[lane] += max(np.float64(best[i]) + xx, 0.0)
+        for j in range(k):
+            counts[t, j] = local_counts[:, j].sum()
+            for q in range(d):
+                sums[t, j, q] = local_sums[:, j, q].sum()
+        objective[t] = obj.sum()
 
 
 @numba.njit(parallel=True, cache=True)
@@ -552,7 +590,7 @@ def _parallel_plus_plus(comm, x, counts, k, oversampling, n_rounds, rng, offset)
     cnt = np.zeros((n_chunks, len(cand)))
     obj = np.zeros(n_chunks)
     if x.shape[0]:
-        _lloyd_pass(np.ascontiguousarray(x.T), cand.astype(x.dtype), labels, sums, cnt, obj)
+        _lloyd_pass(_panels(x), cand.astype(x.dtype), labels, sums, cnt, obj)
     weights = comm.allreduce_sum(cnt.sum(0))
     if len(cand) <= k:
         extra = [_row(comm, x, counts, int(i)) for i in rng.choice(n_total, k, replace=False)]
@@ -681,7 +719,7 @@ class kmeans:  # noqa: N801 - daal4py's name
         comm.agree(error)
 
         k, d, n = self.nClusters, x.shape[1], x.shape[0]
-        xt = np.ascontiguousarray(x.T)
+        xt = _panels(x)
         labels = np.zeros(n, dtype=np.int32)
         n_chunks = _n_chunks(n)
         sums = np.zeros((n_chunks, k, d))
@@ -723,7 +761,12 @@ class kmeans:  # noqa: N801 - daal4py's name
         dist = np.empty(x.shape[0])
         if x.shape[0]:
             _dist_to_assigned(x, centroids, labels, dist)
-        top = np.argsort(-dist, kind="stable")[:m]
+        top = np.arange(0)
+        if dist.size:  # the m largest, ties to the lowest index, without sorting all n distances
+            m_local = min(m, dist.size)
+            threshold = np.partition(dist, dist.size - m_local)[dist.size - m_local]
+            candidates = np.flatnonzero(dist >= threshold)
+            top = candidates[np.lexsort((candidates, -dist[candidates]))][:m_local]
         local = [(-float(dist[i]), offset + int(i), x[i].copy()) for i in top]
         everyone = sorted((item for part in comm.allgather(local) for item in part), key=lambda t: (t[0], t[1]))
         return np.array([row for _, _, row in everyone[:m]], dtype=x.dtype)
