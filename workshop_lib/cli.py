@@ -1,4 +1,4 @@
-"""The ``workshop`` command: ``workshop check``, ``workshop build-labs [--check]``."""
+"""The ``workshop`` command: ``workshop check``, ``workshop build-labs [--check]``, ``workshop train mnist``."""
 
 from __future__ import annotations
 
@@ -44,6 +44,20 @@ def _build_labs(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from . import models
+    from .data import load_mnist
+
+    data = load_mnist()
+    params, history = models.train_mnist_cnn(args.steps, args.batch_size, args.lr, seed=args.seed, data=data,
+                                             progress=not args.quiet)
+    meta = models.training_metadata(history, params, data, args.seed, args.steps, args.batch_size, args.lr)
+    out = args.out or models.default_model_path()
+    models.save_model(out, params, meta)
+    print(f"held-out accuracy {meta['accuracy']:.4f} after {args.steps} steps ({meta['train_seconds']} s); wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workshop", description="Deep Learning at Scale: course tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--solutions", default="solutions", help="source folder (default: solutions)")
     build.add_argument("--labs", default="labs", help="output folder (default: labs)")
     build.set_defaults(func=_build_labs)
+
+    train = sub.add_parser("train", help="train a model of the labs deterministically")
+    train.add_argument("model", choices=["mnist"], help="the labs' MNIST CNN")
+    train.add_argument("--steps", type=int, default=3000)
+    train.add_argument("--batch-size", type=int, default=50)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=None, help="output .npz (default: data/models/mnist_cnn.npz)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
     return parser
 
 

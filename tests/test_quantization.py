@@ -1,0 +1,126 @@
+"""workshop_lib.quantization: parameters, rounding, saturation, calibration, and the int8 CNN's accuracy."""
+
+import numpy as np
+import pytest
+
+from workshop_lib import quantization as Q
+
+RNG = np.random.default_rng(3)
+
+
+def test_symmetric_int8_maps_the_largest_magnitude_to_127():
+    x = np.array([-2.0, -1.0, 0.0, 0.5, 1.0])
+    qp = Q.choose_qparams(x.min(), x.max(), np.int8, symmetric=True)
+    assert qp.scale == pytest.approx(2.0 / 127) and qp.zero_point == 0
+    np.testing.assert_array_equal(Q.quantize(x, qp), [-127, -64, 0, 32, 64])  # -63.5 -> -64, 31.75 -> 32
+
+
+def test_asymmetric_uint8_represents_zero_exactly():
+    qp = Q.choose_qparams(0.3, 2.8, np.uint8, symmetric=False)  # range stretched to include 0
+    assert Q.quantize(np.array([0.0]), qp)[0] == qp.zero_point == 0
+    qp = Q.choose_qparams(-1.0, 3.0, np.uint8, symmetric=False)
+    assert Q.dequantize(Q.quantize(np.array([0.0]), qp), qp)[0] == 0.0
+    assert Q.quantize(np.array([-1.0, 3.0]), qp).tolist() == [0, 255]
+
+
+def test_rounding_is_half_to_even_and_out_of_range_saturates():
+    qp = Q.QuantParams(np.float64(1.0), np.int32(0), np.dtype(np.int8))
+    np.testing.assert_array_equal(Q.quantize(np.array([0.5, 1.5, 2.5, -0.5, -1.5]), qp), [0, 2, 2, 0, -2])
+    np.testing.assert_array_equal(Q.quantize(np.array([300.0, -300.0, 127.4, -128.6]), qp), [127, -128, 127, -128])
+
+
+def test_round_trip_error_is_at_most_half_a_step():
+    x = RNG.standard_normal(10_000)
+    qp = Q.choose_qparams(x.min(), x.max(), np.int8)
+    err = np.abs(Q.dequantize(Q.quantize(x, qp), qp) - x)
+    assert err.max() <= qp.scale / 2 + 1e-9
+
+
+def test_per_channel_equals_per_tensor_on_each_channel():
+    w = RNG.standard_normal((30, 4)) * np.array([0.01, 0.1, 1.0, 10.0])
+    qp = Q.choose_qparams(w.min(0), w.max(0), np.int8, symmetric=True, axis=1)
+    q = Q.quantize(w, qp)
+    for c in range(4):
+        single = Q.choose_qparams(w[:, c].min(), w[:, c].max(), np.int8, symmetric=True)
+        np.testing.assert_array_equal(q[:, c], Q.quantize(w[:, c], single))
+    assert np.abs(q).max(0).tolist() == [127] * 4  # each channel uses its full range
+    np.testing.assert_allclose(Q.dequantize(q, qp), w, atol=np.abs(w).max(0).max() / 127)
+
+
+def test_requantize_fuses_bias_relu_and_output_scale():
+    acc = np.array([[-1000, 0, 1000, 10**6]], dtype=np.int32)
+    bias = np.array([100, 0, -100, 0], dtype=np.int32)
+    out = Q.QuantParams(np.float64(0.05), np.int32(0), np.dtype(np.uint8))
+    got = Q.requantize(acc, 0.001, out, bias, relu=True)
+    ref = np.clip(np.maximum(np.rint((acc + bias) * 0.001 / 0.05), 0), 0, 255)
+    np.testing.assert_array_equal(got, ref.astype(np.uint8))
+    assert got.tolist() == [[0, 0, 18, 255]]
+
+
+def test_calibrators_minmax_percentile_entropy():
+    x = np.abs(RNG.standard_normal(200_000)).astype(np.float32)
+    x[0] = 100.0  # one outlier
+    lo, hi = Q.Calibrator("minmax").update(x).range()
+    assert (lo, hi) == (float(x.min()), 100.0)
+    _, hi_p = Q.Calibrator("percentile", percentile=99.9).update(x).range()
+    assert 3.0 < hi_p < 3.6  # the 99.9th percentile of |N(0,1)| is about 3.29
+    _, hi_e = Q.Calibrator("entropy").update(x).range()
+    assert 2.0 < hi_e < 20.0  # clips the outlier, keeps the bulk
+    calibrator = Q.Calibrator("minmax").update(x[:100]).update(x[100:])
+    assert calibrator.range() == (lo, hi)
+
+
+def test_entropy_threshold_keeps_everything_when_nothing_is_rare():
+    hist = np.ones(2048)
+    assert Q.entropy_threshold(hist, 1.0) > 2000  # a uniform distribution is best left unclipped
+
+
+def test_nan_or_inf_in_calibration_data_raises():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Q.Calibrator().update(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Q.Calibrator().update(np.array([np.inf]))
+    with pytest.raises(ValueError, match="no calibration data"):
+        Q.Calibrator().range()
+
+
+def test_constant_tensor_is_handled():
+    qp = Q.Calibrator("entropy").update(np.zeros(100)).qparams(np.uint8)
+    assert qp.scale == 1.0 and Q.quantize(np.zeros(3), qp).tolist() == [0, 0, 0]
+    qp = Q.Calibrator().update(np.full(10, 2.5)).qparams(np.uint8)
+    assert Q.dequantize(Q.quantize(np.array([2.5]), qp), qp)[0] == pytest.approx(2.5)
+
+
+def test_bad_dtype_is_rejected():
+    with pytest.raises(ValueError, match="dtype=float32 must be one of"):
+        Q.qrange(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+    from workshop_lib.data import load_mnist
+    from workshop_lib.models import load_model
+
+    params, meta = load_model()
+    return params, meta, load_mnist()
+
+
+def test_int8_cnn_is_within_half_a_point_of_float32(model_and_data):
+    from workshop_lib.models import accuracy
+
+    params, _, ((x_train, _), (x_test, y_test)) = model_and_data
+    fp32 = accuracy(params, x_test, y_test)
+    qmodel = Q.QuantizedCNN(params, x_train[:500], method="entropy")
+    int8_acc = (qmodel.predict(x_test) == y_test).mean()
+    assert fp32 > 0.97
+    assert abs(int8_acc - fp32) <= 0.005, (fp32, int8_acc)
+
+
+def test_int8_cnn_logits_are_identical_on_every_int8_path(model_and_data):
+    from workshop_lib import int8
+
+    params, _, ((x_train, _), (x_test, _)) = model_and_data
+    paths = ["portable"] + (["fast"] if int8.vnni_isa() else [])
+    logits = [Q.QuantizedCNN(params, x_train[:200], path=p).logits(x_test[:64]) for p in paths]
+    for other in logits[1:]:
+        np.testing.assert_array_equal(other, logits[0])

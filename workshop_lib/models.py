@@ -1,0 +1,212 @@
+"""The labs' MNIST CNN (the slides' ``deepnn``), trained with the float32 kernels.
+
+conv 5x5x32 SAME + ReLU + maxpool 2 -> conv 5x5x64 SAME + ReLU + maxpool 2 ->
+FC 3136 -> 1024 + ReLU -> dropout -> FC 1024 -> 10. Layout NHWC, weights HWIO.
+The one idea: a network is a chain of the kernels' forward passes, and training
+is the same chain backwards plus an optimiser step (Adam here).
+
+Until the graph engine of ``workshop_lib.tf`` exists this module trains the
+model directly with the kernels; ``workshop train mnist`` writes
+``data/models/mnist_cnn.npz`` (weights plus metadata), which lab 01 quantizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, kernels
+
+__all__ = ["LAYERS", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
+           "accuracy", "save_model", "load_model", "default_model_path", "images_to_input"]
+
+LAYERS = ("conv1", "conv2", "fc1", "fc2")
+SHAPES = {"conv1/w": (5, 5, 1, 32), "conv1/b": (32,), "conv2/w": (5, 5, 32, 64), "conv2/b": (64,),
+          "fc1/w": (7 * 7 * 64, 1024), "fc1/b": (1024,), "fc2/w": (1024, 10), "fc2/b": (10,)}
+
+
+def init_mnist_cnn(seed=0):
+    """Weights from a truncated normal (stddev 0.1, cut at 2 stddev) and biases 0.1, as ``deepnn`` does."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in SHAPES.items():
+        if name.endswith("/b"):
+            params[name] = np.full(shape, 0.1, dtype=np.float32)
+        else:
+            w = rng.standard_normal(shape)
+            while np.any(bad := np.abs(w) > 2):
+                w[bad] = rng.standard_normal(bad.sum())
+            params[name] = (0.1 * w).astype(np.float32)
+    return params
+
+
+def images_to_input(images):
+    """uint8 (N, 28, 28) -> float32 NHWC (N, 28, 28, 1) in [0, 1]."""
+    return (np.asarray(images, dtype=np.float32) / 255.0)[..., None]
+
+
+def mnist_cnn_forward(params, images, training=False, keep_prob=0.5, rng=None, return_taps=False):
+    """Logits (N, 10) for uint8 images (N, 28, 28); returns (logits, caches) or, with ``return_taps``,
+    (logits, {"a1", "a2", "a3": the ReLU outputs}) for calibration."""
+    x = images_to_input(images)
+    caches, taps = {}, {}
+    for i, name in enumerate(("conv1", "conv2"), start=1):
+        y, c_conv = kernels.conv2d_forward(x, params[f"{name}/w"], 1, "SAME")
+        y, c_bias = kernels.bias_add_forward(y, params[f"{name}/b"])
+        y, c_relu = kernels.relu_forward(y)
+        taps[f"a{i}"] = y
+        x, c_pool = kernels.maxpool_forward(y, 2, 2)
+        caches[name] = (c_conv, c_bias, c_relu, c_pool)
+    flat = x.reshape(len(x), -1)
+    y, c_fc1 = kernels.gemm_forward(flat, params["fc1/w"])
+    y, c_b1 = kernels.bias_add_forward(y, params["fc1/b"])
+    y, c_r1 = kernels.relu_forward(y)
+    taps["a3"] = y
+    y, c_drop = kernels.dropout_forward(y, keep_prob, training=training, rng=rng)
+    logits, c_fc2 = kernels.gemm_forward(y, params["fc2/w"])
+    logits, c_b2 = kernels.bias_add_forward(logits, params["fc2/b"])
+    caches.update(fc1=(c_fc1, c_b1, c_r1, x.shape), drop=c_drop, fc2=(c_fc2, c_b2))
+    return (logits, taps) if return_taps else (logits, caches)
+
+
+def mnist_cnn_backward(dlogits, caches):
+    """Gradients of every parameter, as a dict with the parameters' names."""
+    grads = {}
+    c_fc2, c_b2 = caches["fc2"]
+    d, grads["fc2/b"] = kernels.bias_add_backward(dlogits, c_b2)
+    d, grads["fc2/w"] = kernels.gemm_backward(d, c_fc2)
+    d = kernels.dropout_backward(d, caches["drop"])
+    c_fc1, c_b1, c_r1, pooled_shape = caches["fc1"]
+    d = kernels.relu_backward(d, c_r1)
+    d, grads["fc1/b"] = kernels.bias_add_backward(d, c_b1)
+    d, grads["fc1/w"] = kernels.gemm_backward(d, c_fc1)
+    d = d.reshape(pooled_shape)
+    for name in ("conv2", "conv1"):
+        c_conv, c_bias, c_relu, c_pool = caches[name]
+        d = kernels.maxpool_backward(d, c_pool)
+        d = kernels.relu_backward(d, c_relu)
+        d, grads[f"{name}/b"] = kernels.bias_add_backward(d, c_bias)
+        d, grads[f"{name}/w"] = kernels.conv2d_backward(d, c_conv)
+    return grads
+
+
+class Adam:
+    """Adam (Kingma & Ba) with TensorFlow's defaults: beta1 0.9, beta2 0.999, epsilon 1e-8."""
+
+    def __init__(self, params, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m = {k: np.zeros_like(v) for k, v in params.items()}
+        self.v = {k: np.zeros_like(v) for k, v in params.items()}
+        self.t = 0
+
+    def step(self, params, grads):
+        self.t += 1
+        lr_t = self.lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
+        for k, g in grads.items():
+            self.m[k] = self.beta1 * self.m[k] + (1 - self.beta1) * g
+            self.v[k] = self.beta2 * self.v[k] + (1 - self.beta2) * g * g
+            params[k] -= (lr_t * self.m[k] / (np.sqrt(self.v[k]) + self.eps)).astype(params[k].dtype)
+
+
+def accuracy(params, images, labels, batch_size=500):
+    """Top-1 accuracy of the float32 model."""
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        logits, _ = mnist_cnn_forward(params, images[i : i + batch_size])
+        correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
+    return correct / len(images)
+
+
+def train_mnist_cnn(steps=2000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0, data=None, progress=False,
+                    eval_every=0):
+    """Train deterministically (seeded init, data order and dropout). Returns (params, history).
+
+    ``history`` has the loss of every step and, every ``eval_every`` steps, the held-out accuracy.
+    """
+    if data is None:
+        from .data import load_mnist
+
+        data = load_mnist()
+    (x_train, y_train), (x_test, y_test) = data
+    params = init_mnist_cnn(seed)
+    opt = Adam(params, lr)
+    rng = np.random.default_rng(seed + 1)
+    order, cursor = rng.permutation(len(x_train)), 0
+    history = {"loss": [], "eval_step": [], "eval_accuracy": []}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="training", unit="step")
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        if cursor + batch_size > len(order):
+            order, cursor = rng.permutation(len(x_train)), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        logits, caches = mnist_cnn_forward(params, x_train[idx], training=True, keep_prob=keep_prob, rng=rng)
+        loss, c_loss = kernels.softmax_xent_forward(logits, y_train[idx])
+        grads = mnist_cnn_backward(kernels.softmax_xent_backward(1.0, c_loss), caches)
+        opt.step(params, grads)
+        history["loss"].append(float(loss))
+        if eval_every and (step % eval_every == 0 or step == steps):
+            history["eval_step"].append(step)
+            history["eval_accuracy"].append(accuracy(params, x_test, y_test))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+    if bar is not None:
+        bar.close()
+    history["seconds"] = time.perf_counter() - t0
+    return params, history
+
+
+def default_model_path():
+    from .data import find_data_dir
+
+    return find_data_dir() / "models" / "mnist_cnn.npz"
+
+
+def save_model(path, params, metadata):
+    """Write weights and JSON metadata to an .npz atomically (temporary file, then rename); no pickle."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **params, metadata=np.array(json.dumps(metadata, sort_keys=True)))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_model(path=None):
+    """(params, metadata) from an .npz written by :func:`save_model` (the shipped model by default)."""
+    path = Path(path) if path is not None else default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no trained model; create it with `workshop train mnist`")
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in SHAPES if k not in f.files]
+        if missing or "metadata" not in f.files:
+            raise ValueError(f"{path}: not a model file of this course (missing {missing or ['metadata']})")
+        params = {k: f[k] for k in SHAPES}
+        metadata = json.loads(str(f["metadata"]))
+    for k, shape in SHAPES.items():
+        if params[k].shape != shape:
+            raise ValueError(f"{path}: {k} has shape {params[k].shape}, expected {shape}")
+    return params, metadata
+
+
+def training_metadata(history, params, data, seed, steps, batch_size, lr):
+    (_, _), (x_test, y_test) = data
+    return {"accuracy": accuracy(params, x_test, y_test), "seed": seed, "steps": steps, "batch_size": batch_size,
+            "learning_rate": lr, "final_loss": float(np.mean(history["loss"][-50:])),
+            "train_seconds": round(history["seconds"], 1), "library_version": __version__,
+            "data": "MNIST test set split 8000/2000 (workshop_lib.data.load_mnist)"}

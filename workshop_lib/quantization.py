@@ -1,0 +1,306 @@
+"""Quantization: mapping float32 tensors to int8/uint8 and back, calibration, and an int8 CNN.
+
+Mirrors oneDNN's int8 inference and ``torch.ao.quantization``: a real value x is
+stored as an integer q with ``x ~= scale * (q - zero_point)``; weights are
+symmetric and per output channel (zero point 0), activations after a ReLU are
+unsigned (u8) with zero point 0; products accumulate in s32 (``workshop_lib.int8``)
+and are *requantized* to u8 for the next layer. The one idea: precision is
+spent where the values are, so choosing the range (calibration) decides the
+accuracy: min-max keeps outliers, a percentile clips them, entropy (KL
+divergence, as TensorRT and oneDNN calibrate) picks the clip that loses the
+least information.
+
+Rounding is half to even (``np.rint``); values outside the integer range saturate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from . import int8, kernels
+
+__all__ = [
+    "QuantParams", "qrange", "choose_qparams", "quantize", "dequantize", "requantize",
+    "Calibrator", "entropy_threshold", "QuantizedCNN",
+]
+
+_RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767),
+           np.dtype(np.int32): (-(2**31), 2**31 - 1)}
+
+
+def qrange(dtype):
+    """(qmin, qmax) of an integer dtype."""
+    dtype = np.dtype(dtype)
+    if dtype not in _RANGES:
+        raise ValueError(f"dtype={dtype} must be one of int8, uint8, int16, int32")
+    return _RANGES[dtype]
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """How a tensor is quantized: ``x ~= scale * (q - zero_point)``.
+
+    ``scale`` and ``zero_point`` are scalars (per tensor) or 1-D arrays along
+    ``axis`` (per channel); ``dtype`` is the integer type of q.
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    dtype: np.dtype
+    axis: int | None = None
+
+    def _shape_for(self, x):
+        if self.axis is None:
+            return self.scale, self.zero_point
+        shape = [1] * x.ndim
+        shape[self.axis] = -1
+        return self.scale.reshape(shape), self.zero_point.reshape(shape)
+
+
+def _check_finite(x, name):
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.number):
+        raise TypeError(f"{name}.dtype={x.dtype} must be numeric")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf; quantization needs finite values")
+    return x
+
+
+def choose_qparams(min_val, max_val, dtype=np.int8, symmetric=True, axis=None) -> QuantParams:
+    """Scale and zero point covering [min_val, max_val] (scalars, or arrays for per-channel).
+
+    Symmetric: zero point 0 and ``scale = max(|min|, |max|) / qmax`` (int8 uses
+    [-127, 127] so that +x and -x are both representable); for uint8 the range
+    is [0, max]. Asymmetric: the range is stretched to include 0 (so that 0 is
+    exact, which zero padding needs) and mapped onto [qmin, qmax]. A range of
+    zero (a constant-zero tensor) gets scale 1, so it quantizes exactly to the zero point.
+    """
+    lo = np.minimum(np.asarray(min_val, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(max_val, dtype=np.float64), 0.0)
+    _check_finite(lo, "min_val")
+    _check_finite(hi, "max_val")
+    qmin, qmax = qrange(dtype)
+    if symmetric:
+        if np.dtype(dtype) == np.uint8:
+            scale = hi / qmax
+        else:
+            scale = np.maximum(-lo, hi) / qmax
+        zero_point = np.zeros_like(scale, dtype=np.int32)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zero_point = np.clip(np.rint(qmin - lo / safe), qmin, qmax).astype(np.int32)
+    scale = np.where(scale > 0, scale, 1.0)
+    return QuantParams(np.asarray(scale, dtype=np.float64), np.asarray(zero_point, dtype=np.int32),
+                       np.dtype(dtype), axis)
+
+
+def quantize(x, qp: QuantParams):
+    """q = saturate(rint(x / scale) + zero_point), rounding half to even."""
+    x = _check_finite(x, "x")
+    scale, zp = qp._shape_for(x)
+    qmin, qmax = qrange(qp.dtype)
+    return np.clip(np.rint(x / scale) + zp, qmin, qmax).astype(qp.dtype)
+
+
+def dequantize(q, qp: QuantParams):
+    """x ~= scale * (q - zero_point), as float32."""
+    q = np.asarray(q)
+    scale, zp = qp._shape_for(q)
+    return ((q.astype(np.float64) - zp) * scale).astype(np.float32)
+
+
+@numba.njit(parallel=True, cache=True)
+def _requantize_rows(acc, bias, multiplier, zero_point, qmin, qmax, relu, out):
+    """IN acc (M, K) s32, bias (K,) s64, multiplier (K,) f64; OUT out (M, K): one fused pass."""
+    m_size, k_size = acc.shape
+    for i in numba.prange(m_size):
+        for k in range(k_size):
+            v = np.rint((np.int64(acc[i, k]) + bias[k]) * multiplier[k]) + zero_point
+            if relu and v < zero_point:
+                v = zero_point
+            out[i, k] = min(max(v, qmin), qmax)
+
+
+def requantize(acc, in_scale, out: QuantParams, bias=None, relu=False):
+    """s32 accumulators -> the next layer's integers: ``rint((acc + bias) * in_scale / out.scale) + zp``.
+
+    ``in_scale`` is the accumulator's scale (input scale x weight scale, a
+    scalar or one per output channel along the last axis); ``bias`` is already
+    in s32 at that scale; ``relu`` clamps at the zero point (a fused ReLU).
+    One fused pass (numba) over the accumulators, as oneDNN's output stage.
+    """
+    acc = np.ascontiguousarray(acc, dtype=np.int32)
+    channels = acc.shape[-1] if acc.ndim else 1
+    rows = acc.reshape(-1, channels)
+    multiplier = np.broadcast_to(np.asarray(in_scale, dtype=np.float64) / out.scale, (channels,)).copy()
+    bias64 = np.zeros(channels, np.int64) if bias is None else np.broadcast_to(
+        np.asarray(bias, dtype=np.int64), (channels,)).copy()
+    qmin, qmax = qrange(out.dtype)
+    result = np.empty(rows.shape, dtype=out.dtype)
+    _requantize_rows(rows, bias64, multiplier, float(out.zero_point), float(qmin), float(qmax), bool(relu), result)
+    return result.reshape(acc.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration
+
+
+def _smooth(p, eps=1e-4):
+    """Give empty bins a tiny mass taken from the others, so KL(P || Q) stays finite (as MXNet and TensorRT do)."""
+    zeros = p == 0
+    n_zeros, n_nonzeros = int(zeros.sum()), int(p.size - zeros.sum())
+    if n_nonzeros == 0:
+        return None
+    return p + eps * zeros - (eps * n_zeros / n_nonzeros) * ~zeros
+
+
+def entropy_threshold(hist, bin_width, levels=128):
+    """TensorRT's entropy calibration: the clip threshold minimising KL(P || Q).
+
+    ``hist`` is a histogram of |x| from 0 with bins of ``bin_width``. For each
+    candidate threshold (a bin edge i >= levels), P is the histogram cut at i
+    with the clipped tail added to its last bin, Q is the cut histogram merged
+    into ``levels`` quantization levels and spread back evenly over P's
+    non-empty bins; the threshold with the smallest KL divergence wins.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    n_bins = len(hist)
+    if n_bins <= levels:
+        return n_bins * bin_width
+    best_i, best_kl = n_bins, np.inf
+    for i in range(levels, n_bins + 1):
+        p = hist[:i].copy()
+        p[-1] += hist[i:].sum()
+        nonzero = p != 0
+        starts = np.linspace(0, i, levels + 1).astype(int)[:-1]
+        sizes = np.diff(np.append(starts, i))
+        group_mass = np.add.reduceat(hist[:i], starts)
+        group_count = np.add.reduceat(nonzero.astype(np.float64), starts)
+        per_bin = np.divide(group_mass, group_count, out=np.zeros(levels), where=group_count > 0)
+        q = np.repeat(per_bin, sizes) * nonzero
+        if p.sum() == 0 or q.sum() == 0:
+            continue
+        p_s, q_s = _smooth(p), _smooth(q)  # on counts, so the tiny eps never makes a bin negative
+        if p_s is None or q_s is None:
+            continue
+        p_s, q_s = p_s / p_s.sum(), q_s / q_s.sum()
+        kl = float(np.sum(p_s * np.log(p_s / q_s)))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return (best_i + 0.5) * bin_width
+
+
+class Calibrator:
+    """Collects a tensor's values over a calibration set and chooses its range.
+
+    ``method``: ``"minmax"`` (the observed range), ``"percentile"`` (clip at the
+    ``percentile`` of |x|), or ``"entropy"`` (KL-divergence threshold over a
+    ``bins``-bin histogram). Values are kept in memory: meant for calibration
+    sets of hundreds of images, as in the labs.
+    """
+
+    METHODS = ("minmax", "percentile", "entropy")
+
+    def __init__(self, method="minmax", percentile=99.99, bins=2048):
+        if method not in self.METHODS:
+            raise ValueError(f"method={method!r} must be one of {self.METHODS}")
+        if not 0 < percentile <= 100:
+            raise ValueError(f"percentile={percentile} must be in (0, 100]")
+        self.method, self.percentile, self.bins = method, percentile, bins
+        self._chunks = []
+
+    def update(self, x):
+        x = _check_finite(x, "calibration data")
+        self._chunks.append(np.asarray(x, dtype=np.float32).ravel())
+        return self
+
+    def range(self):
+        """(min, max) to quantize with."""
+        if not self._chunks:
+            raise ValueError("no calibration data: call update(x) first")
+        values = np.concatenate(self._chunks)
+        lo, hi = float(values.min()), float(values.max())
+        if self.method == "minmax" or hi == lo:
+            return lo, hi
+        magnitude = np.abs(values)
+        if self.method == "percentile":
+            threshold = float(np.percentile(magnitude, self.percentile))
+        else:
+            amax = float(magnitude.max())
+            hist, _ = np.histogram(magnitude, bins=self.bins, range=(0.0, amax))
+            levels = 256 if lo >= 0 else 128  # u8 after a ReLU has twice the levels of s8
+            threshold = entropy_threshold(hist, amax / self.bins, levels=levels)
+        return max(lo, -threshold), min(hi, threshold)
+
+    def qparams(self, dtype=np.uint8, symmetric=True):
+        lo, hi = self.range()
+        return choose_qparams(lo, hi, dtype, symmetric)
+
+
+# ----------------------------------------------------------------------------------------------
+# The labs' CNN in int8
+
+
+class QuantizedCNN:
+    """int8 inference of the labs' MNIST CNN (see :mod:`workshop_lib.models`).
+
+    conv and FC layers run in int8 (u8 activations x s8 per-channel weights ->
+    s32, requantized to u8 with bias and ReLU fused), pooling runs on u8 (max
+    commutes with a monotonic quantization, so it is exact), and the last layer
+    returns float32 logits.
+    """
+
+    def __init__(self, params, calibration_images, method="entropy", path="auto"):
+        from .models import mnist_cnn_forward
+
+        self.path = path
+        self.in_qp = QuantParams(np.float64(1 / 255), np.int32(0), np.dtype(np.uint8))  # raw pixels are u8 already
+        _, taps = mnist_cnn_forward(params, calibration_images, training=False, return_taps=True)
+        self.act_qp = {name: Calibrator(method).update(taps[name]).qparams(np.uint8) for name in ("a1", "a2", "a3")}
+        self.layers = {}
+        in_scale = self.in_qp.scale
+        for name, act in (("conv1", "a1"), ("conv2", "a2"), ("fc1", "a3"), ("fc2", None)):
+            w, b = params[f"{name}/w"], params[f"{name}/b"]
+            w2d = w.reshape(-1, w.shape[-1])
+            wq = choose_qparams(w2d.min(0), w2d.max(0), np.int8, symmetric=True, axis=-1)
+            w_s8 = quantize(w2d, wq)
+            acc_scale = in_scale * wq.scale  # per output channel
+            bias_s32 = np.clip(np.rint(b / acc_scale), *qrange(np.int32)).astype(np.int32)
+            isa = int8.vnni_isa() if path in ("auto", "fast") else None
+            packed = int8.pack_weights(w_s8, isa) if isa else w_s8
+            self.layers[name] = dict(w=packed, ksize=w.shape[:2] if w.ndim == 4 else None, acc_scale=acc_scale,
+                                     bias=bias_s32, out=self.act_qp.get(act))
+            if act:
+                in_scale = self.act_qp[act].scale
+
+    def _conv(self, x_u8, name):
+        layer = self.layers[name]
+        w = layer["w"]
+        w_arg = (w, layer["ksize"]) if isinstance(w, int8.PackedWeights) else w.reshape(*layer["ksize"], -1,
+                                                                                        w.shape[-1])
+        acc = int8.conv2d_u8s8s32(x_u8, w_arg, 1, "SAME", pad_value=0, path=self.path)
+        return requantize(acc, layer["acc_scale"], layer["out"], layer["bias"], relu=True)
+
+    def logits(self, images_u8):
+        """float32 logits (N, 10) for uint8 images (N, 28, 28)."""
+        x = np.asarray(images_u8)
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise TypeError(f"images must be uint8 (N, 28, 28); got dtype={x.dtype}, shape={x.shape}")
+        a = x[..., None]
+        a = kernels.maxpool_forward(self._conv(a, "conv1"), 2, 2)[0]
+        a = kernels.maxpool_forward(self._conv(a, "conv2"), 2, 2)[0]
+        a = a.reshape(len(a), -1)
+        fc1 = self.layers["fc1"]
+        a = requantize(int8.gemm_u8s8s32(a, fc1["w"], path=self.path), fc1["acc_scale"], fc1["out"], fc1["bias"],
+                       relu=True)
+        fc2 = self.layers["fc2"]
+        acc = int8.gemm_u8s8s32(a, fc2["w"], path=self.path).astype(np.int64) + fc2["bias"]
+        return (acc * fc2["acc_scale"]).astype(np.float32)
+
+    def predict(self, images_u8, batch_size=256):
+        return np.concatenate([self.logits(images_u8[i : i + batch_size]).argmax(1)
+                               for i in range(0, len(images_u8), batch_size)])
