@@ -22,3 +22,15 @@ def test_kmeans_bench_runs_at_a_tiny_size(root, tmp_path):
 
     figures = json.loads(out.read_text())
     assert figures["pixels"] == 20000 and set(figures["ranks"]) == {"1", "2"}
+
+
+def test_int8_bench_runs_in_quick_mode(root, tmp_path):
+    import json
+
+    out = tmp_path / "int8.json"
+    proc = subprocess.run([sys.executable, "benchmarks/int8_bench.py", "--quick", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    assert "int8 / fp32" in proc.stdout and "images/s" in proc.stdout
+    figures = json.loads(out.read_text())
+    assert figures["cnn"]["int8_accuracy"] > 0.97 and len(figures["gemm"]) == 3

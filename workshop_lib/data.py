@@ -27,6 +27,7 @@ __all__ = [
     "read_idx",
     "load_image",
     "save_image",
+    "atomic_write",
     "MNIST_SHIPPED",
     "MNIST_FULL",
 ]
@@ -59,6 +60,28 @@ OFFLINE_SPLIT_SEED = 20190425
 OFFLINE_TEST_SIZE = 2000
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def atomic_write(path, write) -> None:
+    """Create ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is then renamed.
+
+    A crash leaves either the old file or the new one, never half of one; the
+    file gets the usual permissions (0666 less the umask), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=path.suffix)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def find_data_dir(path=None) -> Path:
@@ -175,11 +198,7 @@ def _download(url: str, dest: Path, md5: str) -> None:
     digest = hashlib.md5(payload).hexdigest()
     if digest != md5:
         raise DataError(f"{url}: downloaded MD5 {digest} differs from the published {md5}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(payload)
-    os.replace(tmp, dest)
+    atomic_write(dest, lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def _load_full(cache: Path, mirrors) -> tuple:
@@ -319,13 +338,5 @@ def save_image(path, array) -> None:
     if out.ndim == 3 and out.shape[2] == 1:
         out = out[:, :, 0]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=path.suffix)
-    os.close(fd)
-    try:
-        Image.fromarray(out).save(tmp, format=Image.registered_extensions().get(path.suffix.lower()))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    atomic_write(path, lambda tmp: Image.fromarray(out).save(tmp, format=image_format))

@@ -13,8 +13,6 @@ model directly with the kernels; ``workshop train mnist`` writes
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -174,17 +172,10 @@ def default_model_path():
 
 def save_model(path, params, metadata):
     """Write weights and JSON metadata to an .npz atomically (temporary file, then rename); no pickle."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **params, metadata=np.array(json.dumps(metadata, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .data import atomic_write
+
+    blob = np.array(json.dumps(metadata, sort_keys=True))
+    atomic_write(Path(path), lambda tmp: np.savez_compressed(tmp, **params, metadata=blob))
 
 
 def load_model(path=None):
