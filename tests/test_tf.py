@@ -1,0 +1,353 @@
+"""workshop_lib.tf: TF1 programs run unchanged; gradients match central differences; sessions, hooks, checkpoints."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+import workshop_lib.tf as tf
+
+
+@pytest.fixture(autouse=True)
+def fresh_graph():
+    tf.reset_default_graph()
+    tf.logging.set_verbosity(tf.logging.WARN)
+    yield
+    tf.reset_default_graph()
+
+
+def test_the_issue_snippet_runs_unchanged():
+    a = tf.placeholder(tf.float32, name="input1")
+    b = tf.placeholder(tf.float32, name="input2")
+    c = tf.add(a, b, name="my_add_op")
+    assert c.name == "my_add_op:0"
+    config = tf.ConfigProto(inter_op_parallelism_threads=2, intra_op_parallelism_threads=2)
+    with tf.Session(config=config) as sess:
+        out = sess.run(c, feed_dict={a: 3.0, b: 2.0})
+    assert out == 5.0 and out.dtype == np.float32
+
+
+def test_graph_operations_and_tensors_can_be_inspected():
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.placeholder(tf.float32, [None, 784], name="x")
+        with tf.name_scope("layer"):
+            w = tf.Variable(tf.zeros([784, 10]), name="w")
+            y = tf.matmul(x, w, name="logits")
+    assert tf.get_default_graph() is not g and y.graph is g
+    assert y.name == "layer/logits:0" and y.op.type == "MatMul" and y.shape.as_list() == [None, 10]
+    assert x.shape.as_list() == [None, 784] and x.dtype == tf.float32
+    assert g.get_tensor_by_name("layer/logits:0") is y
+    assert g.get_operation_by_name("layer/w") is w.op and w.name == "layer/w:0"
+    assert [t.name for t in y.op.inputs] == ["x:0", "layer/w:0"]
+    assert "Placeholder" in {op.type for op in g.get_operations()}
+
+
+def test_constant_variable_initializer_assign_and_load():
+    c = tf.constant(3, dtype=tf.float64, shape=[2, 2])
+    v = tf.Variable(tf.ones([2, 2], dtype=tf.float64) * 2.0, name="v")
+    w = tf.Variable(np.arange(3, dtype=np.float32), name="w")
+    assign = v.assign(c + v)
+    with tf.Session() as sess:
+        with pytest.raises(tf.FailedPreconditionError, match="uninitialized value v"):
+            sess.run(v)
+        sess.run(tf.global_variables_initializer())
+        np.testing.assert_array_equal(sess.run(c), np.full((2, 2), 3.0))
+        np.testing.assert_array_equal(sess.run(assign), np.full((2, 2), 5.0))
+        np.testing.assert_array_equal(sess.run(v), np.full((2, 2), 5.0))
+        w.load(np.array([7, 8, 9], dtype=np.float32), sess)
+        np.testing.assert_array_equal(w.eval(sess), [7, 8, 9])
+        with pytest.raises(tf.InvalidArgumentError, match="shape"):
+            w.load(np.zeros(4), sess)
+
+
+def test_ops_compute_what_numpy_computes():
+    x = tf.placeholder(tf.float32, [None, 3])
+    rng = np.random.default_rng(0)
+    xv = rng.standard_normal((4, 3)).astype(np.float32)
+    ops = {
+        "add": (x + 1.0, xv + 1), "sub": (2.0 - x, 2 - xv), "mul": (x * x, xv * xv), "div": (x / 2.0, xv / 2),
+        "neg": (-x, -xv), "mean": (tf.reduce_mean(x, axis=1), xv.mean(1)), "sum": (tf.reduce_sum(x), xv.sum()),
+        "argmax": (tf.argmax(x, 1), xv.argmax(1)), "relu": (tf.nn.relu(x), np.maximum(xv, 0)),
+        "cast": (tf.cast(x > 0 if False else tf.equal(x, x), tf.float32), np.ones_like(xv)),
+        "reshape": (tf.reshape(x, [-1]), xv.reshape(-1)),
+        "softmax": (tf.nn.softmax(x), np.exp(xv) / np.exp(xv).sum(1, keepdims=True)),
+        "matmul_t": (tf.matmul(x, x, transpose_b=True), xv @ xv.T),
+    }
+    with tf.Session() as sess:
+        got = sess.run({k: t for k, (t, _) in ops.items()}, feed_dict={x: xv})
+    for k, (_, ref) in ops.items():
+        np.testing.assert_allclose(got[k], ref, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _numeric_grad(sess, loss, var, feed, eps=1e-6):
+    value = sess.run(var)
+    grad = np.zeros_like(value)
+    for i in np.ndindex(value.shape):
+        for sign in (1, -1):
+            v = value.copy()
+            v[i] += sign * eps
+            var.load(v, sess)
+            grad[i] += sign * sess.run(loss, feed) / (2 * eps)
+    var.load(value, sess)
+    return grad
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_gradients_match_central_differences_in_float64(data_format):
+    rng = np.random.default_rng(1)
+    tf.set_random_seed(0)
+    shape = (2, 6, 6, 3) if data_format == "NHWC" else (2, 3, 6, 6)
+    x = tf.placeholder(tf.float64, shape)
+    labels = tf.placeholder(tf.int64, [2])
+    w = tf.Variable(rng.standard_normal((3, 3, 3, 4)), name="w")
+    b = tf.Variable(rng.standard_normal(4), name="b")
+    w2 = tf.Variable(rng.standard_normal((36, 5)) * 0.3, name="w2")
+    scale = tf.Variable(rng.random(5) + 0.5, name="scale")
+    h = tf.nn.conv2d(x, w, strides=[1, 1, 1, 1], padding="SAME", data_format=data_format)
+    h = tf.nn.tanh(tf.nn.bias_add(h, b, data_format=data_format))
+    h = tf.nn.max_pool(h, [1, 2, 2, 1] if data_format == "NHWC" else [1, 1, 2, 2],
+                       [1, 2, 2, 1] if data_format == "NHWC" else [1, 1, 2, 2], "VALID", data_format=data_format)
+    h = tf.nn.avg_pool(h, [1, 1, 1, 1], [1, 1, 1, 1], "SAME", data_format=data_format)
+    logits = tf.matmul(tf.reshape(h, [2, 36]), w2) * scale / 2.0 - 1.0
+    loss = tf.losses.sparse_softmax_cross_entropy(labels=labels, logits=tf.nn.elu(logits)) + \
+        tf.reduce_sum(tf.square(w2)) * 0.01
+    variables = [w, b, w2, scale]
+    grads = tf.gradients(loss, variables)
+    feed = {x: rng.standard_normal(shape), labels: np.array([1, 3])}
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        analytic = sess.run(grads, feed)
+        for var, g in zip(variables, analytic):
+            numeric = _numeric_grad(sess, loss, var, feed)
+            err = np.abs(g - numeric).max() / np.abs(numeric).max()
+            assert err < 1e-4, (var.name, err)
+
+
+def test_gradients_return_none_without_a_path_and_sum_over_paths():
+    x = tf.Variable(2.0)
+    y = tf.Variable(5.0)
+    z = x * x + x * 3.0
+    gx, gy = tf.gradients(z, [x, y])
+    assert gy is None
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        assert sess.run(gx) == pytest.approx(2 * 2.0 + 3.0)
+
+
+def test_run_accepts_nested_fetches_feeds_by_name_and_operations():
+    a = tf.placeholder(tf.float32, [], name="a")
+    b = a * 2.0
+    c = a + 1.0
+    op = tf.no_op()
+    with tf.Session() as sess:
+        out = sess.run({"pair": (b, [c, op]), "name": "a:0"}, feed_dict={"a:0": 3.0})
+    assert out["pair"][0] == 6.0 and out["pair"][1] == [4.0, None] and out["name"] == 3.0
+    assert isinstance(out["pair"], tuple)
+
+
+def test_errors_name_what_is_wrong():
+    p = tf.placeholder(tf.float32, [None, 3], name="images")
+    q = tf.placeholder(tf.int32, [2], name="labels")
+    y = p * 2.0
+    with tf.Session() as sess:
+        with pytest.raises(tf.InvalidArgumentError, match="You must feed a value for placeholder tensor 'images'"):
+            sess.run(y)
+        with pytest.raises(tf.InvalidArgumentError, match=r"shape \(4, 2\) to images:0, which has shape \(\?, 3\)"):
+            sess.run(y, {p: np.zeros((4, 2))})
+        with pytest.raises(tf.InvalidArgumentError, match="float64 value to labels:0 of dtype int32"):
+            sess.run(q, {q: np.zeros(2)})
+        other = tf.Graph()
+        with other.as_default():
+            foreign = tf.constant(1.0)
+        with pytest.raises(ValueError, match="not an element of this session's graph"):
+            sess.run(foreign)
+        with other.as_default(), pytest.raises(ValueError, match="another graph"):
+            tf.add(foreign, y)
+    with pytest.raises(RuntimeError, match="closed Session"):
+        sess.run(y, {p: np.zeros((1, 3))})
+
+
+@pytest.mark.parametrize("make, steps", [
+    (lambda: tf.train.GradientDescentOptimizer(0.1), 60),
+    (lambda: tf.train.MomentumOptimizer(0.05, 0.9), 60),
+    (lambda: tf.train.AdamOptimizer(0.1), 100),
+    (lambda: tf.train.AdagradOptimizer(0.5), 100),
+    (lambda: tf.train.RMSPropOptimizer(0.05), 100),
+])
+def test_optimizers_minimize_a_quadratic_and_count_steps(make, steps):
+    target = np.array([1.0, -2.0, 3.0], dtype=np.float32)
+    w = tf.Variable(np.zeros(3, dtype=np.float32))
+    loss = tf.reduce_sum(tf.square(w - target))
+    step = tf.train.get_or_create_global_step()
+    train = make().minimize(loss, global_step=step)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        start = sess.run(loss)
+        for _ in range(steps):
+            sess.run(train)
+        assert sess.run(loss) < 0.05 * start
+        assert sess.run(step) == steps
+
+
+def test_adam_matches_its_formula():
+    g_value = np.array([0.5, -1.0], dtype=np.float32)
+    w = tf.Variable(np.array([1.0, 2.0], dtype=np.float32))
+    loss = tf.reduce_sum(w * g_value)  # gradient is g_value
+    opt = tf.train.AdamOptimizer(0.01)
+    train = opt.minimize(loss)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        for _ in range(3):
+            sess.run(train)
+        got = sess.run(w)
+    m = v = np.zeros(2)
+    ref = np.array([1.0, 2.0])
+    for t in range(1, 4):
+        m = 0.9 * m + 0.1 * g_value
+        v = 0.999 * v + 0.001 * g_value**2
+        ref = ref - 0.01 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (np.sqrt(v) + 1e-8)
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_layers_api_scopes_and_reuse():
+    x = tf.placeholder(tf.float32, [None, 28, 28, 1])
+    training = tf.placeholder(tf.bool, [])
+    h = tf.layers.conv2d(x, 32, 5, padding="same", activation=tf.nn.relu)
+    h = tf.layers.max_pooling2d(h, 2, 2)
+    h = tf.layers.flatten(h)
+    h = tf.layers.dropout(tf.layers.dense(h, 16, activation=tf.nn.relu), rate=0.5, training=training)
+    logits = tf.layers.dense(h, 10)
+    assert logits.shape.as_list() == [None, 10]
+    names = sorted(v.name for v in tf.trainable_variables())
+    assert names == ["conv2d/bias:0", "conv2d/kernel:0", "dense/bias:0", "dense/kernel:0", "dense_1/bias:0",
+                     "dense_1/kernel:0"]
+    with tf.variable_scope("shared"):
+        a = tf.get_variable("v", [2])
+    with tf.variable_scope("shared", reuse=True):
+        assert tf.get_variable("v", [2]) is a
+    with pytest.raises(ValueError, match="already exists"), tf.variable_scope("shared"):
+        tf.get_variable("v", [2])
+    xv = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        eval_a = sess.run(logits, {x: xv, training: False})
+        eval_b = sess.run(logits, {x: xv, training: False})
+        train_out = sess.run(logits, {x: xv, training: True})
+    np.testing.assert_array_equal(eval_a, eval_b)
+    assert not np.allclose(train_out, eval_a)
+
+
+def _mlp():
+    tf.set_random_seed(1)
+    x = tf.placeholder(tf.float32, [None, 4])
+    y = tf.placeholder(tf.int64, [None])
+    logits = tf.layers.dense(tf.layers.dense(x, 8, activation=tf.nn.relu), 3)
+    loss = tf.losses.sparse_softmax_cross_entropy(labels=y, logits=logits)
+    step = tf.train.get_or_create_global_step()
+    train = tf.train.AdamOptimizer(0.01).minimize(loss, global_step=step)
+    rng = np.random.default_rng(0)
+    feed = {x: rng.standard_normal((16, 4)), y: rng.integers(0, 3, 16)}
+    return loss, train, step, feed
+
+
+def test_monitored_session_hooks_checkpoints_and_resume(tmp_path, capsys):
+    tf.logging.set_verbosity(tf.logging.INFO)
+    loss, train, step, feed = _mlp()
+    hooks = [tf.train.StopAtStepHook(last_step=7), tf.train.LoggingTensorHook({"loss": loss, "step": step},
+                                                                              every_n_iter=2)]
+    runs = 0
+    with tf.train.MonitoredTrainingSession(checkpoint_dir=str(tmp_path), hooks=hooks,
+                                           save_checkpoint_steps=3) as sess:
+        while not sess.should_stop():
+            sess.run(train, feed_dict=feed)
+            runs += 1
+    assert runs == 7
+    err = capsys.readouterr().err
+    assert re.search(r"INFO:tensorflow:loss = [\d.]+, step = \d+", err)
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("model.ckpt-7") and os.path.exists(latest + ".npz")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("model.ckpt-7.npz.")]  # no temporary left
+    with np.load(latest + ".npz", allow_pickle=False) as f:
+        assert int(f["global_step"]) == 7
+
+    # a restart resumes from the checkpoint, says so, and stops at the new last step
+    tf.reset_default_graph()
+    loss, train, step, feed = _mlp()
+    with tf.train.MonitoredTrainingSession(checkpoint_dir=str(tmp_path),
+                                           hooks=[tf.train.StopAtStepHook(last_step=10)]) as sess:
+        runs = 0
+        while not sess.should_stop():
+            sess.run(train, feed_dict=feed)
+            runs += 1
+    assert runs == 3
+    assert "Restoring parameters from" in capsys.readouterr().err
+
+
+def test_saver_restore_and_latest_checkpoint(tmp_path):
+    v = tf.Variable(np.arange(4.0), name="v")
+    saver = tf.train.Saver()
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        path = saver.save(sess, str(tmp_path / "model.ckpt"), global_step=42)
+        v.load(np.zeros(4), sess)
+        saver.restore(sess, tf.train.latest_checkpoint(str(tmp_path)))
+        np.testing.assert_array_equal(sess.run(v), np.arange(4.0))
+    assert path == str(tmp_path / "model.ckpt-42")
+    assert tf.train.latest_checkpoint(str(tmp_path / "empty")) is None
+    with tf.Session() as sess, pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        saver.restore(sess, str(tmp_path / "nope"))
+
+
+def test_fusion_and_kernel_choice_change_speed_not_results(capsys, monkeypatch):
+    tf.set_random_seed(3)
+    x = tf.placeholder(tf.float32, [None, 12, 12, 3])
+    w = tf.Variable(tf.truncated_normal([3, 3, 3, 8], stddev=0.5))
+    b = tf.Variable(tf.ones([8]) * 0.1)
+    h = tf.nn.relu(tf.nn.conv2d(x, w, [1, 1, 1, 1], "SAME") + b)
+    w2 = tf.Variable(tf.truncated_normal([12 * 12 * 8, 5], stddev=0.1))
+    out = tf.nn.relu(tf.nn.bias_add(tf.matmul(tf.reshape(h, [-1, 12 * 12 * 8]), w2), tf.ones([5])))
+    xv = np.random.default_rng(0).random((4, 12, 12, 3)).astype(np.float32)
+    results = {}
+    init = tf.global_variables_initializer()
+    for kernels in ("reference", "optimized"):
+        for fusion in (False, True):
+            config = tf.ConfigProto(graph_options=tf.GraphOptions(kernels=kernels, fusion=fusion))
+            with tf.Session(config=config) as sess:
+                sess.run(init)
+                monkeypatch.setenv("WORKSHOP_VERBOSE", "1")
+                results[(kernels, fusion)] = sess.run(out, {x: xv})
+                monkeypatch.delenv("WORKSHOP_VERBOSE")
+            trace = capsys.readouterr().err
+            if fusion:
+                assert "_FusedConv2DBiasAddRelu" in trace and "_FusedMatMulBiasAddRelu" in trace
+            else:
+                assert "_Fused" not in trace and ",Conv2D," in trace
+            assert ("direct" if kernels == "reference" else "im2col") in trace
+    ref = results[("reference", False)]
+    for value in results.values():
+        np.testing.assert_allclose(value, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_inter_op_threads_give_the_same_results():
+    a = tf.placeholder(tf.float64, [50, 50])
+    branches = [tf.matmul(a, a) * float(i) for i in range(6)]
+    total = tf.add_n(branches)
+    av = np.random.default_rng(0).random((50, 50))
+    with tf.Session(config=tf.ConfigProto(inter_op_parallelism_threads=3)) as sess:
+        parallel = sess.run(total, {a: av})
+    np.testing.assert_allclose(parallel, (av @ av) * 15, rtol=1e-12)
+
+
+def test_the_seeds_deepnn_code_trains():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent / "tf_programs" / "deepnn_seed.py"
+    spec = importlib.util.spec_from_file_location("deepnn_seed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses, accuracy = module.main(40)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert accuracy > 0.5

@@ -1,0 +1,126 @@
+"""A TensorFlow-1-compatible define-then-run graph engine, on workshop_lib.kernels.
+
+Mirrors ``tf.compat.v1``: code written for TensorFlow 1 runs with
+``import workshop_lib.tf as tf``. The one idea: a graph is *defined* first
+(nothing is computed), then *run* in a Session, which is what lets the engine
+rewrite it before running (fusing operators, choosing kernels, spreading
+independent ops over threads).
+"""
+
+from . import layers, logging, losses, nn, train
+from .core import (
+    DType,
+    FailedPreconditionError,
+    Graph,
+    InvalidArgumentError,
+    OpError,
+    Operation,
+    Tensor,
+    TensorShape,
+    Variable,
+    as_dtype,
+    bool_ as bool,  # noqa: A001 - TensorFlow's name
+    control_dependencies,
+    convert_to_tensor,
+    float16,
+    float32,
+    float64,
+    get_default_graph,
+    get_default_session,
+    get_variable_scope,
+    int8,
+    int32,
+    int64,
+    name_scope,
+    reset_default_graph,
+    uint8,
+    variable_scope,
+)
+from .gradients import gradients
+from .layers import (
+    constant_initializer,
+    get_variable,
+    glorot_uniform_initializer,
+    ones_initializer,
+    random_normal_initializer,
+    truncated_normal_initializer,
+    zeros_initializer,
+)
+from .ops import (
+    add,
+    add_n,
+    argmax,
+    assign,
+    assign_add,
+    assign_sub,
+    cast,
+    constant,
+    divide,
+    equal,
+    exp,
+    group,
+    identity,
+    log,
+    matmul,
+    multiply,
+    negative,
+    no_op,
+    ones,
+    ones_like,
+    placeholder,
+    py_func,
+    random_normal,
+    random_uniform,
+    reduce_max,
+    reduce_mean,
+    reduce_sum,
+    reshape,
+    sqrt,
+    square,
+    subtract,
+    truncated_normal,
+    zeros,
+    zeros_like,
+)
+from .session import ConfigProto, GraphOptions, InteractiveSession, Session
+
+GraphKeys = type("GraphKeys", (), {"GLOBAL_VARIABLES": "variables", "TRAINABLE_VARIABLES": "trainable_variables",
+                                   "GLOBAL_STEP": "global_step", "LOSSES": "losses"})
+errors = type("errors", (), {"OpError": OpError, "InvalidArgumentError": InvalidArgumentError,
+                             "FailedPreconditionError": FailedPreconditionError})
+
+
+def global_variables():
+    return get_default_graph().get_collection("variables")
+
+
+def trainable_variables():
+    return get_default_graph().get_collection("trainable_variables")
+
+
+def variables_initializer(var_list, name="init"):
+    return group(*[v.initializer for v in var_list], name=name)
+
+
+def global_variables_initializer():
+    """An op that runs every global variable's initializer."""
+    return variables_initializer(global_variables())
+
+
+def set_random_seed(seed):
+    """The graph-level seed: with it, random ops (initializers, dropout) repeat from run to run."""
+    get_default_graph().seed = int(seed)
+
+
+def get_collection(key, scope=None):
+    return get_default_graph().get_collection(key, scope)
+
+
+def add_to_collection(name, value):
+    get_default_graph().add_to_collection(name, value)
+
+
+subtract = subtract
+sub = subtract
+mul = multiply
+div = divide

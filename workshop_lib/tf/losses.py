@@ -1,0 +1,25 @@
+"""``tf.losses``: losses that return a scalar and join the LOSSES collection."""
+
+from __future__ import annotations
+
+from . import nn
+from .core import convert_to_tensor, get_default_graph
+from .ops import multiply, reduce_mean
+
+__all__ = ["sparse_softmax_cross_entropy", "get_losses"]
+
+LOSSES = "losses"
+
+
+def sparse_softmax_cross_entropy(labels, logits, weights=1.0, scope=None, loss_collection=LOSSES):
+    """Mean cross-entropy of ``logits`` against integer ``labels`` (times ``weights``)."""
+    per_example = nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    loss = reduce_mean(per_example if weights == 1.0 else multiply(per_example, convert_to_tensor(weights)),
+                       name=scope or "sparse_softmax_cross_entropy_loss")
+    if loss_collection:
+        get_default_graph().add_to_collection(loss_collection, loss)
+    return loss
+
+
+def get_losses(scope=None, loss_collection=LOSSES):
+    return get_default_graph().get_collection(loss_collection, scope)

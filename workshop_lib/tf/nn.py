@@ -1,0 +1,231 @@
+"""``tf.nn``: convolution, pooling, activations, dropout, softmax and cross-entropy, on workshop_lib.kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels
+from .core import Tensor, as_dtype, bool_, convert_to_tensor, float32, int64, make_op
+from .ops import _shape_list, constant, multiply
+
+__all__ = ["conv2d", "max_pool", "avg_pool", "relu", "tanh", "elu", "sigmoid", "bias_add", "dropout", "softmax",
+           "sparse_softmax_cross_entropy_with_logits", "l2_loss"]
+
+
+def _hw(values, name):
+    """TensorFlow passes strides and ksize as [1, h, w, 1] (NHWC) or [1, 1, h, w] (NCHW), or as ints."""
+    if isinstance(values, int):
+        return values, values
+    values = list(values)
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) == 2:
+        return tuple(values)
+    if len(values) == 4:
+        return (values[1], values[2]) if values[0] == 1 and values[3] == 1 else (values[2], values[3])
+    raise ValueError(f"{name}={values!r} must be an int, [h, w] or [1, h, w, 1]")
+
+
+def _spatial(shape, data_format):
+    return (shape[1], shape[2]) if data_format == "NHWC" else (shape[2], shape[3])
+
+
+def _pool_out_shape(x, ksize, strides, padding, data_format, channels):
+    shape = _shape_list(x)
+    if shape is None or None in _spatial(shape, data_format):
+        out_hw = [None, None]
+    else:
+        h, w = _spatial(shape, data_format)
+        out_hw = list(kernels.conv2d_output_size(h, w, ksize[0], ksize[1], strides, padding))
+    n = None if shape is None else shape[0]
+    return [n, *out_hw, channels] if data_format == "NHWC" else [n, channels, *out_hw]
+
+
+def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format="NHWC", name=None,  # noqa: A002
+           filters=None, use_cudnn_on_gpu=True, dilations=None):
+    """2-D convolution; ``filter`` is HWIO (R, S, C, K). Kernels: im2col + BLAS (optimized) or direct loops."""
+    x, w = convert_to_tensor(input), convert_to_tensor(filter if filter is not None else filters)
+    strides = _hw(strides, "strides")
+    if data_format not in ("NHWC", "NCHW"):
+        raise ValueError(f"data_format={data_format!r} must be 'NHWC' or 'NCHW'")
+    wshape = _shape_list(w)
+    if wshape is None or len(wshape) != 4:
+        raise ValueError(f"filter {w.name} must be 4-D (R, S, C, K), got shape {w.shape}")
+    xshape = _shape_list(x)
+    if xshape is not None:
+        channels = xshape[3] if data_format == "NHWC" else xshape[1]
+        if channels is not None and wshape[2] is not None and channels != wshape[2]:
+            raise ValueError(f"conv2d: input {x.name} has {channels} channels but filter {w.name} expects {wshape[2]}")
+
+    def compute(ctx, xv, wv):
+        return (kernels.conv2d_forward(xv, wv, strides, padding, data_format, algorithm=ctx.conv_algorithm)[0],)
+
+    def grad(op, g):
+        xin, win = op.inputs
+        both = make_op("Conv2DBackprop", [g, xin, win], lambda ctx, gv, xv, wv: kernels.conv2d_backward(
+            gv, (xv, wv, strides, kernels._conv_padding(padding, *_spatial(xv.shape, data_format), *wv.shape[:2],
+                                                        strides), data_format)),
+            [xin.dtype, win.dtype], [xin.shape, win.shape], attrs={"data_format": data_format})
+        return list(both.outputs)
+
+    out_shape = _pool_out_shape(x, wshape[:2], strides, padding, data_format, wshape[3])
+    return make_op("Conv2D", [x, w], compute, [x.dtype], [out_shape], grad=grad, name=name or "Conv2D",
+                   attrs={"strides": strides, "padding": padding, "data_format": data_format}).outputs[0]
+
+
+def _pool(op_type, forward, backward, value, ksize, strides, padding, data_format, name):
+    x = convert_to_tensor(value)
+    ksize, strides = _hw(ksize, "ksize"), _hw(strides, "strides")
+    shape = _shape_list(x)
+    channels = None if shape is None else (shape[3] if data_format == "NHWC" else shape[1])
+
+    def compute(ctx, v):
+        out, cache = forward(v, ksize, strides, padding, data_format)
+        return out, cache  # the second output holds what the gradient needs (argmax or counts)
+
+    def grad(op, g, _unused=None):
+        return [make_op(op_type + "Grad", [g, op.outputs[1]], lambda ctx, gv, cache: (backward(gv, cache),),
+                        [x.dtype], [x.shape]).outputs[0]]
+
+    op = make_op(op_type, [x], compute, [x.dtype, as_dtype(np.int64)],
+                 [_pool_out_shape(x, ksize, strides, padding, data_format, channels), None], grad=grad,
+                 name=name or op_type, attrs={"ksize": ksize, "strides": strides, "padding": padding,
+                                              "data_format": data_format})
+    return op.outputs[0]
+
+
+def max_pool(value, ksize, strides, padding, data_format="NHWC", name=None):
+    return _pool("MaxPool", kernels.maxpool_forward, kernels.maxpool_backward, value, ksize, strides, padding,
+                 data_format, name)
+
+
+def avg_pool(value, ksize, strides, padding, data_format="NHWC", name=None):
+    return _pool("AvgPool", kernels.avgpool_forward, kernels.avgpool_backward, value, ksize, strides, padding,
+                 data_format, name)
+
+
+def _activation(op_type, forward, backward_from_output, features, name):
+    """An element-wise activation whose gradient needs only its output (so conv + bias + act can fuse)."""
+    x = convert_to_tensor(features)
+
+    def grad(op, g):
+        return [make_op(op_type + "Grad", [g, op.outputs[0]], lambda ctx, gv, yv: (backward_from_output(gv, yv),),
+                        [x.dtype], [x.shape]).outputs[0]]
+
+    return make_op(op_type, [x], lambda ctx, v: (forward(v),), [x.dtype], [x.shape], grad=grad,
+                   name=name or op_type).outputs[0]
+
+
+def relu(features, name=None):
+    return _activation("Relu", lambda v: np.maximum(v, 0), lambda g, y: g * (y > 0), features, name)
+
+
+def tanh(x, name=None):
+    return _activation("Tanh", np.tanh, lambda g, y: g * (1 - y * y), x, name)
+
+
+def elu(features, name=None):
+    # for x <= 0, elu(x) = exp(x) - 1, so its derivative exp(x) = y + 1; for x > 0 it is 1 (and y > 0)
+    return _activation("Elu", lambda v: kernels.elu_forward(v)[0].astype(v.dtype),
+                       lambda g, y: g * np.where(y > 0, 1, y + 1), features, name)
+
+
+def sigmoid(x, name=None):
+    return _activation("Sigmoid", lambda v: (1 / (1 + np.exp(-v))).astype(v.dtype), lambda g, y: g * y * (1 - y),
+                       x, name)
+
+
+def bias_add(value, bias, data_format="NHWC", name=None):
+    x, b = convert_to_tensor(value), convert_to_tensor(bias)
+
+    def grad(op, g):
+        db = make_op("BiasAddGrad", [g], lambda ctx, gv: (kernels.bias_add_backward(
+            gv, (kernels._channel_axis(gv.ndim, data_format), gv.ndim))[1],), [b.dtype], [b.shape]).outputs[0]
+        return [g, db]
+
+    return make_op("BiasAdd", [x, b], lambda ctx, xv, bv: (kernels.bias_add_forward(xv, bv, data_format)[0],),
+                   [x.dtype], [x.shape], grad=grad, name=name or "BiasAdd",
+                   attrs={"data_format": data_format}).outputs[0]
+
+
+def dropout(x, keep_prob=None, noise_shape=None, seed=None, name=None, rate=None):
+    """Inverted dropout: keep with probability ``keep_prob`` (or ``1 - rate``), scale by its inverse.
+
+    ``keep_prob`` may be a tensor (a placeholder fed 0.5 in training and 1.0 in evaluation, as the seed does).
+    """
+    if (keep_prob is None) == (rate is None):
+        raise ValueError("pass exactly one of keep_prob and rate")
+    x = convert_to_tensor(x)
+    keep = convert_to_tensor(keep_prob if keep_prob is not None else 1.0 - rate, dtype=x.dtype) \
+        if not isinstance(keep_prob, Tensor) else keep_prob
+    op_ref = []
+
+    def compute(ctx, v, k):
+        k = float(k)
+        if not 0 < k <= 1:
+            raise ValueError(f"dropout {op_ref[0].name}: keep_prob={k} must be in (0, 1]")
+        out, mask = kernels.dropout_forward(v, k, training=k < 1, rng=ctx.rng_for(op_ref[0]))
+        return out, (np.ones_like(v) if mask is None else mask)
+
+    def grad(op, g, _unused=None):
+        return [multiply(g, op.outputs[1]), None]
+
+    op = make_op("Dropout", [x, keep], compute, [x.dtype, x.dtype], [x.shape, x.shape], grad=grad,
+                 name=name or "dropout", stateful=True)
+    op_ref.append(op)
+    return op.outputs[0]
+
+
+def softmax(logits, axis=-1, name=None):
+    x = convert_to_tensor(logits)
+
+    def grad(op, g):
+        y = op.outputs[0]
+        return [make_op("SoftmaxGrad", [g, y], lambda ctx, gv, yv: (
+            (gv - (gv * yv).sum(axis=axis, keepdims=True)) * yv,), [x.dtype], [x.shape]).outputs[0]]
+
+    return make_op("Softmax", [x], lambda ctx, v: (kernels.softmax(v, axis=axis).astype(v.dtype),), [x.dtype],
+                   [x.shape], grad=grad, name=name or "Softmax").outputs[0]
+
+
+def sparse_softmax_cross_entropy_with_logits(_sentinel=None, labels=None, logits=None, name=None):
+    """Per-example cross-entropy (N,) of logits (N, classes) against integer labels (N,), computed stably.
+
+    As in TensorFlow the op has a second output, the gradient with respect to the logits, used by its gradient.
+    """
+    if _sentinel is not None:
+        raise ValueError("call sparse_softmax_cross_entropy_with_logits with named arguments labels=..., logits=...")
+    x, y = convert_to_tensor(logits), convert_to_tensor(labels)
+    if y.dtype not in (as_dtype(np.int32), int64):
+        raise TypeError(f"labels {y.name} must be int32 or int64, got {y.dtype.name}")
+
+    def compute(ctx, lv, yv):
+        z = lv - lv.max(axis=1, keepdims=True)
+        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        if yv.size and (yv.min() < 0 or yv.max() >= lv.shape[1]):
+            raise ValueError(f"labels must lie in [0, {lv.shape[1]}); got values in [{yv.min()}, {yv.max()}]")
+        rows = np.arange(len(yv))
+        loss = -log_probs[rows, yv]
+        backprop = np.exp(log_probs)
+        backprop[rows, yv] -= 1
+        return loss.astype(lv.dtype), backprop.astype(lv.dtype)
+
+    def grad(op, g, _unused=None):
+        scaled = make_op("XentGrad", [g, op.outputs[1]], lambda ctx, gv, bp: (gv[:, None] * bp,), [x.dtype],
+                         [x.shape]).outputs[0]
+        return [scaled, None]
+
+    shape = _shape_list(x)
+    op = make_op("SparseSoftmaxCrossEntropyWithLogits", [x, y], compute, [x.dtype, x.dtype],
+                 [None if shape is None else shape[:1], x.shape], grad=grad,
+                 name=name or "SparseSoftmaxCrossEntropyWithLogits")
+    return op.outputs[0]
+
+
+def l2_loss(t, name=None):
+    x = convert_to_tensor(t)
+    return make_op("L2Loss", [x], lambda ctx, v: (np.asarray((v * v).sum() / 2, dtype=v.dtype),), [x.dtype], [[]],
+                   grad=lambda op, g: [multiply(g, op.inputs[0])], name=name or "L2Loss").outputs[0]
+
+
+del bool_, constant, float32

@@ -1,0 +1,584 @@
+"""``tf.train``: optimizers, the global step, checkpoints (Saver), hooks and MonitoredTrainingSession.
+
+An optimizer's ``compute_gradients`` builds the gradient ops (``tf.gradients``)
+and ``apply_gradients`` builds one update op per variable; ``minimize`` is
+both. Horovod's ``DistributedOptimizer`` wraps ``compute_gradients`` only.
+Checkpoints are ``.npz`` files (no pickle) written atomically, with a
+``checkpoint`` index file beside them as TensorFlow writes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data import atomic_write
+from . import logging
+from .core import (
+    GLOBAL_STEP,
+    GLOBAL_VARIABLES,
+    TRAINABLE_VARIABLES,
+    Tensor,
+    Variable,
+    control_dependencies,
+    convert_to_tensor,
+    get_default_graph,
+    int64,
+    make_op,
+)
+from .gradients import gradients
+from .ops import assign_add, group, zeros_like
+from .session import Session
+
+__all__ = [
+    "Optimizer", "GradientDescentOptimizer", "MomentumOptimizer", "AdamOptimizer", "AdagradOptimizer",
+    "RMSPropOptimizer", "get_or_create_global_step", "get_global_step", "create_global_step",
+    "Saver", "latest_checkpoint", "SessionRunHook", "SessionRunArgs", "SessionRunContext", "SessionRunValues",
+    "StopAtStepHook", "LoggingTensorHook", "CheckpointSaverHook", "MonitoredTrainingSession",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# global step
+
+
+def get_global_step(graph=None):
+    items = (graph or get_default_graph()).get_collection(GLOBAL_STEP)
+    return items[0] if items else None
+
+
+def create_global_step(graph=None):
+    graph = graph or get_default_graph()
+    if get_global_step(graph) is not None:
+        raise ValueError("the global step already exists")
+    with graph.as_default():
+        return Variable(np.int64(0), trainable=False, name="global_step",
+                        collections=[GLOBAL_VARIABLES, GLOBAL_STEP])
+
+
+def get_or_create_global_step(graph=None):
+    return get_global_step(graph) or create_global_step(graph)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizers
+
+
+class Optimizer:
+    """Base class: subclasses define ``_create_slots`` and ``_apply`` (the update of one variable)."""
+
+    def __init__(self, use_locking=False, name="Optimizer"):
+        self._name = name
+        self._slots = {}
+
+    def compute_gradients(self, loss, var_list=None, gate_gradients=1, aggregation_method=None,
+                          colocate_gradients_with_ops=False, grad_loss=None):
+        """[(gradient, variable)] for ``var_list`` (default: the trainable variables)."""
+        if var_list is None:
+            var_list = get_default_graph().get_collection(TRAINABLE_VARIABLES)
+        var_list = list(var_list)
+        if not var_list:
+            raise ValueError("no variables to optimize")
+        grads = gradients(loss, var_list, grad_ys=None if grad_loss is None else [grad_loss])
+        return list(zip(grads, var_list))
+
+    def apply_gradients(self, grads_and_vars, global_step=None, name=None):
+        """One update op per (gradient, variable), grouped; then the global step is incremented."""
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        if not pairs:
+            raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in grads_and_vars]}")
+        graph = get_default_graph()
+        with graph.name_scope(name or self._name):
+            for _, var in pairs:
+                if var not in self._slots:
+                    self._slots[var] = self._create_slots(var)
+            updates = [self._apply(convert_to_tensor(g), v) for g, v in pairs]
+            finish = self._finish(updates)
+            if global_step is None:
+                return finish
+            with control_dependencies([finish]):
+                return assign_add(global_step, np.int64(1), name="update_global_step").op
+
+    def minimize(self, loss, global_step=None, var_list=None, name=None):
+        return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)
+
+    def get_slot(self, var, name):
+        return self._slots.get(var, {}).get(name)
+
+    def get_slot_names(self):
+        return sorted({n for slots in self._slots.values() for n in slots})
+
+    def variables(self):
+        return [v for slots in self._slots.values() for v in slots.values()]
+
+    # helpers for subclasses
+    def _slot(self, var, name, fill=0.0):
+        return Variable(np.full(var.shape.as_list(), fill, dtype=var.dtype.as_numpy_dtype), trainable=False,
+                        name=f"{var.name_prefix}/{self._name}_{name}")
+
+    def _update_op(self, op_type, grad, var, inputs, update):
+        """An op running ``update(session, grad_value, *input_values)`` that mutates variables in the session."""
+
+        def compute(ctx, g, *values):
+            update(ctx.session, np.asarray(g, dtype=var.dtype.as_numpy_dtype), *values)
+            return ()
+
+        return make_op(op_type, [grad, *inputs], compute, [], [], name=op_type, stateful=True)
+
+    def _create_slots(self, var):
+        return {}
+
+    def _finish(self, updates):
+        return group(*updates, name="update")
+
+
+def _lr(value):
+    return value if isinstance(value, (Tensor, Variable)) else float(value)
+
+
+class _LearningRate:
+    def _lr_input(self):
+        return [convert_to_tensor(self._learning_rate)] if isinstance(self._learning_rate, (Tensor, Variable)) else []
+
+    def _lr_value(self, values):
+        return float(values[0]) if isinstance(self._learning_rate, (Tensor, Variable)) else self._learning_rate
+
+
+class GradientDescentOptimizer(_LearningRate, Optimizer):
+    """var -= learning_rate * grad."""
+
+    def __init__(self, learning_rate, use_locking=False, name="GradientDescent"):
+        super().__init__(use_locking, name)
+        self._learning_rate = _lr(learning_rate)
+
+    def _apply(self, grad, var):
+        def update(sess, g, *lr):
+            sess._variables[var] = sess._variable_value(var) - self._lr_value(lr) * g
+
+        return self._update_op("ApplyGradientDescent", grad, var, self._lr_input(), update)
+
+
+class MomentumOptimizer(_LearningRate, Optimizer):
+    """accum = momentum * accum + grad; var -= lr * accum (or the Nesterov form)."""
+
+    def __init__(self, learning_rate, momentum, use_locking=False, name="Momentum", use_nesterov=False):
+        super().__init__(use_locking, name)
+        self._learning_rate, self._momentum, self._nesterov = _lr(learning_rate), float(momentum), use_nesterov
+
+    def _create_slots(self, var):
+        return {"momentum": self._slot(var, "momentum")}
+
+    def _apply(self, grad, var):
+        accum = self._slots[var]["momentum"]
+
+        def update(sess, g, *lr):
+            lr = self._lr_value(lr)
+            a = self._momentum * sess._variable_value(accum) + g
+            sess._variables[accum] = a
+            step = lr * (g + self._momentum * a) if self._nesterov else lr * a
+            sess._variables[var] = sess._variable_value(var) - step
+
+        return self._update_op("ApplyMomentum", grad, var, self._lr_input(), update)
+
+
+class AdamOptimizer(_LearningRate, Optimizer):
+    """Adam with TensorFlow's update: lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)."""
+
+    def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-8, use_locking=False, name="Adam"):
+        super().__init__(use_locking, name)
+        self._learning_rate, self._beta1, self._beta2, self._epsilon = _lr(learning_rate), beta1, beta2, epsilon
+        self._powers = None
+
+    def _create_slots(self, var):
+        if self._powers is None:
+            self._powers = (Variable(np.float32(self._beta1), trainable=False, name="beta1_power"),
+                            Variable(np.float32(self._beta2), trainable=False, name="beta2_power"))
+        return {"m": self._slot(var, "m"), "v": self._slot(var, "v")}
+
+    def _apply(self, grad, var):
+        m, v = self._slots[var]["m"], self._slots[var]["v"]
+        b1p, b2p = self._powers
+
+        def update(sess, g, *lr):
+            lr = self._lr_value(lr)
+            p1, p2 = float(sess._variable_value(b1p)), float(sess._variable_value(b2p))
+            lr_t = lr * np.sqrt(1 - p2) / (1 - p1)
+            m_new = self._beta1 * sess._variable_value(m) + (1 - self._beta1) * g
+            v_new = self._beta2 * sess._variable_value(v) + (1 - self._beta2) * g * g
+            sess._variables[m], sess._variables[v] = m_new, v_new
+            w = sess._variable_value(var)
+            sess._variables[var] = (w - lr_t * m_new / (np.sqrt(v_new) + self._epsilon)).astype(w.dtype)
+
+        return self._update_op("ApplyAdam", grad, var, self._lr_input(), update)
+
+    def _finish(self, updates):
+        b1p, b2p = self._powers
+
+        def advance(ctx):
+            s = ctx.session
+            s._variables[b1p] = (s._variable_value(b1p) * self._beta1).astype(np.float32)
+            s._variables[b2p] = (s._variable_value(b2p) * self._beta2).astype(np.float32)
+            return ()
+
+        with control_dependencies(updates):
+            return make_op("AdamPowers", [], advance, [], [], name="update_powers", stateful=True)
+
+
+class AdagradOptimizer(_LearningRate, Optimizer):
+    """accum += grad^2; var -= lr * grad / sqrt(accum)."""
+
+    def __init__(self, learning_rate, initial_accumulator_value=0.1, use_locking=False, name="Adagrad"):
+        super().__init__(use_locking, name)
+        self._learning_rate, self._initial = _lr(learning_rate), initial_accumulator_value
+
+    def _create_slots(self, var):
+        return {"accumulator": self._slot(var, "accumulator", self._initial)}
+
+    def _apply(self, grad, var):
+        accum = self._slots[var]["accumulator"]
+
+        def update(sess, g, *lr):
+            a = sess._variable_value(accum) + g * g
+            sess._variables[accum] = a
+            sess._variables[var] = sess._variable_value(var) - self._lr_value(lr) * g / np.sqrt(a)
+
+        return self._update_op("ApplyAdagrad", grad, var, self._lr_input(), update)
+
+
+class RMSPropOptimizer(_LearningRate, Optimizer):
+    """ms = decay * ms + (1 - decay) * grad^2; mom = momentum * mom + lr * grad / sqrt(ms + eps); var -= mom."""
+
+    def __init__(self, learning_rate, decay=0.9, momentum=0.0, epsilon=1e-10, use_locking=False, centered=False,
+                 name="RMSProp"):
+        super().__init__(use_locking, name)
+        if centered:
+            raise NotImplementedError("centered RMSProp is not part of this course's engine; use centered=False")
+        self._learning_rate, self._decay, self._momentum, self._epsilon = _lr(learning_rate), decay, momentum, epsilon
+
+    def _create_slots(self, var):
+        return {"rms": self._slot(var, "rms", 1.0), "momentum": self._slot(var, "momentum")}
+
+    def _apply(self, grad, var):
+        rms, mom = self._slots[var]["rms"], self._slots[var]["momentum"]
+
+        def update(sess, g, *lr):
+            ms = self._decay * sess._variable_value(rms) + (1 - self._decay) * g * g
+            mo = self._momentum * sess._variable_value(mom) + self._lr_value(lr) * g / np.sqrt(ms + self._epsilon)
+            sess._variables[rms], sess._variables[mom] = ms, mo
+            sess._variables[var] = sess._variable_value(var) - mo
+
+        return self._update_op("ApplyRMSProp", grad, var, self._lr_input(), update)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _step_value(sess, global_step):
+    if global_step is None:
+        return None
+    if isinstance(global_step, (Variable, Tensor)):
+        return int(sess.run(global_step))
+    return int(global_step)
+
+
+def _write_index(directory, latest, all_paths):
+    text = f'model_checkpoint_path: "{os.path.basename(latest)}"\n' + "".join(
+        f'all_model_checkpoint_paths: "{os.path.basename(p)}"\n' for p in all_paths)
+    atomic_write(Path(directory) / "checkpoint", lambda tmp: Path(tmp).write_text(text))
+
+
+def _read_index(directory):
+    path = Path(directory) / "checkpoint"
+    if not path.exists():
+        return None, []
+    text = path.read_text()
+    latest = re.search(r'^model_checkpoint_path: "(.*)"$', text, re.M)
+    every = re.findall(r'^all_model_checkpoint_paths: "(.*)"$', text, re.M)
+    return (str(Path(directory) / latest.group(1)) if latest else None), [str(Path(directory) / p) for p in every]
+
+
+def latest_checkpoint(checkpoint_dir):
+    """The path prefix of the newest checkpoint in ``checkpoint_dir`` (as written by Saver), or None."""
+    latest, _ = _read_index(checkpoint_dir)
+    if latest is None or not Path(latest + ".npz").exists():
+        return None
+    return latest
+
+
+class Saver:
+    """Saves and restores variables as ``<prefix>.npz``; keeps the newest ``max_to_keep`` checkpoints."""
+
+    def __init__(self, var_list=None, max_to_keep=5):
+        if var_list is None:
+            var_list = get_default_graph().get_collection(GLOBAL_VARIABLES)
+        self._vars = {v.name_prefix: v for v in (var_list.values() if isinstance(var_list, dict) else var_list)}
+        self.max_to_keep = max_to_keep
+
+    def save(self, sess, save_path, global_step=None, write_meta_graph=True, latest_filename=None):
+        """Write the checkpoint atomically (temporary file, then rename) and return its path prefix."""
+        step = _step_value(sess, global_step)
+        prefix = f"{save_path}-{step}" if step is not None else str(save_path)
+        values = {name: sess._variable_value(var) for name, var in self._vars.items()}
+        atomic_write(Path(prefix + ".npz"), lambda tmp: np.savez(tmp, **values))
+        directory = os.path.dirname(prefix) or "."
+        _, previous = _read_index(directory)
+        kept = [p for p in previous if p != prefix] + [prefix]
+        for old in kept[: -self.max_to_keep] if self.max_to_keep else []:
+            if os.path.exists(old + ".npz"):
+                os.unlink(old + ".npz")
+        kept = kept[-self.max_to_keep:] if self.max_to_keep else kept
+        _write_index(directory, prefix, kept)
+        return prefix
+
+    def restore(self, sess, save_path):
+        """Load every variable of this Saver from ``save_path`` (a prefix, as latest_checkpoint returns)."""
+        if save_path is None:
+            raise ValueError("save_path is None: there is no checkpoint to restore (check latest_checkpoint's dir)")
+        path = save_path if str(save_path).endswith(".npz") else str(save_path) + ".npz"
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: checkpoint not found")
+        with np.load(path, allow_pickle=False) as f:
+            missing = [name for name in self._vars if name not in f.files]
+            if missing:
+                raise KeyError(f"{path}: checkpoint has no value for {missing}")
+            for name, var in self._vars.items():
+                sess._set_variable(var, f[name])
+        logging.info("Restoring parameters from %s", save_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# hooks
+
+
+class SessionRunArgs:
+    def __init__(self, fetches, feed_dict=None, options=None):
+        self.fetches, self.feed_dict, self.options = fetches, feed_dict, options
+
+
+class SessionRunContext:
+    def __init__(self, original_args, session):
+        self.original_args, self.session = original_args, session
+        self._stop_requested = False
+
+    def request_stop(self):
+        self._stop_requested = True
+
+    @property
+    def stop_requested(self):
+        return self._stop_requested
+
+
+class SessionRunValues:
+    def __init__(self, results, options=None, run_metadata=None):
+        self.results, self.options, self.run_metadata = results, options, run_metadata
+
+
+class SessionRunHook:
+    """Called around session creation and every run, as TensorFlow's (and Horovod's) hooks expect."""
+
+    def begin(self):
+        pass
+
+    def after_create_session(self, session, coord):
+        pass
+
+    def before_run(self, run_context):
+        return None
+
+    def after_run(self, run_context, run_values):
+        pass
+
+    def end(self, session):
+        pass
+
+
+class StopAtStepHook(SessionRunHook):
+    """Request a stop once the global step reaches ``last_step`` (or ``num_steps`` more than at the start)."""
+
+    def __init__(self, num_steps=None, last_step=None):
+        if (num_steps is None) == (last_step is None):
+            raise ValueError("pass exactly one of num_steps and last_step")
+        self._num_steps, self._last_step = num_steps, last_step
+
+    def begin(self):
+        self._global_step = get_global_step()
+        if self._global_step is None:
+            raise RuntimeError("StopAtStepHook needs a global step: call tf.train.get_or_create_global_step()")
+
+    def after_create_session(self, session, coord):
+        if self._last_step is None:
+            self._last_step = int(session.run(self._global_step)) + self._num_steps
+
+    def before_run(self, run_context):
+        return SessionRunArgs(self._global_step)
+
+    def after_run(self, run_context, run_values):
+        if int(run_context.session.run(self._global_step)) >= self._last_step:
+            run_context.request_stop()
+
+
+class LoggingTensorHook(SessionRunHook):
+    """Log the values of ``tensors`` (a dict tag -> tensor, or a list) every ``every_n_iter`` runs via tf.logging.info."""
+
+    def __init__(self, tensors, every_n_iter=None, every_n_secs=None, at_end=False, formatter=None):
+        if every_n_iter is None and every_n_secs is None and not at_end:
+            raise ValueError("pass every_n_iter, every_n_secs or at_end=True")
+        self._tensors = dict(tensors) if isinstance(tensors, dict) else {
+            (t if isinstance(t, str) else t.name): t for t in tensors}
+        self._every_n_iter, self._every_n_secs, self._at_end, self._formatter = every_n_iter, every_n_secs, at_end, \
+            formatter
+
+    def begin(self):
+        graph = get_default_graph()
+        self._fetches = {tag: graph.as_graph_element(t) if not isinstance(t, Variable) else t.value()
+                         for tag, t in self._tensors.items()}
+        self._iter, self._last_time = 0, None
+
+    def _due(self):
+        if self._every_n_iter is not None:
+            return self._iter % self._every_n_iter == 0
+        return self._last_time is None or time.time() - self._last_time >= self._every_n_secs
+
+    def before_run(self, run_context):
+        self._should_log = self._due()
+        return SessionRunArgs(self._fetches) if self._should_log else None
+
+    def _log(self, values):
+        if self._formatter:
+            logging.info(self._formatter(values))
+        else:
+            text = ", ".join(f"{tag} = {values[tag]}" for tag in self._tensors)
+            elapsed = "" if self._last_time is None else f" ({time.time() - self._last_time:.3f} sec)"
+            logging.info("%s%s", text, elapsed)
+        self._last_time = time.time()
+
+    def after_run(self, run_context, run_values):
+        if self._should_log:
+            self._log(run_values.results)
+        self._iter += 1
+
+    def end(self, session):
+        if self._at_end:
+            self._log(session.run(self._fetches))
+
+
+class CheckpointSaverHook(SessionRunHook):
+    """Save a checkpoint every ``save_steps`` steps or ``save_secs`` seconds, and at the end."""
+
+    def __init__(self, checkpoint_dir, save_secs=None, save_steps=None, saver=None, checkpoint_basename="model.ckpt"):
+        if (save_secs is None) == (save_steps is None):
+            raise ValueError("pass exactly one of save_secs and save_steps")
+        self._dir, self._secs, self._steps, self._saver = checkpoint_dir, save_secs, save_steps, saver
+        self._path = os.path.join(checkpoint_dir, checkpoint_basename)
+
+    def begin(self):
+        self._global_step = get_global_step()
+        if self._global_step is None:
+            raise RuntimeError("CheckpointSaverHook needs a global step: call tf.train.get_or_create_global_step()")
+        self._saver = self._saver or Saver()
+        os.makedirs(self._dir, exist_ok=True)
+
+    def after_create_session(self, session, coord):
+        self._last_step = int(session.run(self._global_step))
+        self._last_time = time.time()
+        if latest_checkpoint(self._dir) is None:
+            self._save(session, self._last_step)
+
+    def _save(self, session, step):
+        logging.info("Saving checkpoints for %d into %s.", step, self._path)
+        self._saver.save(session, self._path, global_step=step)
+        self._last_step, self._last_time = step, time.time()
+
+    def after_run(self, run_context, run_values):
+        step = int(run_context.session.run(self._global_step))
+        due = (step - self._last_step >= self._steps) if self._steps else (time.time() - self._last_time >= self._secs)
+        if due and step != self._last_step:
+            self._save(run_context.session, step)
+
+    def end(self, session):
+        step = int(session.run(self._global_step))
+        if step != self._last_step or latest_checkpoint(self._dir) is None:
+            self._save(session, step)
+
+
+class MonitoredTrainingSession:
+    """A session that initialises or restores variables, calls hooks around every run, and saves checkpoints.
+
+    With ``checkpoint_dir`` (on the chief) it resumes from the latest checkpoint there and says so, and
+    adds a CheckpointSaverHook (every ``save_checkpoint_steps`` steps, else every ``save_checkpoint_secs``).
+    """
+
+    def __init__(self, master="", is_chief=True, checkpoint_dir=None, scaffold=None, hooks=None,
+                 chief_only_hooks=None, save_checkpoint_secs=600, save_summaries_steps=100, save_summaries_secs=None,
+                 config=None, stop_grace_period_secs=120, log_step_count_steps=100, save_checkpoint_steps=None):
+        graph = get_default_graph()
+        self._hooks = list(hooks or []) + (list(chief_only_hooks or []) if is_chief else [])
+        if checkpoint_dir and is_chief and (save_checkpoint_steps or save_checkpoint_secs):
+            self._hooks.append(CheckpointSaverHook(
+                checkpoint_dir, save_steps=save_checkpoint_steps,
+                save_secs=None if save_checkpoint_steps else save_checkpoint_secs))
+        for hook in self._hooks:
+            hook.begin()
+        init = make_op("NoOp", [], lambda ctx: (), [], [], name="init_all")
+        init.control_inputs.extend(v.initializer for v in graph.get_collection(GLOBAL_VARIABLES))
+        self._session = Session(graph=graph, config=config)
+        restored = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        self._session.run(init)
+        if restored:
+            Saver().restore(self._session, restored)
+            step = get_global_step(graph)
+            at = f" at global step {int(self._session.run(step))}" if step is not None else ""
+            logging.warning("Restoring parameters from %s: resuming%s", restored, at)
+        for hook in self._hooks:
+            hook.after_create_session(self._session, None)
+        self._stop = False
+
+    def run(self, fetches, feed_dict=None, options=None, run_metadata=None):
+        context = SessionRunContext(SessionRunArgs(fetches, feed_dict), self._session)
+        extra = [hook.before_run(context) for hook in self._hooks]
+        merged_feed = dict(feed_dict or {})
+        for args in extra:
+            if args is not None and args.feed_dict:
+                merged_feed.update(args.feed_dict)
+        all_fetches = [fetches] + [None if a is None else a.fetches for a in extra]
+        flat = [f for f in all_fetches if f is not None]
+        results = self._session.run(flat, merged_feed)
+        by_hook, i = [], 1
+        for a in extra:
+            if a is None:
+                by_hook.append(None)
+            else:
+                by_hook.append(results[i])
+                i += 1
+        for hook, value in zip(self._hooks, by_hook):
+            hook.after_run(context, SessionRunValues(value))
+        if context.stop_requested:
+            self._stop = True
+        return results[0]
+
+    def should_stop(self):
+        return self._stop
+
+    def close(self):
+        if not self._session._closed:
+            for hook in self._hooks:
+                hook.end(self._session)
+            self._session.close()
+
+    @property
+    def graph(self):
+        return self._session.graph
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self._session.close()
