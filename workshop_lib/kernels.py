@@ -33,7 +33,7 @@ __all__ = [
     "softmax", "softmax_xent_forward", "softmax_xent_backward",
     "dropout_forward", "dropout_backward",
     "nchw_to_nhwc", "nhwc_to_nchw", "to_blocked", "from_blocked", "weights_to_blocked",
-    "conv2d_blocked_forward", "BLOCK", "im2col_nhwc",
+    "conv2d_blocked_forward", "BLOCK", "im2col_nhwc", "adam_update",
 ]
 
 BLOCK = 16  # channels per block in nChw16c: one 512-bit register of float32
@@ -135,10 +135,11 @@ def _im2col_nhwc(x, r_size, s_size, stride_h, stride_w, pad_top, pad_left, out_h
                 ih = oh * stride_h + r - pad_top
                 for s in range(s_size):
                     iw = ow * stride_w + s - pad_left
-                    inside = 0 <= ih < h_size and 0 <= iw < w_size
-                    for c in range(c_size):
-                        cols[base, col] = x[n, ih, iw, c] if inside else pad_value
-                        col += 1
+                    if 0 <= ih < h_size and 0 <= iw < w_size:
+                        cols[base, col : col + c_size] = x[n, ih, iw, :]  # C contiguous values: one copy
+                    else:
+                        cols[base, col : col + c_size] = pad_value
+                    col += c_size
 
 
 def im2col_nhwc(x, ksize, stride=(1, 1), padding="VALID", pad_value=0):
@@ -222,8 +223,7 @@ def _col2im_nhwc(dcols, r_size, s_size, sh, sw, pt, pl, out_h, out_w, dx):  # OU
                     for s in range(s_size):
                         iw = ow * sw + s - pl
                         if 0 <= ih < h_size and 0 <= iw < w_size:
-                            for c in range(c_size):
-                                dx[n, ih, iw, c] += dcols[row, col + c]
+                            dx[n, ih, iw, :] += dcols[row, col : col + c_size]
                         col += c_size
 
 
@@ -247,6 +247,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
         raise ValueError(f"w.shape[2]={c_w} (input channels) must equal the input's {c} channels")
     (pt, pb), (pl, pr) = _conv_padding(padding, h, wd, r, s, stride)
     out_h, out_w = conv2d_output_size(h, wd, r, s, stride, padding)
+    cols = None
     if algorithm == "im2col":
         cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, ((pt, pb), (pl, pr)))
         out = (cols @ w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
@@ -261,20 +262,28 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
             _conv2d_direct_nchw(np.ascontiguousarray(x), np.ascontiguousarray(w), stride[0], stride[1], pt, pl, out)
     else:
         raise ValueError(f"algorithm={algorithm!r} must be 'im2col' or 'direct'")
-    return out, (x, w, stride, ((pt, pb), (pl, pr)), data_format)
+    return out, (x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
 
 
-def conv2d_backward(dout, cache):
-    """(dx, dw) of :func:`conv2d_forward`; both algorithms share this GEMM-based backward pass."""
-    x, w, stride, pads, data_format = cache
+def conv2d_backward(dout, cache, need_dx=True):
+    """(dx, dw) of :func:`conv2d_forward`; both algorithms share this GEMM-based backward pass.
+
+    The receptive fields (im2col's columns) are reused from the forward pass when it kept them;
+    ``need_dx=False`` skips dx (the first layer's input needs no gradient) and returns None for it.
+    """
+    x, w, stride, pads, data_format = cache[:5]
+    cols = cache[5] if len(cache) > 5 else None
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     dout_nhwc = dout if data_format == "NHWC" else dout.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
     r, s, _, k = w.shape
     out_h, out_w = dout_nhwc.shape[1:3]
-    cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
+    if cols is None:
+        cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
     d2 = np.ascontiguousarray(dout_nhwc).reshape(-1, k)
     dw = (cols.T @ d2).reshape(w.shape)
+    if not need_dx:
+        return None, dw
     dcols = d2 @ w.reshape(-1, k).T
     dx = np.zeros((n_size, h, wd, c), dtype=dcols.dtype)
     _col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx)
@@ -288,35 +297,38 @@ def conv2d_backward(dout, cache):
 
 
 @numba.njit(parallel=True, cache=True)
-def _maxpool_nhwc(x, kh, kw, sh, sw, pt, pl, out, argmax):  # OUT out (N,OH,OW,C), argmax flat index into H*W
+def _maxpool_nhwc(x, kh, kw, sh, sw, pt, pl, out, argmax):  # OUT out (N,OH,OW,C), argmax: flat index into x
     n_size, h_size, w_size, c_size = x.shape
     out_h, out_w = out.shape[1], out.shape[2]
     for row in numba.prange(n_size * out_h):
         n, oh = row // out_h, row % out_h
         for ow in range(out_w):
-            for c in range(c_size):
-                best, where = -np.inf, -1
-                for r in range(kh):
-                    ih = oh * sh + r - pt
-                    if 0 <= ih < h_size:
-                        for s in range(kw):
-                            iw = ow * sw + s - pl
-                            if 0 <= iw < w_size and x[n, ih, iw, c] > best:
-                                best, where = x[n, ih, iw, c], ih * w_size + iw
-                out[n, oh, ow, c] = best
-                argmax[n, oh, ow, c] = where
+            first = True
+            for r in range(kh):
+                ih = oh * sh + r - pt
+                if ih < 0 or ih >= h_size:
+                    continue
+                for s in range(kw):
+                    iw = ow * sw + s - pl
+                    if iw < 0 or iw >= w_size:
+                        continue
+                    where = ((n * h_size + ih) * w_size + iw) * c_size
+                    for c in range(c_size):  # innermost over channels: contiguous, vectorises
+                        v = x[n, ih, iw, c]
+                        if first or v > out[n, oh, ow, c]:
+                            out[n, oh, ow, c] = v
+                            argmax[n, oh, ow, c] = where + c
+                    first = False
 
 
 @numba.njit(parallel=True, cache=True)
-def _maxpool_backward_nhwc(dout, argmax, dx):  # OUT dx (N,H,W,C), zeroed
+def _maxpool_backward_nhwc(dout, argmax, dx_flat):  # OUT dx_flat (N*H*W*C,), zeroed: a scatter, no division
     n_size, out_h, out_w, c_size = dout.shape
-    w_size = dx.shape[2]
     for n in numba.prange(n_size):
         for oh in range(out_h):
             for ow in range(out_w):
                 for c in range(c_size):
-                    where = argmax[n, oh, ow, c]
-                    dx[n, where // w_size, where % w_size, c] += dout[n, oh, ow, c]
+                    dx_flat[argmax[n, oh, ow, c]] += dout[n, oh, ow, c]
 
 
 @numba.njit(parallel=True, cache=True)
@@ -387,7 +399,7 @@ def maxpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
 def maxpool_backward(dout, cache):
     shape, argmax, data_format = cache
     dx = np.zeros(shape, dtype=dout.dtype)
-    _maxpool_backward_nhwc(_from_format(dout, data_format), argmax, dx)
+    _maxpool_backward_nhwc(_from_format(dout, data_format), argmax, dx.reshape(-1))
     return _to_format(dx, data_format)
 
 
@@ -545,6 +557,30 @@ def dropout_forward(x, keep_prob, training=True, rng=None):
 
 def dropout_backward(dout, cache):
     return dout if cache is None else dout * cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer step
+
+
+@numba.njit(parallel=True, cache=True)
+def _adam_update(w, g, m, v, lr_t, beta1, beta2, eps):  # IN g; IN/OUT w, m, v (flat, same length)
+    for i in numba.prange(w.shape[0]):
+        mi = beta1 * m[i] + (1 - beta1) * g[i]
+        vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i]
+        m[i], v[i] = mi, vi
+        w[i] -= lr_t * mi / (np.sqrt(vi) + eps)
+
+
+def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam step in place, in one pass over memory: m, v <- moments; w -= lr_t * m / (sqrt(v) + eps).
+
+    ``lr_t`` already includes the bias corrections, as TensorFlow's ApplyAdam takes it.
+    """
+    if not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
+        raise ValueError("adam_update works in place on C-contiguous arrays")
+    _adam_update(w.reshape(-1), np.ascontiguousarray(g, dtype=w.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
+                 w.dtype.type(lr_t), w.dtype.type(beta1), w.dtype.type(beta2), w.dtype.type(eps))
 
 
 # ----------------------------------------------------------------------------------------------

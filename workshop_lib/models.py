@@ -89,7 +89,7 @@ def mnist_cnn_backward(dlogits, caches):
         d = kernels.maxpool_backward(d, c_pool)
         d = kernels.relu_backward(d, c_relu)
         d, grads[f"{name}/b"] = kernels.bias_add_backward(d, c_bias)
-        d, grads[f"{name}/w"] = kernels.conv2d_backward(d, c_conv)
+        d, grads[f"{name}/w"] = kernels.conv2d_backward(d, c_conv, need_dx=name != "conv1")
     return grads
 
 
@@ -106,9 +106,7 @@ class Adam:
         self.t += 1
         lr_t = self.lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
         for k, g in grads.items():
-            self.m[k] = self.beta1 * self.m[k] + (1 - self.beta1) * g
-            self.v[k] = self.beta2 * self.v[k] + (1 - self.beta2) * g * g
-            params[k] -= (lr_t * self.m[k] / (np.sqrt(self.v[k]) + self.eps)).astype(params[k].dtype)
+            kernels.adam_update(params[k], g, self.m[k], self.v[k], lr_t, self.beta1, self.beta2, self.eps)
 
 
 def accuracy(params, images, labels, batch_size=500):

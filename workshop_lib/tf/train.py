@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import kernels
 from ..data import atomic_write
 from . import logging
 from .core import (
@@ -207,11 +208,9 @@ class AdamOptimizer(_LearningRate, Optimizer):
             lr = self._lr_value(lr)
             p1, p2 = float(sess._variable_value(b1p)), float(sess._variable_value(b2p))
             lr_t = lr * np.sqrt(1 - p2) / (1 - p1)
-            m_new = self._beta1 * sess._variable_value(m) + (1 - self._beta1) * g
-            v_new = self._beta2 * sess._variable_value(v) + (1 - self._beta2) * g * g
-            sess._variables[m], sess._variables[v] = m_new, v_new
-            w = sess._variable_value(var)
-            sess._variables[var] = (w - lr_t * m_new / (np.sqrt(v_new) + self._epsilon)).astype(w.dtype)
+            # one fused pass, in place on the session's arrays (the same step as TensorFlow's ApplyAdam)
+            kernels.adam_update(sess._variable_value(var), g, sess._variable_value(m), sess._variable_value(v), lr_t,
+                                self._beta1, self._beta2, self._epsilon)
 
         return self._update_op("ApplyAdam", grad, var, self._lr_input(), update)
 
