@@ -351,3 +351,25 @@ def test_the_seeds_deepnn_code_trains():
     losses, accuracy = module.main(40)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     assert accuracy > 0.5
+
+
+def test_layout_propagation_runs_convolutions_blocked_with_reorders_only_at_the_boundaries(capsys, monkeypatch):
+    from workshop_lib import models
+
+    model = models.TrainingGraph(seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    results, stats = {}, {}
+    for layout in ("native", "blocked"):
+        config = tf.ConfigProto(graph_options=tf.GraphOptions(layout=layout))
+        with model.session(config) as sess:
+            monkeypatch.setenv("WORKSHOP_VERBOSE", "1")
+            results[layout] = sess.run(model.logits, model.feed(images))
+            monkeypatch.delenv("WORKSHOP_VERBOSE")
+            stats[layout] = dict(sess.stats)
+        trace = capsys.readouterr().err
+        if layout == "blocked":
+            assert ",blocked,nChw16c," in trace and "reorder,nhwc->nChw16c" in trace
+    np.testing.assert_allclose(results["blocked"], results["native"], rtol=1e-4, atol=1e-4)
+    assert stats["native"]["reorders"] == 0
+    # conv1 (1 channel) stays plain; conv2, its ReLU and pool run blocked: one reorder in, one out
+    assert stats["blocked"]["reorders"] == 2 and stats["blocked"]["weight_reorders"] == 1

@@ -265,12 +265,15 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     return out, (x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
 
 
-def conv2d_backward(dout, cache, need_dx=True):
+def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     """(dx, dw) of :func:`conv2d_forward`; both algorithms share this GEMM-based backward pass.
 
     The receptive fields (im2col's columns) are reused from the forward pass when it kept them;
-    ``need_dx=False`` skips dx (the first layer's input needs no gradient) and returns None for it.
+    ``need_dx=False`` skips dx (the first layer's input needs no gradient) and returns None for it,
+    ``need_dw=False`` likewise for dw;
+    ``gemm="reference"`` does the two products with the reference GEMM instead of BLAS.
     """
+    matmul = (lambda a, b: a @ b) if gemm == "blas" else gemm_reference
     x, w, stride, pads, data_format = cache[:5]
     cols = cache[5] if len(cache) > 5 else None
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
@@ -278,13 +281,15 @@ def conv2d_backward(dout, cache, need_dx=True):
     n_size, h, wd, c = x_nhwc.shape
     r, s, _, k = w.shape
     out_h, out_w = dout_nhwc.shape[1:3]
-    if cols is None:
-        cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
     d2 = np.ascontiguousarray(dout_nhwc).reshape(-1, k)
-    dw = (cols.T @ d2).reshape(w.shape)
+    dw = None
+    if need_dw:
+        if cols is None:
+            cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
+        dw = matmul(cols.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw
-    dcols = d2 @ w.reshape(-1, k).T
+    dcols = matmul(d2, w.reshape(-1, k).T)
     dx = np.zeros((n_size, h, wd, c), dtype=dcols.dtype)
     _col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx)
     if data_format == "NCHW":

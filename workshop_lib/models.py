@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, kernels
 
-__all__ = ["LAYERS", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
+__all__ = ["LAYERS", "deepnn", "TrainingGraph", "train_mnist_cnn_tf", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
            "accuracy", "save_model", "load_model", "default_model_path", "images_to_input"]
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
@@ -199,3 +199,128 @@ def training_metadata(history, params, data, seed, steps, batch_size, lr):
             "learning_rate": lr, "final_loss": float(np.mean(history["loss"][-50:])),
             "train_seconds": round(history["seconds"], 1), "library_version": __version__,
             "data": "MNIST test set split 8000/2000 (workshop_lib.data.load_mnist)"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The same CNN as a workshop_lib.tf graph (the slides' deepnn), with the same parameter names.
+
+
+def deepnn(x, data_format="NHWC"):
+    """Build the CNN on images ``x`` (N, 784) float32; returns (logits, keep_prob placeholder).
+
+    Variables are named like :data:`SHAPES` ("conv1/w", ...), so :func:`export_params` gives a dict
+    that :class:`workshop_lib.quantization.QuantizedCNN` and :func:`mnist_cnn_forward` accept.
+    """
+    import workshop_lib.tf as tf
+
+    nhwc = data_format == "NHWC"
+    stride = [1, 1, 1, 1]
+    pool = [1, 2, 2, 1] if nhwc else [1, 1, 2, 2]
+    with tf.name_scope("reshape"):
+        h = tf.reshape(x, [-1, 28, 28, 1] if nhwc else [-1, 1, 28, 28])
+    for name, (r, s, c, k) in (("conv1", SHAPES["conv1/w"]), ("conv2", SHAPES["conv2/w"])):
+        with tf.name_scope(name):
+            w = tf.Variable(tf.truncated_normal([r, s, c, k], stddev=0.1), name="w")
+            b = tf.Variable(tf.constant(0.1, shape=[k]), name="b")
+            h = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(h, w, stride, "SAME", data_format=data_format), b,
+                                          data_format=data_format))
+        h = tf.nn.max_pool(h, pool, pool, "SAME", data_format=data_format)
+    if not nhwc:  # flatten in NHWC order so the weights mean the same in both layouts
+        h = tf.py_func(lambda v: np.ascontiguousarray(v.transpose(0, 2, 3, 1)), [h], tf.float32)
+    with tf.name_scope("fc1"):
+        w = tf.Variable(tf.truncated_normal(list(SHAPES["fc1/w"]), stddev=0.1), name="w")
+        b = tf.Variable(tf.constant(0.1, shape=[1024]), name="b")
+        h = tf.nn.relu(tf.nn.bias_add(tf.matmul(tf.reshape(h, [-1, 7 * 7 * 64]), w), b))
+    with tf.name_scope("dropout"):
+        keep_prob = tf.placeholder(tf.float32, [], name="keep_prob")
+        h = tf.nn.dropout(h, keep_prob)
+    with tf.name_scope("fc2"):
+        w = tf.Variable(tf.truncated_normal(list(SHAPES["fc2/w"]), stddev=0.1), name="w")
+        b = tf.Variable(tf.constant(0.1, shape=[10]), name="b")
+        logits = tf.nn.bias_add(tf.matmul(h, w), b)
+    return logits, keep_prob
+
+
+class TrainingGraph:
+    """The graph of one training setup: placeholders, loss, train op and accuracy, in a graph of its own."""
+
+    def __init__(self, learning_rate=1e-3, seed=0, data_format="NHWC"):
+        import workshop_lib.tf as tf
+
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            tf.set_random_seed(seed)
+            self.x = tf.placeholder(tf.float32, [None, 784], name="x")
+            self.y = tf.placeholder(tf.int64, [None], name="y")
+            self.logits, self.keep_prob = deepnn(self.x, data_format)
+            self.loss = tf.losses.sparse_softmax_cross_entropy(labels=self.y, logits=self.logits)
+            self.global_step = tf.train.get_or_create_global_step()
+            self.train_op = tf.train.AdamOptimizer(learning_rate).minimize(self.loss, global_step=self.global_step)
+            correct = tf.equal(tf.argmax(self.logits, 1), self.y)
+            self.accuracy = tf.reduce_mean(tf.cast(correct, tf.float32))
+            self.init = tf.global_variables_initializer()
+            self.params = {v.name_prefix: v for v in tf.trainable_variables()}
+
+    def session(self, config=None):
+        import workshop_lib.tf as tf
+
+        sess = tf.Session(graph=self.graph, config=config)
+        sess.run(self.init)
+        return sess
+
+    def feed(self, images, labels=None, keep_prob=1.0):
+        feed = {self.x: np.asarray(images, dtype=np.float32).reshape(len(images), 784) / 255.0,
+                self.keep_prob: keep_prob}
+        if labels is not None:
+            feed[self.y] = labels
+        return feed
+
+    def evaluate(self, sess, images, labels, batch_size=500):
+        correct = 0.0
+        for i in range(0, len(images), batch_size):
+            part = slice(i, i + batch_size)
+            correct += sess.run(self.accuracy, self.feed(images[part], labels[part])) * len(images[part])
+        return correct / len(images)
+
+    def export_params(self, sess):
+        """The trained weights as a dict of float32 arrays named like :data:`SHAPES`."""
+        return {name: np.asarray(sess.run(var), dtype=np.float32) for name, var in self.params.items()}
+
+
+def train_mnist_cnn_tf(steps=1000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0, data=None, config=None,
+                       progress=False, eval_every=0, data_format="NHWC"):
+    """Train the CNN with the graph engine (Adam); returns (params, history) like :func:`train_mnist_cnn`."""
+    if data is None:
+        from .data import load_mnist
+
+        data = load_mnist()
+    (x_train, y_train), (x_test, y_test) = data
+    model = TrainingGraph(lr, seed, data_format)
+    history = {"loss": [], "eval_step": [], "eval_accuracy": []}
+    rng = np.random.default_rng(seed + 1)
+    order, cursor = rng.permutation(len(x_train)), 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc="training (workshop_lib.tf)", unit="step")
+    with model.session(config) as sess:
+        t0 = time.perf_counter()
+        for step in range(1, steps + 1):
+            if cursor + batch_size > len(order):
+                order, cursor = rng.permutation(len(x_train)), 0
+            idx = order[cursor : cursor + batch_size]
+            cursor += batch_size
+            _, loss = sess.run([model.train_op, model.loss], model.feed(x_train[idx], y_train[idx], keep_prob))
+            history["loss"].append(float(loss))
+            if eval_every and (step % eval_every == 0 or step == steps):
+                history["eval_step"].append(step)
+                history["eval_accuracy"].append(model.evaluate(sess, x_test, y_test))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+        history["seconds"] = time.perf_counter() - t0
+        params = model.export_params(sess)
+    if bar is not None:
+        bar.close()
+    return params, history

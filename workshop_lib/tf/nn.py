@@ -58,18 +58,27 @@ def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format
             raise ValueError(f"conv2d: input {x.name} has {channels} channels but filter {w.name} expects {wshape[2]}")
 
     def compute(ctx, xv, wv):
-        return (kernels.conv2d_forward(xv, wv, strides, padding, data_format, algorithm=ctx.conv_algorithm)[0],)
+        out, cache = kernels.conv2d_forward(xv, wv, strides, padding, data_format, algorithm=ctx.conv_algorithm)
+        return out, cache[5]  # second output: the im2col columns (a workspace, as MKL-DNN's), or None
 
-    def grad(op, g):
-        xin, win = op.inputs
-        both = make_op("Conv2DBackprop", [g, xin, win], lambda ctx, gv, xv, wv: kernels.conv2d_backward(
-            gv, (xv, wv, strides, kernels._conv_padding(padding, *_spatial(xv.shape, data_format), *wv.shape[:2],
-                                                        strides), data_format)),
-            [xin.dtype, win.dtype], [xin.shape, win.shape], attrs={"data_format": data_format})
-        return list(both.outputs)
+    def grad(op, g, _unused_workspace_grad=None):
+        xin, win, workspace = op.inputs[0], op.inputs[1], op.outputs[1]
+
+        def cache(xv, wv, cols):
+            pads = kernels._conv_padding(padding, *_spatial(xv.shape, data_format), *wv.shape[:2], strides)
+            return xv, wv, strides, pads, data_format, cols
+
+        dx = make_op("Conv2DBackpropInput", [g, xin, win], lambda ctx, gv, xv, wv: (kernels.conv2d_backward(
+            gv, cache(xv, wv, None), need_dw=False, gemm=ctx.gemm_algorithm)[0],), [xin.dtype], [xin.shape],
+            attrs={"data_format": data_format}).outputs[0]
+        dw = make_op("Conv2DBackpropFilter", [g, xin, win, workspace], lambda ctx, gv, xv, wv, cols: (
+            kernels.conv2d_backward(gv, cache(xv, wv, cols), need_dx=False, gemm=ctx.gemm_algorithm)[1],),
+            [win.dtype], [win.shape], attrs={"data_format": data_format}).outputs[0]
+        return [dx, dw]
 
     out_shape = _pool_out_shape(x, wshape[:2], strides, padding, data_format, wshape[3])
-    return make_op("Conv2D", [x, w], compute, [x.dtype], [out_shape], grad=grad, name=name or "Conv2D",
+    return make_op("Conv2D", [x, w], compute, [x.dtype, x.dtype], [out_shape, None], grad=grad,
+                   name=name or "Conv2D",
                    attrs={"strides": strides, "padding": padding, "data_format": data_format}).outputs[0]
 
 

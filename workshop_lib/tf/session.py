@@ -38,15 +38,21 @@ class GraphOptions:
 
     kernels : "optimized" (im2col + BLAS convolutions, BLAS matmul) or "reference" (direct loops)
     fusion : fuse Conv2D/MatMul + BiasAdd (+ Relu) into one primitive
+    layout : "native" (every op in the graph's layout) or "blocked" (layout propagation: convolutions with
+        16 or more input channels, and the pooling and ReLU after them, run in nChw16c; values stay blocked
+        from op to op and are reordered only where a plain-layout op needs them; counted in Session.stats).
+        It applies where no gradient needs the ops' workspaces, i.e. to inference.
     """
 
-    def __init__(self, kernels="optimized", fusion=True):
+    def __init__(self, kernels="optimized", fusion=True, layout="native"):
         if kernels not in ("optimized", "reference"):
             raise ValueError(f"kernels={kernels!r} must be 'optimized' or 'reference'")
-        self.kernels, self.fusion = kernels, bool(fusion)
+        if layout not in ("native", "blocked"):
+            raise ValueError(f"layout={layout!r} must be 'native' or 'blocked'")
+        self.kernels, self.fusion, self.layout = kernels, bool(fusion), layout
 
     def __repr__(self):
-        return f"GraphOptions(kernels={self.kernels!r}, fusion={self.fusion})"
+        return f"GraphOptions(kernels={self.kernels!r}, fusion={self.fusion}, layout={self.layout!r})"
 
 
 class ConfigProto:
@@ -82,12 +88,14 @@ class _FusedOp:
         self.type = "_Fused" + self.main.type + ("BiasAddRelu" if self.relu else "BiasAdd")
         self.name = self.main.name + "/fused"
         self.inputs = list(self.main.inputs) + [self.bias_op.inputs[1]]
-        self.outputs = [ops[-1].outputs[0]]
+        # a fused convolution still provides the convolution's workspace (im2col columns) to its gradient
+        self.outputs = [ops[-1].outputs[0]] + (self.main.outputs[1:] if self.main.type == "Conv2D" else [])
         self.control_inputs = [c for op in ops for c in op.control_inputs]
 
     def compute(self, ctx, x, w, b):
         if self.main.type == "Conv2D":
             a = self.main.attrs
+            cols = None
             if ctx.conv_algorithm == "direct":
                 y = kernels.conv2d_forward(x, w, a["strides"], a["padding"], a["data_format"], ctx.conv_algorithm)[0]
                 y += b
@@ -105,7 +113,7 @@ class _FusedOp:
             y += b
         if self.relu:
             np.maximum(y, 0, out=y)
-        return (y,)
+        return (y, cols) if self.main.type == "Conv2D" else (y,)
 
 
 def _is_bias_add(op, main_output):
@@ -154,6 +162,41 @@ def _fuse(plan, needed_outputs):
 
 
 # ----------------------------------------------------------------------------------------------
+# layout propagation: values that stay in nChw16c between ops
+
+
+class _Blocked:
+    """A 4-D activation held in nChw16c; ``plain()`` reorders it back (once, counted)."""
+
+    def __init__(self, data, channels, data_format, session):
+        self.data, self.channels, self.data_format, self._session = data, channels, data_format, session
+        self._plain = None
+
+    def plain(self):
+        if self._plain is None:
+            t0 = time.perf_counter()
+            self._plain = kernels.from_blocked(self.data, self.channels, self.data_format)
+            self._session._count_reorder("nChw16c->" + self.data_format.lower(), self._plain, t0)
+        return self._plain
+
+
+def _blocked_role(op, consumed, in_values):
+    """How ``op`` runs under layout propagation: "conv", "pool", "relu", or None (plain layout)."""
+    main = op.main if isinstance(op, _FusedOp) else op
+    if main.type == "Conv2D":
+        if main.outputs[1] in consumed:  # a gradient needs the im2col workspace: stay plain
+            return None
+        x = in_values[0]
+        channels = x.channels if isinstance(x, _Blocked) else x.shape[3 if main.attrs["data_format"] == "NHWC" else 1]
+        return "conv" if channels >= kernels.BLOCK else None
+    if main.type in ("MaxPool", "AvgPool") and isinstance(in_values[0], _Blocked) and main.outputs[1] not in consumed:
+        return "pool"
+    if main.type == "Relu" and isinstance(in_values[0], _Blocked):
+        return "relu"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
 # the run context given to ops
 
 
@@ -163,6 +206,7 @@ class _RunContext:
         opts = session.config.graph_options
         self.gemm_algorithm = "blas" if opts.kernels == "optimized" else "reference"
         self.conv_algorithm = "im2col" if opts.kernels == "optimized" else "direct"
+        self.layout = opts.layout if opts.kernels == "optimized" else "native"
 
     def rng_for(self, op):
         return self.session._rng_for(op)
@@ -187,7 +231,7 @@ class Session:
         self._closed = False
         self._plans = {}
         self._lock = threading.RLock()
-        self.stats = {"runs": 0, "ops_executed": 0}
+        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0}
 
     # context management ---------------------------------------------------------------------
     def __enter__(self):
@@ -214,6 +258,12 @@ class Session:
 
     def close(self):
         self._closed = True
+
+    def _count_reorder(self, kind, value, t0, weights=False):
+        self.stats["weight_reorders" if weights else "reorders"] += 1
+        if os.environ.get("WORKSHOP_VERBOSE", "0") not in ("", "0"):
+            print(f"workshop_verbose,exec,reorder,{kind},{_describe(value)},{1e3 * (time.perf_counter() - t0):.3f}",
+                  file=sys.stderr)
 
     # variables --------------------------------------------------------------------------------
     def _set_variable(self, var, value):
@@ -291,7 +341,7 @@ class Session:
 
     def _plan(self, targets, feeds):
         key = (tuple(id(t) for t in targets), frozenset(id(t) for t in feeds), self.graph._version,
-               self.config.graph_options.fusion)
+               self.config.graph_options.fusion)  # kernels and layout do not change the plan
         if key in self._plans:
             return self._plans[key]
         needed_ops, order = set(), []
@@ -317,7 +367,32 @@ class Session:
         self._plans[key] = order
         return order
 
-    def _run_op(self, op, values, ctx, verbose):
+    def _run_blocked(self, op, role, args, ctx):
+        """Run ``op`` in nChw16c (inputs reordered in only if they arrive plain); returns its outputs."""
+        main = op.main if isinstance(op, _FusedOp) else op
+        fmt = main.attrs["data_format"]
+        x = args[0]
+        if role == "conv":
+            if not isinstance(x, _Blocked):
+                t0 = time.perf_counter()
+                x = _Blocked(kernels.to_blocked(x, fmt), x.shape[3 if fmt == "NHWC" else 1], fmt, self)
+                self._count_reorder(fmt.lower() + "->nChw16c", x.data, t0)
+            t0 = time.perf_counter()
+            wb = kernels.weights_to_blocked(args[1])
+            self._count_reorder("hwio->OIhw16i16o", wb, t0, weights=True)
+            bias = args[2] if isinstance(op, _FusedOp) else None
+            relu = isinstance(op, _FusedOp) and op.relu
+            out = kernels.conv2d_blocked_forward(x.data, wb, main.attrs["strides"], main.attrs["padding"], bias, relu)
+            return (_Blocked(out, args[1].shape[3], fmt, self), None)
+        if role == "pool":
+            n, cb, h, w, blk = x.data.shape
+            forward = kernels.maxpool_forward if main.type == "MaxPool" else kernels.avgpool_forward
+            pooled = forward(x.data.reshape(n * cb, h, w, blk), main.attrs["ksize"], main.attrs["strides"],
+                             main.attrs["padding"], "NHWC")[0]
+            return (_Blocked(pooled.reshape(n, cb, *pooled.shape[1:]), x.channels, fmt, self), None)
+        return (_Blocked(np.maximum(x.data, 0), x.channels, x.data_format, self),)  # relu keeps padding at 0
+
+    def _run_op(self, op, values, ctx, verbose, consumed=None):
         if op.type == "Placeholder":
             raise InvalidArgumentError(
                 f"You must feed a value for placeholder tensor '{op.name}' with dtype {op.outputs[0].dtype.name}"
@@ -325,16 +400,25 @@ class Session:
         if op.type == "VariableV2":
             return (self._variable_value(op.attrs["variable"]),)
         args = [values[t] for t in op.inputs]
+        role = None
+        if ctx.layout == "blocked" and consumed is not None and args:
+            role = _blocked_role(op, consumed, args)
         t0 = time.perf_counter() if verbose else 0.0
-        result = op.compute(ctx, *args)
+        if role:
+            result = self._run_blocked(op, role, args, ctx)
+        else:
+            args = [a.plain() if isinstance(a, _Blocked) else a for a in args]
+            result = op.compute(ctx, *args)
         if verbose:
             ms = 1e3 * (time.perf_counter() - t0)
-            kernel = ctx.conv_algorithm if "Conv" in op.type else ctx.gemm_algorithm if "MatMul" in op.type else "numpy"
-            layout = getattr(op, "attrs", {}).get("data_format", "NHWC") if hasattr(op, "attrs") else \
-                op.main.attrs.get("data_format", "-")
-            shapes = ",".join(_describe(a) for a in args)
-            print(f"workshop_verbose,exec,{op.type},{kernel},{layout},src:{shapes},dst:{_describe(result[0]) if result else '-'}"
-                  f",{ms:.3f}", file=sys.stderr)
+            kernel = "blocked" if role else ctx.conv_algorithm if "Conv" in op.type else \
+                ctx.gemm_algorithm if "MatMul" in op.type else "numpy"
+            attrs = op.main.attrs if isinstance(op, _FusedOp) else op.attrs
+            layout = "nChw16c" if role else attrs.get("data_format", "-")
+            shapes = ",".join(_describe(a.data if isinstance(a, _Blocked) else a) for a in args)
+            out = result[0].data if result and isinstance(result[0], _Blocked) else (result[0] if result else None)
+            print(f"workshop_verbose,exec,{op.type},{kernel},{layout},src:{shapes},dst:{_describe(out)},{ms:.3f}",
+                  file=sys.stderr)
         return result
 
     def _execute(self, targets, feeds):
@@ -350,9 +434,13 @@ class Session:
             if self.config.inter_op_parallelism_threads > 1 and len(plan) > 2:
                 self._execute_parallel(plan, values, ctx, verbose, intra)
             else:
+                consumed = {t for op in plan for t in op.inputs}
                 for op in plan:
-                    for t, v in zip(op.outputs, self._run_op(op, values, ctx, verbose)):
+                    for t, v in zip(op.outputs, self._run_op(op, values, ctx, verbose, consumed)):
                         values[t] = v
+                for t in targets:  # what is fetched leaves the session in the graph's own layout
+                    if isinstance(t, Tensor) and isinstance(values.get(t), _Blocked):
+                        values[t] = values[t].plain()
         finally:
             if intra:
                 numba.set_num_threads(previous)
