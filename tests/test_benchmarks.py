@@ -34,3 +34,15 @@ def test_int8_bench_runs_in_quick_mode(root, tmp_path):
     assert "int8 / fp32" in proc.stdout and "images/s" in proc.stdout
     figures = json.loads(out.read_text())
     assert figures["cnn"]["int8_accuracy"] > 0.97 and len(figures["gemm"]) == 3
+
+
+def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
+    import json
+
+    out = tmp_path / "cnn.json"
+    proc = subprocess.run([sys.executable, "benchmarks/cnn_bench.py", "--num-batches", "2", "--num-warmup", "1",
+                           "--no-torch", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    assert "images/sec:" in proc.stdout and "(jitter = " in proc.stdout and "Executive summary" in proc.stdout
+    assert "optimized / default = " in proc.stdout
+    assert set(json.loads(out.read_text())["images_per_second"]) == {"default", "optimized"}

@@ -373,3 +373,46 @@ def test_layout_propagation_runs_convolutions_blocked_with_reorders_only_at_the_
     assert stats["native"]["reorders"] == 0
     # conv1 (1 channel) stays plain; conv2, its ReLU and pool run blocked: one reorder in, one out
     assert stats["blocked"]["reorders"] == 2 and stats["blocked"]["weight_reorders"] == 1
+
+
+def test_nchw_and_nhwc_models_compute_the_same_logits_and_train():
+    from workshop_lib import models
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    labels = np.array([1, 2, 3])
+    weights, logits = None, {}
+    for fmt in ("NHWC", "NCHW"):
+        model = models.TrainingGraph(learning_rate=1e-4, seed=5, data_format=fmt)
+        with model.session() as sess:
+            if weights is None:
+                weights = model.export_params(sess)
+            else:  # the same weights in both layouts (random initialisers are seeded per op)
+                for name, var in model.params.items():
+                    var.load(weights[name], sess)
+            logits[fmt] = sess.run(model.logits, model.feed(images))
+            before = sess.run(model.loss, model.feed(images, labels))
+            for _ in range(10):
+                sess.run(model.train_op, model.feed(images, labels))
+            assert sess.run(model.loss, model.feed(images, labels)) < before
+    np.testing.assert_allclose(logits["NCHW"], logits["NHWC"], rtol=1e-4, atol=1e-4)
+
+
+def test_updates_wait_for_every_gradient_and_fetched_values_are_copies():
+    # y = w2 * (w1 * x): w1's gradient reads w2, whose in-place update must come after it
+    x = tf.constant(np.array([2.0], dtype=np.float32))
+    w1 = tf.Variable(np.array([3.0], dtype=np.float32))
+    w2 = tf.Variable(np.array([5.0], dtype=np.float32))
+    loss = tf.reduce_sum(w2 * (w1 * x))
+    opt = tf.train.AdamOptimizer(0.5)
+    train = opt.minimize(loss)
+    grads = tf.gradients(loss, [w1, w2])
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        before = sess.run(w2)
+        g_w1, g_w2 = sess.run(grads)
+        sess.run(train)
+        assert before[0] == 5.0  # the array handed out earlier did not change with the update
+        assert g_w1[0] == 10.0 and g_w2[0] == 6.0
+        # Adam's first moment is 0.1 * the gradient it used: w1's must come from w2 = 5 (10), not 4.5 (9)
+        np.testing.assert_allclose(sess.run(opt.get_slot(w1, "m")), [1.0], rtol=1e-6)
+        np.testing.assert_allclose(sess.run([w1, w2]), [[2.5], [4.5]], rtol=1e-6)

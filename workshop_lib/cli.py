@@ -1,4 +1,4 @@
-"""The ``workshop`` command: ``workshop check``, ``workshop build-labs [--check]``, ``workshop train mnist``."""
+"""The ``workshop`` command: ``check``, ``build-labs [--check]``, ``train mnist``, ``bench cnn|int8|kmeans``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,20 @@ def _train(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}_bench.py"
+    if not script.exists():
+        print(f"ERROR: {script} not found; `workshop bench` runs the benchmarks of a clone of the course",
+              file=sys.stderr)
+        return 2
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workshop", description="Deep Learning at Scale: course tools")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="output .npz (default: data/models/mnist_cnn.npz)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/: cnn, int8 or kmeans")
+    bench.add_argument("name", choices=["cnn", "int8", "kmeans"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -226,7 +226,7 @@ def deepnn(x, data_format="NHWC"):
                                           data_format=data_format))
         h = tf.nn.max_pool(h, pool, pool, "SAME", data_format=data_format)
     if not nhwc:  # flatten in NHWC order so the weights mean the same in both layouts
-        h = tf.py_func(lambda v: np.ascontiguousarray(v.transpose(0, 2, 3, 1)), [h], tf.float32)
+        h = tf.transpose(h, [0, 2, 3, 1])
     with tf.name_scope("fc1"):
         w = tf.Variable(tf.truncated_normal(list(SHAPES["fc1/w"]), stddev=0.1), name="w")
         b = tf.Variable(tf.constant(0.1, shape=[1024]), name="b")

@@ -78,6 +78,7 @@ from .ops import (
     sqrt,
     square,
     subtract,
+    transpose,
     truncated_normal,
     zeros,
     zeros_like,

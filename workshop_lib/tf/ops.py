@@ -460,3 +460,18 @@ def zeros_like(tensor, dtype=None, name="zeros_like"):
     dtype = as_dtype(dtype) or t.dtype
     return make_op("ZerosLike", [t], lambda ctx, v: (np.zeros_like(v, dtype=dtype.as_numpy_dtype),), [dtype],
                    [t.shape], name=name).outputs[0]
+
+
+def transpose(a, perm=None, name="transpose"):
+    """Permute dimensions; the gradient applies the inverse permutation."""
+    x = convert_to_tensor(a)
+    known = _shape_list(x)
+    if perm is None:
+        perm = list(range(len(known)))[::-1] if known is not None else None
+        if perm is None:
+            raise ValueError(f"transpose of {x.name} needs perm when its rank is unknown")
+    perm = [int(p) for p in perm]
+    inverse = list(np.argsort(perm))
+    static = None if known is None else [known[p] for p in perm]
+    return make_op("Transpose", [x], lambda ctx, v: (np.ascontiguousarray(v.transpose(perm)),), [x.dtype], [static],
+                   grad=lambda op, g: [transpose(g, inverse)], name=name, attrs={"perm": perm}).outputs[0]

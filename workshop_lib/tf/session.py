@@ -306,7 +306,10 @@ class Session:
         targets = [self._element(f) for f in flat]
         feeds = self._feeds(feed_dict or {})
         values = self._execute(targets, feeds)
-        out = [None if isinstance(t, Operation) else values[t] for t in targets]
+        stored = {id(v) for v in self._variables.values()}
+        # a variable's array is updated in place by later runs: hand the caller a copy, as TensorFlow does
+        out = [None if isinstance(t, Operation) else (values[t].copy() if id(values[t]) in stored else values[t])
+               for t in targets]
         return rebuild(out)
 
     def _element(self, fetch):

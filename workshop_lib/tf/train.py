@@ -97,7 +97,11 @@ class Optimizer:
             for _, var in pairs:
                 if var not in self._slots:
                     self._slots[var] = self._create_slots(var)
-            updates = [self._apply(convert_to_tensor(g), v) for g, v in pairs]
+            grads = [convert_to_tensor(g) for g, _ in pairs]
+            # every update waits for every gradient: updates change variables in place, and a gradient
+            # (say, backpropagation through fc2's weights) must see the values of this step, not the next
+            with control_dependencies([g.op for g in grads]):
+                updates = [self._apply(g, v) for g, (_, v) in zip(grads, pairs)]
             finish = self._finish(updates)
             if global_step is None:
                 return finish

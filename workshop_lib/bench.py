@@ -1,0 +1,143 @@
+"""Benchmark harness in the style of tf_cnn_benchmarks: images/second with uncertainty and jitter.
+
+Mirrors tf_cnn_benchmarks' output (``images/sec: X +/- Y (jitter = Z)``, a total,
+an executive summary). The one idea: measure the same model, same data and
+same thread count, change one thing, and report ratios from one run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+__all__ = ["VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary"]
+
+
+def _variants():
+    import workshop_lib.tf as tf
+
+    return {
+        "default": tf.GraphOptions(kernels="reference", fusion=False),
+        "optimized": tf.GraphOptions(kernels="optimized", fusion=True),
+    }
+
+
+VARIANTS = ("default", "optimized")
+
+
+def summarize(speeds):
+    """(mean, uncertainty of the mean, jitter = 1.4826 x median absolute deviation), as tf_cnn_benchmarks."""
+    speeds = np.asarray(speeds, dtype=np.float64)
+    return (float(np.mean(speeds)), float(np.std(speeds) / np.sqrt(len(speeds))),
+            float(1.4826 * np.median(np.abs(speeds - np.median(speeds)))))
+
+
+def report_lines(title, speeds, losses=None, every=10, out=print):
+    """Print tf_cnn_benchmarks' step lines and total; return the mean images/second."""
+    out(f"\n== {title}")
+    out("Step\tImg/sec\ttotal_loss")
+    for i in range(len(speeds)):
+        if i == 0 or (i + 1) % every == 0 or i == len(speeds) - 1:
+            mean, err, jitter = summarize(speeds[: i + 1])
+            loss = "" if losses is None or losses[i] is None else f"\t{losses[i]:.3f}"
+            out(f"{i + 1}\timages/sec: {mean:.1f} +/- {err:.1f} (jitter = {jitter:.1f}){loss}")
+    total = float(np.mean(speeds))
+    out("-" * 64)
+    out(f"total images/sec: {total:.2f}")
+    out("-" * 64)
+    return total
+
+
+def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20, num_warmup=3, threads=2,
+                data_format="NHWC", layout="native", fusion=None, images=None, labels=None, progress=False):
+    """Images/second of the labs' CNN on workshop_lib.tf; returns (speeds per batch, losses or None).
+
+    ``variant`` picks the kernels and fusion ("default" or "optimized"); ``fusion`` and ``layout``
+    override them one at a time, so one measurement changes one thing.
+    """
+    import workshop_lib.tf as tf
+
+    from . import models
+    from .data import load_mnist
+
+    if images is None:
+        (images, labels), _ = load_mnist()
+    base = _variants()[variant]
+    options = tf.GraphOptions(kernels=base.kernels, fusion=base.fusion if fusion is None else fusion, layout=layout)
+    model = models.TrainingGraph(seed=0, data_format=data_format)
+    config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1,
+                            graph_options=options)
+    rng = np.random.default_rng(0)
+    speeds, losses = [], []
+    steps = range(num_warmup + num_batches)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc=f"{variant}, {mode}, {data_format}/{layout}, {threads} thread(s)", leave=False)
+    with model.session(config) as sess:
+        for i in steps:
+            idx = rng.choice(len(images), batch_size, replace=len(images) < batch_size)
+            if mode == "train":
+                feed = model.feed(images[idx], labels[idx], keep_prob=0.5)
+                t0 = time.perf_counter()
+                _, loss = sess.run([model.train_op, model.loss], feed)
+            else:
+                feed = model.feed(images[idx])
+                t0 = time.perf_counter()
+                sess.run(model.logits, feed)
+                loss = None
+            dt = time.perf_counter() - t0
+            if i >= num_warmup:
+                speeds.append(batch_size / dt)
+                losses.append(loss)
+    return speeds, (losses if mode == "train" else None)
+
+
+def measure_torch_cnn(mode="train", batch_size=50, num_batches=20, num_warmup=3, threads=2, images=None,
+                      labels=None):
+    """The same model in PyTorch, when it is installed (an optional peer, never a dependency)."""
+    import torch
+    from torch import nn
+
+    from .data import load_mnist
+
+    if images is None:
+        (images, labels), _ = load_mnist()
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    net = nn.Sequential(
+        nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(3136, 1024), nn.ReLU(), nn.Dropout(0.5), nn.Linear(1024, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    speeds, losses = [], []
+    net.train(mode == "train")
+    for i in range(num_warmup + num_batches):
+        idx = rng.choice(len(images), batch_size, replace=len(images) < batch_size)
+        x = torch.from_numpy(images[idx].astype(np.float32)[:, None] / 255.0)
+        t0 = time.perf_counter()
+        if mode == "train":
+            opt.zero_grad()
+            loss = loss_fn(net(x), torch.from_numpy(labels[idx].astype(np.int64)))
+            loss.backward()
+            opt.step()
+            loss = float(loss)
+        else:
+            with torch.no_grad():
+                net(x)
+            loss = None
+        dt = time.perf_counter() - t0
+        if i >= num_warmup:
+            speeds.append(batch_size / dt)
+            losses.append(loss)
+    return speeds, (losses if mode == "train" else None)
+
+
+def executive_summary(results, mode, batch_size, out=print):
+    out("\nExecutive summary")
+    out(f"{'mode':10s} {'network':10s} {'batch size':>10s} {'variant':>10s} {'images/second':>14s}")
+    for name, value in results.items():
+        out(f"{mode:10s} {'mnist_cnn':10s} {batch_size:10d} {name:>10s} {value:14.1f}")
