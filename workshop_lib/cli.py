@@ -49,9 +49,10 @@ def _train(args) -> int:
     from .data import load_mnist
 
     data = load_mnist()
-    params, history = models.train_mnist_cnn(args.steps, args.batch_size, args.lr, seed=args.seed, data=data,
-                                             progress=not args.quiet)
+    train = models.train_mnist_cnn_tf if args.engine == "tf" else models.train_mnist_cnn
+    params, history = train(args.steps, args.batch_size, args.lr, seed=args.seed, data=data, progress=not args.quiet)
     meta = models.training_metadata(history, params, data, args.seed, args.steps, args.batch_size, args.lr)
+    meta["engine"] = args.engine
     out = args.out or models.default_model_path()
     models.save_model(out, params, meta)
     print(f"held-out accuracy {meta['accuracy']:.4f} after {args.steps} steps ({meta['train_seconds']} s); wrote {out}")
@@ -94,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default=None, help="output .npz (default: data/models/mnist_cnn.npz)")
+    train.add_argument("--engine", choices=["kernels", "tf"], default="kernels",
+                       help="train with the kernels directly or with the workshop_lib.tf graph engine")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 

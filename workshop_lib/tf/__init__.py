@@ -1,3 +1,4 @@
+# ruff: noqa: F401 - this module re-exports the public API under TensorFlow 1's names
 """A TensorFlow-1-compatible define-then-run graph engine, on workshop_lib.kernels.
 
 Mirrors ``tf.compat.v1``: code written for TensorFlow 1 runs with

@@ -176,6 +176,8 @@ class Graph:
 
     # ops -----------------------------------------------------------------------------------
     def _add_op(self, op):
+        if getattr(self, "_finalized", False):
+            raise RuntimeError(f"Graph is finalized and cannot be modified (adding {op.type} '{op.name}')")
         with self._lock:
             self._ops.append(op)
             self._version += 1

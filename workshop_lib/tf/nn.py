@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels
-from .core import Tensor, as_dtype, bool_, convert_to_tensor, float32, int64, make_op
-from .ops import _shape_list, constant, multiply
+from .core import Tensor, as_dtype, convert_to_tensor, int64, make_op
+from .ops import _shape_list, multiply
 
 __all__ = ["conv2d", "max_pool", "avg_pool", "relu", "tanh", "elu", "sigmoid", "bias_add", "dropout", "softmax",
            "sparse_softmax_cross_entropy_with_logits", "l2_loss"]
@@ -236,5 +236,3 @@ def l2_loss(t, name=None):
     return make_op("L2Loss", [x], lambda ctx, v: (np.asarray((v * v).sum() / 2, dtype=v.dtype),), [x.dtype], [[]],
                    grad=lambda op, g: [multiply(g, op.inputs[0])], name=name or "L2Loss").outputs[0]
 
-
-del bool_, constant, float32

@@ -18,11 +18,8 @@ from .core import (
     bool_,
     convert_to_tensor,
     float32,
-    get_default_graph,
-    int32,
     int64,
     make_op,
-    name_scope,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -438,9 +435,7 @@ _install_operators(Tensor)
 _install_operators(Variable, wrap=lambda v: v.value())
 
 
-__all__ = [n for n in dir() if not n.startswith("_") and n not in (
-    "annotations", "np", "kernels", "TensorShape", "Tensor", "Variable", "as_dtype", "bool_", "convert_to_tensor",
-    "float32", "get_default_graph", "int32", "int64", "make_op", "name_scope")]
+
 
 
 def ones_like_of(t):

@@ -28,11 +28,10 @@ from .core import (
     control_dependencies,
     convert_to_tensor,
     get_default_graph,
-    int64,
     make_op,
 )
 from .gradients import gradients
-from .ops import assign_add, group, zeros_like
+from .ops import assign_add, group
 from .session import Session
 
 __all__ = [
