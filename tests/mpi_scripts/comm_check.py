@@ -1,0 +1,104 @@
+"""SPMD worker for tests/test_mpi_comm.py: workshop_lib.comm against MPI's own collectives.
+
+Launch:  mpiexec -n 3 python tests/mpi_scripts/comm_check.py {correctness|mismatch|timeout}
+"""
+
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+from workshop_lib.comm import CollectiveTimeout, Communicator
+
+world = MPI.COMM_WORLD
+rank, size = world.Get_rank(), world.Get_size()
+comm = Communicator(small_bytes=4096, segment_bytes=8192)  # small thresholds so every path is exercised
+mode = sys.argv[1]
+
+
+def reference(x, op):
+    mpi_op = {"sum": MPI.SUM, "average": MPI.SUM, "min": MPI.MIN, "max": MPI.MAX}[op]
+    out = np.empty_like(x)
+    world.Allreduce(x, out, op=mpi_op)
+    if op == "average":
+        out = out // size if np.issubdtype(x.dtype, np.integer) else out / size
+    return out
+
+
+def report(lines):
+    gathered = world.gather("\n".join(lines), root=0)
+    if rank == 0:
+        print("\n".join(g for g in gathered if g), flush=True)
+
+
+if mode == "correctness":
+    failures, checked = [], 0
+    rng = np.random.default_rng(1000 + rank)
+    for n in (0, 1, size - 1, 7, 1001, 5003, 100_003):
+        for dtype in (np.float16, np.float32, np.float64, np.int32, np.int64):
+            for op in ("sum", "average", "min", "max"):
+                for algorithm in ("auto", "ring", "recursive_doubling"):
+                    if np.issubdtype(dtype, np.integer):
+                        x = rng.integers(-1000, 1000, n).astype(dtype)
+                    else:
+                        x = (rng.standard_normal(n) * 10).astype(dtype)
+                    in_place = x.copy()
+                    got = comm.allreduce(x, op=op, algorithm=algorithm)
+                    comm.allreduce(in_place, op=op, out=in_place, algorithm=algorithm)
+                    ref = reference(x, op)
+                    same_everywhere = all(np.array_equal(g, got) for g in world.allgather(got))
+                    if np.issubdtype(dtype, np.integer) or op in ("min", "max"):
+                        ok = np.array_equal(got, ref)
+                    else:
+                        tol = {np.float16: 2e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+                        ok = np.allclose(got, ref, rtol=tol, atol=tol * 10)
+                    ok = ok and np.array_equal(in_place, got) and same_everywhere
+                    checked += 1
+                    if not ok:
+                        failures.append(f"rank {rank}: n={n} {np.dtype(dtype).name} {op} {algorithm}")
+    # tensor fusion equals one allreduce per array; fp16 compression stays close
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in (3, 1000, 17, 5000)] + [np.arange(5, dtype=np.int64)]
+    fused = comm.fused_allreduce(arrays, threshold_bytes=8000)
+    single = [comm.allreduce(a) for a in arrays]
+    if not all(np.array_equal(f, s) for f, s in zip(fused, single)):
+        failures.append(f"rank {rank}: fused_allreduce differs from per-array allreduce")
+    compressed = comm.fused_allreduce(arrays[:4], compression="fp16")
+    if not all(np.allclose(c, s, rtol=1e-2, atol=1e-2) for c, s in zip(compressed, single[:4])):
+        failures.append(f"rank {rank}: fp16-compressed allreduce is not close")
+    # parameter server, broadcast, allgatherv
+    x = rng.standard_normal(999)
+    if not np.allclose(comm.parameter_server_allreduce(x), reference(x, "average"), rtol=1e-12):
+        failures.append(f"rank {rank}: parameter server differs")
+    b = np.full(4, float(rank))
+    if not np.array_equal(comm.broadcast(b, root=size - 1), np.full(4, float(size - 1))):
+        failures.append(f"rank {rank}: broadcast")
+    parts = comm.allgather(np.full((rank + 1, 2), rank, dtype=np.int32))
+    expected = np.concatenate([np.full((r + 1, 2), r, dtype=np.int32) for r in range(size)])
+    if not np.array_equal(parts, expected):
+        failures.append(f"rank {rank}: allgatherv")
+    report(failures + ([f"rank {rank}: {checked} allreduce cases checked"] if rank == 0 else []))
+
+elif mode == "mismatch":
+    outcomes = []
+    for label, x, op in (("size", np.zeros(10 + rank), "sum"),
+                         ("dtype", np.zeros(10, dtype=np.float32 if rank == 0 else np.float64), "sum"),
+                         ("op", np.zeros(10), "sum" if rank else "max")):
+        try:
+            comm.allreduce(x, op=op)
+            outcomes.append(f"rank {rank} {label}: no error")
+        except ValueError as exc:
+            outcomes.append(f"rank {rank} {label}: ValueError: {exc}")
+    report(outcomes)
+
+elif mode == "timeout":
+    if rank == 0:
+        try:
+            comm.allreduce(np.ones(100_000), timeout=2.0, check=False)
+            print("rank 0: no timeout", flush=True)
+        except CollectiveTimeout as exc:
+            print(f"rank 0: CollectiveTimeout: {exc}", flush=True)
+        world.Abort(3)  # the peers are not coming: end the job instead of hanging in MPI_Finalize
+    else:
+        import time
+
+        time.sleep(30)  # never calls the collective
