@@ -46,3 +46,10 @@ def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
     assert "images/sec:" in proc.stdout and "(jitter = " in proc.stdout and "Executive summary" in proc.stdout
     assert "optimized / default = " in proc.stdout
     assert set(json.loads(out.read_text())["images_per_second"]) == {"default", "optimized"}
+
+
+def test_allreduce_bench_runs_at_a_tiny_size(root):
+    proc = subprocess.run([sys.executable, "benchmarks/allreduce_bench.py", "--ranks", "2", "--max-bytes", "16384",
+                           "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr
+    assert "memory copy bandwidth" in proc.stdout and "at 4 KB ours takes" in proc.stdout

@@ -1,0 +1,113 @@
+"""Allreduce benchmark: workshop_lib.comm's ring against MPI's own Allreduce, 2 and 4 ranks, 4 KB to 64 MB.
+
+Run:  python benchmarks/allreduce_bench.py               (launches mpiexec -n 2 and -n 4 itself)
+      python benchmarks/allreduce_bench.py --ranks 2 --max-bytes 4194304
+
+Bus bandwidth is 2(p-1)/p * bytes / time, the data each rank's link carries
+per second in a ring (NCCL's definition), so 2 and 4 ranks compare directly.
+The physical reference, measured in the same run, is this machine's memory
+copy bandwidth (read + write). "ours" is the default call, which first checks
+that all ranks passed the same size, dtype and op; "ours, unchecked" skips that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def worker(args):
+    from mpi4py import MPI
+
+    from workshop_lib.comm import Communicator
+
+    world = MPI.COMM_WORLD
+    comm = Communicator()
+    rows = []
+    nbytes = 4096
+    while nbytes <= args.max_bytes:
+        x = np.random.default_rng(world.Get_rank()).random(nbytes // 4).astype(np.float32)
+        out = np.empty_like(x)
+        iters = max(3, min(300, int(2e8 // max(nbytes, 1))))
+
+        def timed(fn):
+            fn()
+            best = float("inf")
+            for _ in range(args.repeats):
+                world.Barrier()
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    fn()
+                best = min(best, world.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+            return best
+
+        row = {"bytes": nbytes,
+               "mpi": timed(lambda: world.Allreduce(x, out, op=MPI.SUM)),
+               "ours": timed(lambda: comm.allreduce(x, op="sum", out=out)),
+               "ours_unchecked": timed(lambda: comm.allreduce(x, op="sum", out=out, check=False))}
+        rows.append(row)
+        nbytes *= 4
+    if world.Get_rank() == 0:
+        print(json.dumps({"ranks": world.Get_size(), "rows": rows}), flush=True)
+
+
+def memcopy_bandwidth(nbytes=64 << 20):
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best  # bytes read + written
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--max-bytes", type=int, default=64 << 20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from workshop_lib import sysinfo
+
+    copy = memcopy_bandwidth()
+    print(f"CPU: {sysinfo.cpu_model()}; MPI: {sysinfo.mpi_library_version()}")
+    print(f"memory copy bandwidth (read + write): {copy / 1e9:.1f} GB/s  (the physical reference)")
+    results = {"memcopy_GBps": copy / 1e9, "runs": []}
+    for n in args.ranks:
+        proc = sysinfo.run_mpi(n, [__file__, "--worker", "--max-bytes", args.max_bytes, "--repeats", args.repeats],
+                               timeout=1800)
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        results["runs"].append(run)
+        factor = 2 * (n - 1) / n
+        print(f"\n{n} ranks   {'bytes':>10s} {'MPI us':>10s} {'ours us':>10s} {'unchecked':>10s} "
+              f"{'MPI / ours':>10s} {'bus GB/s MPI':>13s} {'bus GB/s ours':>14s}")
+        for row in run["rows"]:
+            print(f"          {row['bytes']:10d} {1e6 * row['mpi']:10.1f} {1e6 * row['ours']:10.1f} "
+                  f"{1e6 * row['ours_unchecked']:10.1f} {row['mpi'] / row['ours']:10.2f} "
+                  f"{factor * row['bytes'] / row['mpi'] / 1e9:13.2f} {factor * row['bytes'] / row['ours'] / 1e9:14.2f}")
+        small = [r for r in run["rows"] if r["bytes"] == 4096]
+        large = [r for r in run["rows"] if r["bytes"] >= 256 * 1024]
+        if small:
+            print(f"  at 4 KB ours takes {small[0]['ours'] / small[0]['mpi']:.2f}x MPI's time (target <= 1.5)")
+        if large:
+            worst = min(r["mpi"] / r["ours"] for r in large)
+            print(f"  from 256 KB up ours is at worst {worst:.2f}x MPI's speed (target >= 1.0)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
