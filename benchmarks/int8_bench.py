@@ -27,19 +27,9 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from workshop_lib import int8, models, sysinfo  # noqa: E402
+from workshop_lib.bench import best_time  # noqa: E402
 from workshop_lib.data import load_mnist  # noqa: E402
 from workshop_lib.quantization import QuantizedCNN  # noqa: E402
-
-
-def best_time(fn, repeats, min_seconds=0.2):
-    fn()
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < repeats or spent < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, spent, runs = min(best, dt), spent + dt, runs + 1
-    return best
 
 
 def gemm_rows(shapes, repeats):

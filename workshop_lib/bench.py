@@ -11,7 +11,22 @@ import time
 
 import numpy as np
 
-__all__ = ["VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary"]
+__all__ = ["best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary"]
+
+
+def best_time(fn, repeats=3, warmup=True):
+    """The shortest of ``repeats`` wall-clock times of ``fn()`` in seconds (after one warm-up call).
+
+    The minimum is the least disturbed run: on a shared machine, noise only ever adds time.
+    """
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _variants():
