@@ -20,7 +20,6 @@ if any(v in os.environ for v in _OPENBLAS_VARS):  # before numpy loads OpenBLAS
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ import pytest
 from workshop_lib import sysinfo
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    """A localhost TCP port nobody listens on (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,13 @@ Uses Debian's /usr/bin/chromium through the Playwright Python package (never
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from conftest import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(420)]
 
@@ -22,12 +22,6 @@ CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
 ]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_server(url, proc, timeout=90):
@@ -52,7 +46,7 @@ def test_setup_lab_runs_all_cells_in_jupyterlab(root, tmp_path):
     # Serve a copy: JupyterLab saves the notebook it runs, and solutions/ must not change.
     work = tmp_path / "course"
     shutil.copytree(root / "solutions", work)
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     settings = tmp_path / "settings"
     # Render every cell (no windowing) so the whole notebook's text can be read; no news toast.
     (settings / "@jupyterlab" / "notebook-extension").mkdir(parents=True)

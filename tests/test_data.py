@@ -3,13 +3,13 @@ import hashlib
 import http.server
 import re
 import shutil
-import socket
 import threading
 from functools import partial
 
 import numpy as np
 import pytest
 from PIL import Image
+from conftest import free_port
 
 from workshop_lib import data
 from workshop_lib.data import DataError, load_image, load_mnist, read_idx, save_image
@@ -134,14 +134,8 @@ def test_full_mnist_downloads_checks_md5_and_caches(tmp_path, monkeypatch):
     assert np.array_equal(xtr, xtr2)
 
 
-def _closed_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_full_mnist_offline_says_what_to_do(tmp_path):
-    mirror = f"http://127.0.0.1:{_closed_port()}/"
+    mirror = f"http://127.0.0.1:{free_port()}/"
     with pytest.raises(DataError, match="offline.*Copy the four canonical MNIST files.*full=False"):
         load_mnist(full=True, cache_dir=tmp_path, mirrors=(mirror,))
 

@@ -214,6 +214,7 @@ def _fast_gemm(instruction: str, lanes: int):
     return gemm
 
 
+@functools.lru_cache(maxsize=None)
 def vnni_isa():
     """The VNNI flavour this CPU offers: ``"avx512_vnni"`` (16 lanes), ``"avx_vnni"`` (8 lanes) or None."""
     from .sysinfo import cpu_features

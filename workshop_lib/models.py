@@ -118,6 +118,27 @@ def accuracy(params, images, labels, batch_size=500):
     return correct / len(images)
 
 
+def _minibatches(n_examples, batch_size, steps, rng, progress, desc):
+    """(step, indices) for ``steps`` batches: reshuffled each epoch, seeded; a tqdm bar when ``progress``."""
+    order, cursor = rng.permutation(n_examples), 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, unit="step")
+    try:
+        for step in range(1, steps + 1):
+            if cursor + batch_size > len(order):
+                order, cursor = rng.permutation(n_examples), 0
+            yield step, order[cursor : cursor + batch_size], bar
+            cursor += batch_size
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def train_mnist_cnn(steps=2000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0, data=None, progress=False,
                     eval_every=0):
     """Train deterministically (seeded init, data order and dropout). Returns (params, history).
@@ -132,19 +153,9 @@ def train_mnist_cnn(steps=2000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0, d
     params = init_mnist_cnn(seed)
     opt = Adam(params, lr)
     rng = np.random.default_rng(seed + 1)
-    order, cursor = rng.permutation(len(x_train)), 0
     history = {"loss": [], "eval_step": [], "eval_accuracy": []}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="training", unit="step")
     t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        if cursor + batch_size > len(order):
-            order, cursor = rng.permutation(len(x_train)), 0
-        idx = order[cursor : cursor + batch_size]
-        cursor += batch_size
+    for step, idx, bar in _minibatches(len(x_train), batch_size, steps, rng, progress, "training"):
         logits, caches = mnist_cnn_forward(params, x_train[idx], training=True, keep_prob=keep_prob, rng=rng)
         loss, c_loss = kernels.softmax_xent_forward(logits, y_train[idx])
         grads = mnist_cnn_backward(kernels.softmax_xent_backward(1.0, c_loss), caches)
@@ -154,10 +165,7 @@ def train_mnist_cnn(steps=2000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0, d
             history["eval_step"].append(step)
             history["eval_accuracy"].append(accuracy(params, x_test, y_test))
         if bar is not None:
-            bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-    if bar is not None:
-        bar.close()
     history["seconds"] = time.perf_counter() - t0
     return params, history
 
@@ -298,29 +306,17 @@ def train_mnist_cnn_tf(steps=1000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0
     model = TrainingGraph(lr, seed, data_format)
     history = {"loss": [], "eval_step": [], "eval_accuracy": []}
     rng = np.random.default_rng(seed + 1)
-    order, cursor = rng.permutation(len(x_train)), 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="training (workshop_lib.tf)", unit="step")
     with model.session(config) as sess:
         t0 = time.perf_counter()
-        for step in range(1, steps + 1):
-            if cursor + batch_size > len(order):
-                order, cursor = rng.permutation(len(x_train)), 0
-            idx = order[cursor : cursor + batch_size]
-            cursor += batch_size
+        for step, idx, bar in _minibatches(len(x_train), batch_size, steps, rng, progress,
+                                           "training (workshop_lib.tf)"):
             _, loss = sess.run([model.train_op, model.loss], model.feed(x_train[idx], y_train[idx], keep_prob))
             history["loss"].append(float(loss))
             if eval_every and (step % eval_every == 0 or step == steps):
                 history["eval_step"].append(step)
                 history["eval_accuracy"].append(model.evaluate(sess, x_test, y_test))
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}")
         history["seconds"] = time.perf_counter() - t0
         params = model.export_params(sess)
-    if bar is not None:
-        bar.close()
     return params, history

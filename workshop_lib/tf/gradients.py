@@ -8,7 +8,7 @@ inputs; gradients reaching a tensor along several paths are summed (AddN).
 from __future__ import annotations
 
 from .core import Tensor, Variable, convert_to_tensor
-from .ops import add_n, ones_like_of
+from .ops import add_n, ones_like
 
 
 def _as_tensor(x):
@@ -75,7 +75,7 @@ def gradients(ys, xs, grad_ys=None, name="gradients"):
 
     with ys[0].graph.name_scope(name):
         for y, gy in zip(ys, grad_ys):
-            grads.setdefault(y, []).append(convert_to_tensor(gy) if gy is not None else ones_like_of(y))
+            grads.setdefault(y, []).append(convert_to_tensor(gy) if gy is not None else ones_like(y, name="grad_ys"))
         for op in reversed(order):
             if op in x_ops and all(t in xs for t in op.outputs):
                 continue

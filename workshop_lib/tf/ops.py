@@ -438,11 +438,6 @@ _install_operators(Variable, wrap=lambda v: v.value())
 
 
 
-def ones_like_of(t):
-    """An op producing ones of the run-time shape of ``t`` (the seed of backpropagation)."""
-    return make_op("OnesLike", [t], lambda ctx, v: (np.ones_like(v),), [t.dtype], [t.shape]).outputs[0]
-
-
 def ones_like(tensor, dtype=None, name="ones_like"):
     t = convert_to_tensor(tensor)
     dtype = as_dtype(dtype) or t.dtype

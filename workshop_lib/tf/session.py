@@ -93,24 +93,14 @@ class _FusedOp:
         self.control_inputs = [c for op in ops for c in op.control_inputs]
 
     def compute(self, ctx, x, w, b):
+        a = self.main.attrs
         if self.main.type == "Conv2D":
-            a = self.main.attrs
-            cols = None
-            if ctx.conv_algorithm == "direct":
-                y = kernels.conv2d_forward(x, w, a["strides"], a["padding"], a["data_format"], ctx.conv_algorithm)[0]
-                y += b
-            else:
-                n, h, wd, _ = x.shape
-                r, s, _, k = w.shape
-                pads = kernels._conv_padding(a["padding"], h, wd, r, s, a["strides"])
-                cols, (oh, ow) = kernels.im2col_nhwc(np.ascontiguousarray(x), (r, s), a["strides"], pads)
-                y = cols @ w.reshape(-1, k)
-                y += b  # bias added in the GEMM's output, no extra tensor
-                y = y.reshape(n, oh, ow, k)
+            y, cache = kernels.conv2d_forward(x, w, a["strides"], a["padding"], a["data_format"], ctx.conv_algorithm)
+            cols = cache[5]  # im2col's columns (None for the direct kernel): the workspace the gradient reuses
+            y += b if a["data_format"] == "NHWC" else b.reshape(-1, 1, 1)
         else:
-            a = self.main.attrs
             y = kernels.gemm_forward(x, w, a["transpose_a"], a["transpose_b"], ctx.gemm_algorithm)[0]
-            y += b
+            y += b  # bias added to the GEMM's output in place: no extra tensor
         if self.relu:
             np.maximum(y, 0, out=y)
         return (y, cols) if self.main.type == "Conv2D" else (y,)
