@@ -125,6 +125,31 @@ def test_gradients_match_central_differences_in_float64(data_format):
             assert err < 1e-4, (var.name, err)
 
 
+def test_one_hot_and_dense_softmax_cross_entropy_match_the_sparse_form_and_central_differences():
+    rng = np.random.default_rng(3)
+    labels = tf.placeholder(tf.int64, [4])
+    logits = tf.Variable(rng.standard_normal((4, 5)), name="logits")
+    soft = tf.Variable(rng.dirichlet(np.ones(5), size=4), name="soft")  # gradients flow to soft labels too
+    onehot = tf.one_hot(tf.cast(labels, tf.int32), 5, 1, 0)  # Horovod's MNIST sample builds its targets so
+    dense = tf.losses.softmax_cross_entropy(onehot, logits)
+    sparse = tf.losses.sparse_softmax_cross_entropy(labels=labels, logits=logits)
+    soft_loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits_v2(labels=soft, logits=logits * 2.0))
+    feed = {labels: np.array([0, 4, 2, 9])}  # 9 is out of range: an all-zero row, as in TensorFlow
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        oh = sess.run(onehot, feed)
+        assert oh.tolist()[3] == [0] * 5 and oh[:3].argmax(1).tolist() == [0, 4, 2]
+        feed = {labels: np.array([0, 4, 2, 1])}
+        d, sp = sess.run([dense, sparse], feed)
+        assert abs(d - sp) < 1e-12
+        grads = sess.run(tf.gradients(soft_loss, [logits, soft]))
+        for var, g in zip([logits, soft], grads):
+            numeric = _numeric_grad(sess, soft_loss, var, {})
+            assert np.abs(g - numeric).max() / np.abs(numeric).max() < 1e-6, var.name
+    with pytest.raises(ValueError, match="shape"):
+        tf.nn.softmax_cross_entropy_with_logits(labels=tf.zeros([4, 3], tf.float64), logits=logits)
+
+
 def test_gradients_return_none_without_a_path_and_sum_over_paths():
     x = tf.Variable(2.0)
     y = tf.Variable(5.0)

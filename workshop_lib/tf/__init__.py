@@ -67,6 +67,7 @@ from .ops import (
     negative,
     no_op,
     ones,
+    one_hot,
     ones_like,
     placeholder,
     py_func,
@@ -84,12 +85,29 @@ from .ops import (
     zeros,
     zeros_like,
 )
-from .session import ConfigProto, GraphOptions, InteractiveSession, Session
+from .session import ConfigProto, GPUOptions, GraphOptions, InteractiveSession, Session
 
 GraphKeys = type("GraphKeys", (), {"GLOBAL_VARIABLES": "variables", "TRAINABLE_VARIABLES": "trainable_variables",
                                    "GLOBAL_STEP": "global_step", "LOSSES": "losses"})
 errors = type("errors", (), {"OpError": OpError, "InvalidArgumentError": InvalidArgumentError,
                              "FailedPreconditionError": FailedPreconditionError})
+
+
+class app:  # noqa: N801 - TensorFlow's namespace
+    """``tf.app.run(main)``: calls ``main(sys.argv)`` and exits with its return value, as TF1 scripts expect."""
+
+    @staticmethod
+    def run(main=None, argv=None):
+        import __main__
+        import sys
+
+        main = main or __main__.main
+        sys.exit(main(list(sys.argv if argv is None else argv)))
+
+
+class estimator:  # noqa: N801 - TensorFlow's namespace; only the mode keys TF1-era model functions test
+    class ModeKeys:
+        TRAIN, EVAL, PREDICT = "train", "eval", "infer"
 
 
 def global_variables():

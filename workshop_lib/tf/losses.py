@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from . import nn
 from .core import convert_to_tensor, get_default_graph
-from .ops import multiply, reduce_mean
+from .ops import cast, multiply, reduce_mean
 
-__all__ = ["sparse_softmax_cross_entropy", "get_losses"]
+__all__ = ["sparse_softmax_cross_entropy", "softmax_cross_entropy", "get_losses"]
 
 LOSSES = "losses"
 
@@ -16,6 +16,24 @@ def sparse_softmax_cross_entropy(labels, logits, weights=1.0, scope=None, loss_c
     per_example = nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     loss = reduce_mean(per_example if weights == 1.0 else multiply(per_example, convert_to_tensor(weights)),
                        name=scope or "sparse_softmax_cross_entropy_loss")
+    if loss_collection:
+        get_default_graph().add_to_collection(loss_collection, loss)
+    return loss
+
+
+def softmax_cross_entropy(onehot_labels, logits, weights=1.0, label_smoothing=0, scope=None,
+                          loss_collection=LOSSES):
+    """Mean cross-entropy of ``logits`` against one-hot (or soft) labels, as Horovod's TF1 MNIST sample uses."""
+    logits = convert_to_tensor(logits)
+    labels = convert_to_tensor(onehot_labels)
+    if labels.dtype != logits.dtype:
+        labels = cast(labels, logits.dtype)
+    if label_smoothing:
+        classes = logits.shape.as_list()[-1]
+        labels = labels * (1.0 - label_smoothing) + label_smoothing / classes
+    per_example = nn.softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    loss = reduce_mean(per_example if weights == 1.0 else multiply(per_example, convert_to_tensor(weights)),
+                       name=scope or "softmax_cross_entropy_loss")
     if loss_collection:
         get_default_graph().add_to_collection(loss_collection, loss)
     return loss

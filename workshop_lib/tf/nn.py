@@ -231,6 +231,49 @@ def sparse_softmax_cross_entropy_with_logits(_sentinel=None, labels=None, logits
     return op.outputs[0]
 
 
+def softmax_cross_entropy_with_logits(_sentinel=None, labels=None, logits=None, dim=-1, name=None, axis=None):
+    """Per-example cross-entropy (N,) of logits (N, classes) against label distributions (N, classes).
+
+    Gradients flow to the logits (and, as in ``_v2``, to the labels).
+    """
+    if _sentinel is not None:
+        raise ValueError("call softmax_cross_entropy_with_logits with named arguments labels=..., logits=...")
+    x = convert_to_tensor(logits)
+    y = convert_to_tensor(labels)
+    if y.dtype != x.dtype:
+        raise TypeError(f"labels {y.name} are {y.dtype.name} but logits {x.name} are {x.dtype.name}; use tf.cast")
+    if (axis if axis is not None else dim) not in (-1, 1):
+        raise ValueError("softmax_cross_entropy_with_logits supports the class axis last (axis=-1) only")
+    xs, ys = _shape_list(x), _shape_list(y)
+    if xs is not None and ys is not None and (len(xs) != 2 or len(ys) != 2 or
+                                              any(a is not None and b is not None and a != b for a, b in zip(xs, ys))):
+        raise ValueError(f"labels {y.name} of shape {ys} and logits {x.name} of shape {xs} must both be (N, classes)")
+
+    def compute(ctx, lv, yv):
+        if lv.shape != yv.shape:
+            raise ValueError(f"labels have shape {yv.shape} but logits have shape {lv.shape}")
+        z = lv - lv.max(axis=1, keepdims=True)
+        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        loss = -(yv * log_probs).sum(axis=1)
+        backprop = np.exp(log_probs) * yv.sum(axis=1, keepdims=True) - yv
+        return loss.astype(lv.dtype), backprop.astype(lv.dtype), (-log_probs).astype(lv.dtype)
+
+    def grad(op, g, _unused=None, _unused2=None):
+        dx = make_op("XentGrad", [g, op.outputs[1]], lambda ctx, gv, bp: (gv[:, None] * bp,), [x.dtype],
+                     [x.shape]).outputs[0]
+        dy = make_op("XentLabelGrad", [g, op.outputs[2]], lambda ctx, gv, nlp: (gv[:, None] * nlp,), [y.dtype],
+                     [y.shape]).outputs[0]
+        return [dx, dy]
+
+    op = make_op("SoftmaxCrossEntropyWithLogits", [x, y], compute, [x.dtype] * 3,
+                 [None if xs is None else xs[:1], x.shape, x.shape], grad=grad,
+                 name=name or "SoftmaxCrossEntropyWithLogits")
+    return op.outputs[0]
+
+
+softmax_cross_entropy_with_logits_v2 = softmax_cross_entropy_with_logits
+
+
 def l2_loss(t, name=None):
     x = convert_to_tensor(t)
     return make_op("L2Loss", [x], lambda ctx, v: (np.asarray((v * v).sum() / 2, dtype=v.dtype),), [x.dtype], [[]],

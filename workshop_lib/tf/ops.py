@@ -400,6 +400,31 @@ def cast(x, dtype, name=None):
                    name=name or "Cast").outputs[0]
 
 
+def one_hot(indices, depth, on_value=None, off_value=None, axis=None, dtype=None, name=None):
+    """A one-hot encoding of integer ``indices`` (N,) as (N, depth); indices outside [0, depth) give all off."""
+    idx = convert_to_tensor(indices)
+    if not idx.dtype.is_integer:
+        raise TypeError(f"one_hot: indices {idx.name} must be integers, got {idx.dtype.name}")
+    if axis not in (None, -1):
+        raise ValueError("one_hot supports axis=-1 only")
+    if dtype is None:
+        dtype = float32 if on_value is None or isinstance(on_value, float) else as_dtype(np.asarray(on_value).dtype)
+    dtype = as_dtype(dtype)
+    on = 1 if on_value is None else on_value
+    off = 0 if off_value is None else off_value
+    depth = int(depth)
+
+    def compute(ctx, v):
+        out = np.full((*np.shape(v), depth), off, dtype=dtype.as_numpy_dtype)
+        valid = (v >= 0) & (v < depth)
+        out[valid, np.asarray(v)[valid]] = on
+        return (out,)
+
+    shape = _shape_list(idx)
+    return make_op("OneHot", [idx], compute, [dtype], [None if shape is None else [*shape, depth]],
+                   name=name or "one_hot").outputs[0]
+
+
 def py_func(func, inp, Tout, stateful=True, name=None):  # noqa: N803 - TensorFlow's argument name
     """Run a Python function on numpy values inside the graph (``tf.py_func``); no gradient."""
     inputs = [convert_to_tensor(t) for t in inp]

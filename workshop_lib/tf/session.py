@@ -72,6 +72,18 @@ class ConfigProto:
         self.intra_op_parallelism_threads = intra_op_parallelism_threads
         self.graph_options = graph_options or GraphOptions()
         self.allow_soft_placement, self.log_device_placement = allow_soft_placement, log_device_placement
+        self.gpu_options = GPUOptions()
+
+
+class GPUOptions:
+    """Accepted so that GPU-era scripts run unchanged (``config.gpu_options.visible_device_list = ...``).
+
+    This engine runs on the CPU only; the fields are stored and have no effect.
+    """
+
+    def __init__(self, allow_growth=False, visible_device_list="", per_process_gpu_memory_fraction=0.0):
+        self.allow_growth, self.visible_device_list = allow_growth, visible_device_list
+        self.per_process_gpu_memory_fraction = per_process_gpu_memory_fraction
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,6 +458,11 @@ class Session:
         produced_by = {t: op for op in plan for t in op.outputs}
         deps = {op: {produced_by[t] for t in op.inputs if t in produced_by} |
                 {c for c in op.control_inputs if c in set(plan)} for op in plan}
+        # collectives (hvd's allreduce, broadcast, ...) must run in the same order on every rank, or two ranks
+        # wait in different collectives for ever: chain them in plan order, which is the same on every rank
+        collectives = [op for op in plan if getattr(op, "attrs", {}).get("collective")]
+        for before, after in zip(collectives, collectives[1:]):
+            deps[after].add(before)
         waiting = {op: set(d) for op, d in deps.items()}
         users = {}
         for op, d in deps.items():

@@ -126,12 +126,28 @@ class Optimizer:
 
     def _update_op(self, op_type, grad, var, inputs, update):
         """An op running ``update(session, grad_value, *input_values)`` that mutates variables in the session."""
+        return self._stateful_op(op_type, [grad, *inputs],
+                                 lambda ctx, g, *values: update(ctx.session, np.asarray(g, dtype=var.dtype.as_numpy_dtype),
+                                                                *values))
 
-        def compute(ctx, g, *values):
-            update(ctx.session, np.asarray(g, dtype=var.dtype.as_numpy_dtype), *values)
+    # A bool tensor, or None. When set (by a wrapper such as hvd.DistributedOptimizer with
+    # backward_passes_per_step > 1), the updates that apply_gradients builds run only on steps where it is True.
+    _gate = None
+
+    def _stateful_op(self, op_type, inputs, effect, name=None):
+        """An op with no outputs running ``effect(ctx, *input_values)``; skipped on steps where the gate is False."""
+        gate = self._gate
+
+        def compute(ctx, *values):
+            if gate is not None:
+                *values, open_ = values
+                if not bool(open_):
+                    return ()
+            effect(ctx, *values)
             return ()
 
-        return make_op(op_type, [grad, *inputs], compute, [], [], name=op_type, stateful=True)
+        inputs = list(inputs) + ([gate] if gate is not None else [])
+        return make_op(op_type, inputs, compute, [], [], name=name or op_type, stateful=True)
 
     def _create_slots(self, var):
         return {}
@@ -224,10 +240,9 @@ class AdamOptimizer(_LearningRate, Optimizer):
             s = ctx.session
             s._variables[b1p] = (s._variable_value(b1p) * self._beta1).astype(np.float32)
             s._variables[b2p] = (s._variable_value(b2p) * self._beta2).astype(np.float32)
-            return ()
 
         with control_dependencies(updates):
-            return make_op("AdamPowers", [], advance, [], [], name="update_powers", stateful=True)
+            return self._stateful_op("AdamPowers", [], advance, name="update_powers")
 
 
 class AdagradOptimizer(_LearningRate, Optimizer):

@@ -1,0 +1,105 @@
+"""workshop_lib.hvd and the Horovod MNIST script under mpiexec -n 1, 2, 3, 4 (oversubscribed on 2 cores)."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
+
+CHECK = "tests/mpi_scripts/hvd_check.py"
+MNIST = "solutions/scripts/tensorflow_mnist.py"
+
+
+def test_without_mpiexec_there_is_one_rank_and_everything_works():
+    proc = subprocess.run([sys.executable, CHECK, "api"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "rank 0: api ok (size 1)"
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_collectives_match_mpi_and_their_gradients_are_horovods(mpirun, n):
+    proc = mpirun(n, [CHECK, "api"], timeout=180)
+    assert all(f"rank {r}: api ok (size {n})" in proc.stdout for r in range(n)), proc.stdout  # lines may interleave
+
+
+def test_a_mismatch_across_ranks_raises_on_every_rank(mpirun):
+    proc = mpirun(3, [CHECK, "mismatch"], timeout=120)
+    eager = [line for line in proc.stdout.splitlines() if " eager: ValueError" in line]
+    variables = [line for line in proc.stdout.splitlines() if " variables: ValueError" in line]
+    assert len(eager) == 3 and all("sizes differ" in line and "rank 2: 5 x float32" in line for line in eager), eager
+    assert len(variables) == 3 and all("only_on_rank_2" in line for line in variables), variables
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, whole batches of 12 (and 24) images: the run that N ranks must reproduce."""
+    out = tmp_path_factory.mktemp("hvd")
+    runs = {}
+    for name, extra in (("b12", []), ("b24", ["--global-batch", "24", "--updates", "3"]), ("b6", ["--global-batch", "6"])):
+        path = out / f"{name}.npz"
+        subprocess.run([sys.executable, CHECK, "train", "--no-hvd", "--out", str(path), *extra], cwd=ROOT, check=True,
+                       timeout=120, capture_output=True)
+        runs[name] = dict(np.load(path))
+    return runs
+
+
+def _max_relative_difference(a, b):
+    return max(np.abs(a[k] - b[k]).max() / np.abs(b[k]).max() for k in b if k != "step")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_n_ranks_with_batch_b_match_one_process_with_batch_n_times_b(mpirun, tmp_path, reference, n):
+    out = tmp_path / "weights.npz"
+    mpirun(n, [CHECK, "train", "--out", str(out)], timeout=180)
+    got = dict(np.load(out))
+    assert int(got["step"]) == 4
+    assert _max_relative_difference(got, reference["b12"]) < 1e-10
+    # and the comparison can fail: a process that saw only one rank's share of each batch ends elsewhere
+    assert _max_relative_difference(reference["b6"], reference["b12"]) > 1e-3
+
+
+def test_backward_passes_per_step_accumulate_then_apply_every_kth_pass(mpirun, tmp_path, reference):
+    out = tmp_path / "weights.npz"
+    mpirun(2, [CHECK, "train", "--passes", "2", "--updates", "3", "--out", str(out)], timeout=180)
+    got = dict(np.load(out))
+    assert int(got["step"]) == 6  # the global step counts passes, as in Horovod
+    assert _max_relative_difference(got, reference["b24"]) < 1e-10
+
+
+def test_a_failing_rank_ends_the_job_quickly_with_its_message(mpirun):
+    for n in (2, 3):
+        t0 = time.monotonic()
+        proc = mpirun(n, [CHECK, "fail"], timeout=60, check=False)
+        elapsed = time.monotonic() - t0
+        assert proc.returncode != 0 and elapsed < 30, (proc.returncode, elapsed)
+        assert f"[rank {n - 1}] RuntimeError: rank {n - 1} failed on purpose" in proc.stderr, proc.stderr
+        assert "aborting the whole job" in proc.stderr and "unreachable" not in proc.stdout
+
+
+def test_the_horovod_mnist_script_trains_checkpoints_on_rank_0_and_resumes(mpirun, tmp_path):
+    ckpt, results = tmp_path / "checkpoints", tmp_path / "results.json"
+    args = [MNIST, "--steps", "20", "--batch-size", "20", "--log-every", "5", "--checkpoint-dir", str(ckpt),
+            "--results", str(results)]
+    proc = mpirun(2, args, timeout=240)
+    summary = json.loads(results.read_text())
+    assert summary["ranks"] == 2 and summary["steps_per_rank"] == 10  # StopAtStepHook(last_step=20 // hvd.size())
+    assert summary["learning_rate"] == pytest.approx(0.002) and 0.3 < summary["test_accuracy"] <= 1.0
+    log = proc.stdout + proc.stderr
+    assert log.count("Saving checkpoints for 10 ") == 1  # rank 0 only
+    assert log.count("loss = ") == 2 * 2  # LoggingTensorHook on both ranks, steps 0 and 5
+    # only complete files, written by one writer: the index, and the npz of steps 0 and 10
+    assert sorted(p.name for p in ckpt.iterdir()) == ["checkpoint", "model.ckpt-0.npz", "model.ckpt-10.npz"]
+    with np.load(ckpt / "model.ckpt-10.npz") as z:
+        assert int(z["global_step"]) == 10
+    # a restart resumes from rank 0's checkpoint: the broadcast gives rank 1 the restored weights
+    proc = mpirun(2, [*args[:2], "40", *args[3:]], timeout=240)
+    log = proc.stdout + proc.stderr
+    assert "Restoring parameters from" in log and "resuming at global step 10" in log
+    assert json.loads(results.read_text())["steps_per_rank"] == 10  # from 10 to 40 // 2 = 20
+    assert "model.ckpt-20.npz" in {p.name for p in ckpt.iterdir()}

@@ -1,0 +1,465 @@
+"""Horovod's TensorFlow-1 API (``horovod.tensorflow``) on :mod:`workshop_lib.comm` and :mod:`workshop_lib.tf`.
+
+Scripts written for Horovod run unchanged with::
+
+    import workshop_lib.tf as tf
+    import workshop_lib.hvd as hvd
+
+The one idea of data-parallel training: every rank (process) holds a full copy
+of the model and computes gradients on its own slice of each batch; the
+gradients are averaged over the ranks with an allreduce before every update, so
+all copies take the same step and stay identical. What stays the user's code,
+as in Horovod's samples: scaling the learning rate by ``hvd.size()`` (the
+effective batch is ``size`` times larger) and dividing the number of steps by it.
+
+Under ``mpiexec -n N`` there are N ranks; started without mpiexec, ``size()``
+is 1 and everything still works. After :func:`init`, an uncaught exception on
+any rank prints that rank's traceback and aborts the whole job (``MPI_Abort``),
+so no rank is left waiting in a collective for a peer that is gone.
+
+Collective ops in a graph run in the same order on every rank (the session
+chains them), as Horovod's coordinator guarantees.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from . import tf
+from .comm import FUSION_THRESHOLD, Communicator
+from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size", "cross_rank",
+    "mpi_enabled", "mpi_built", "mpi_threads_supported", "Average", "Sum", "Min", "Max", "Compression",
+    "allreduce", "allgather", "broadcast", "broadcast_global_variables", "BroadcastGlobalVariablesHook",
+    "DistributedOptimizer",
+]
+
+# reduction ops, with Horovod's names
+Average, Sum, Min, Max = "average", "sum", "min", "max"
+
+
+class _State:
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        world = comm.comm
+        local = world.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        self.comm = comm
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
+        cross = world.Split(self.local_rank, key=comm.rank)  # the ranks with my local rank, one per node
+        self.cross_rank, self.cross_size = cross.Get_rank(), cross.Get_size()
+        local.Free()
+        cross.Free()
+        self.previous_excepthook = None
+
+
+_state: _State | None = None
+
+
+def init(comm=None):
+    """Start Horovod: MPI is initialised, ranks are counted, and a crash on any rank will abort the job.
+
+    ``comm`` is an mpi4py communicator (default ``MPI.COMM_WORLD``). Calling it again does nothing.
+    The environment variable ``HOROVOD_FUSION_THRESHOLD`` (bytes) sets the tensor-fusion buffer size.
+    """
+    global _state
+    if _state is not None:
+        return
+    _state = _State(Communicator(comm))
+    _state.previous_excepthook = sys.excepthook
+    sys.excepthook = _abort_on_uncaught_exception
+
+
+def shutdown():
+    """Forget the communicator and restore the exception hook (MPI itself is finalised at exit by mpi4py)."""
+    global _state
+    if _state is None:
+        return
+    if sys.excepthook is _abort_on_uncaught_exception:
+        sys.excepthook = _state.previous_excepthook
+    _state = None
+
+
+def is_initialized():
+    return _state is not None
+
+
+def _require():
+    if _state is None:
+        raise ValueError("Horovod has not been initialized; use hvd.init().")
+    return _state
+
+
+def size():
+    """Number of ranks (processes) in the job."""
+    return _require().comm.size
+
+
+def rank():
+    """This process's rank, 0 .. size() - 1. Rank 0 is the one that writes checkpoints and logs."""
+    return _require().comm.rank
+
+
+def local_size():
+    """Number of ranks on this machine."""
+    return _require().local_size
+
+
+def local_rank():
+    """This process's rank among the ranks of this machine (what one pins a GPU or a set of cores to)."""
+    return _require().local_rank
+
+
+def cross_size():
+    """Number of machines (ranks sharing this local rank)."""
+    return _require().cross_size
+
+
+def cross_rank():
+    return _require().cross_rank
+
+
+def mpi_enabled():
+    return True
+
+
+def mpi_built():
+    return True
+
+
+def mpi_threads_supported():
+    from mpi4py import MPI
+
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+def _abort_on_uncaught_exception(exc_type, exc, tb):
+    """sys.excepthook after init(): print the traceback tagged with the rank, then abort every rank."""
+    state = _state
+    if state is None or state.comm.size == 1:
+        (state.previous_excepthook if state is not None and state.previous_excepthook else sys.__excepthook__)(
+            exc_type, exc, tb)
+        return
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
+    r = state.comm.rank
+    sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in text.rstrip().splitlines()))
+    sys.stderr.write(f"[rank {r}] uncaught {exc_type.__name__} on rank {r} of {state.comm.size}: aborting the whole "
+                     "job (MPI_Abort) so that no rank waits for ever\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    state.comm.comm.Abort(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# compression
+
+
+class Compressor:
+    """Interface: ``compress(value) -> (value, ctx)`` before the wire, ``decompress(value, ctx)`` after."""
+
+    wire = None  # the name workshop_lib.comm uses
+
+    @staticmethod
+    def compress(tensor):
+        return tensor, None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        return tensor
+
+
+class NoneCompressor(Compressor):
+    """Send values as they are."""
+
+
+class FP16Compressor(Compressor):
+    """Send float32/float64 values as float16 (half the bytes; about 3 significant digits), cast back after."""
+
+    wire = "fp16"
+
+    @staticmethod
+    def compress(tensor):
+        if isinstance(tensor, (Tensor, Variable)):
+            t = convert_to_tensor(tensor)
+            if t.dtype.is_floating and t.dtype != tf.float16:
+                return tf.cast(t, tf.float16), t.dtype
+            return t, None
+        a = np.asarray(tensor)
+        if a.dtype in (np.float32, np.float64):
+            return a.astype(np.float16), a.dtype
+        return a, None
+
+    @staticmethod
+    def decompress(tensor, ctx):
+        if ctx is None:
+            return tensor
+        if isinstance(tensor, (Tensor, Variable)):
+            return tf.cast(tensor, ctx)
+        return np.asarray(tensor).astype(ctx)
+
+
+class Compression:
+    """``Compression.none`` or ``Compression.fp16``, as in Horovod."""
+
+    none = NoneCompressor
+    fp16 = FP16Compressor
+
+
+def _check_compression(compression):
+    if not (isinstance(compression, type) and issubclass(compression, Compressor)):
+        raise ValueError(f"compression={compression!r} must be hvd.Compression.none or hvd.Compression.fp16")
+    return compression
+
+
+def _resolve_op(average, op):
+    if average is not None and op is not None:
+        raise ValueError("pass either average= (deprecated) or op=, not both")
+    if op is None:
+        op = Sum if average is False else Average
+    if op not in (Average, Sum, Min, Max):
+        raise ValueError(f"op={op!r} must be hvd.Average, hvd.Sum, hvd.Min or hvd.Max")
+    return op
+
+
+def _fusion_threshold():
+    value = os.environ.get("HOROVOD_FUSION_THRESHOLD")
+    if value is None:
+        return FUSION_THRESHOLD
+    try:
+        threshold = int(value)
+    except ValueError:
+        raise ValueError(f"HOROVOD_FUSION_THRESHOLD={value!r} must be a number of bytes") from None
+    return max(threshold, 1)
+
+
+def _is_graph_value(x):
+    return isinstance(x, (Tensor, Variable))
+
+
+def _collective(op_type, inputs, compute, dtypes, shapes, grad=None, name=None):
+    """A stateful graph op marked as a collective (the session runs collectives in the same order on every rank)."""
+    return make_op(op_type, inputs, lambda ctx, *values: compute(*values), dtypes, shapes, grad=grad, name=name,
+                   attrs={"collective": True}, stateful=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# collectives, on numpy arrays (eagerly) or on graph tensors (as ops)
+
+
+def allreduce(tensor, average=None, device_dense="", device_sparse="", compression=Compression.none, op=None,
+              name=None, prescale_factor=1.0, postscale_factor=1.0):
+    """Reduce ``tensor`` over all ranks (default: the average), every rank gets the result.
+
+    ``tensor`` is a graph tensor (returns a tensor) or a numpy array (returns an array at once).
+    The gradient of an allreduce is the same allreduce of the gradient.
+    """
+    state = _require()
+    op = _resolve_op(average, op)
+    compression = _check_compression(compression)
+
+    def reduce(value):
+        value = np.asarray(value)
+        if prescale_factor != 1.0:
+            value = value * np.asarray(prescale_factor, dtype=value.dtype)
+        wire, ctx = compression.compress(value)
+        out = compression.decompress(state.comm.allreduce(np.ascontiguousarray(wire), op=op), ctx)
+        if postscale_factor != 1.0:
+            out = out * np.asarray(postscale_factor, dtype=out.dtype)
+        return np.asarray(out, dtype=value.dtype)
+
+    if not _is_graph_value(tensor):
+        return reduce(tensor)
+    t = convert_to_tensor(tensor)
+
+    def grad(operation, g):
+        return [allreduce(g, op=op if op in (Average, Sum) else Sum, compression=compression)]
+
+    return _collective("HorovodAllreduce", [t], lambda v: (reduce(v),), [t.dtype], [t.shape], grad=grad,
+                       name=name or "HorovodAllreduce").outputs[0]
+
+
+def allgather(tensor, name=None):
+    """Concatenate every rank's ``tensor`` along the first axis (first dimensions may differ between ranks)."""
+    state = _require()
+    if not _is_graph_value(tensor):
+        return state.comm.allgather(np.asarray(tensor))
+    t = convert_to_tensor(tensor)
+    shape = t.shape.as_list() if t.shape.ndims is not None else None
+    out_shape = None if shape is None else [None, *shape[1:]]
+
+    def grad(operation, g):
+        # every rank's slice of the summed gradient: this rank's rows of allreduce(g, Sum)
+        def own_rows(gv, xv):
+            total = state.comm.allreduce(np.ascontiguousarray(gv), op=Sum)
+            rows = state.comm.comm.allgather(int(np.shape(xv)[0]) if np.ndim(xv) else 1)
+            start = sum(rows[: state.comm.rank])
+            return (total[start : start + rows[state.comm.rank]].reshape(np.shape(xv)),)
+
+        return [_collective("HorovodAllgatherGrad", [g, operation.inputs[0]], own_rows, [g.dtype],
+                            [operation.inputs[0].shape]).outputs[0]]
+
+    return _collective("HorovodAllgather", [t], lambda v: (state.comm.allgather(np.asarray(v)),), [t.dtype],
+                       [out_shape], grad=grad, name=name or "HorovodAllgather").outputs[0]
+
+
+def broadcast(tensor, root_rank, name=None):
+    """Every rank gets ``root_rank``'s value of ``tensor``."""
+    state = _require()
+    _check_root(root_rank, state)
+    if not _is_graph_value(tensor):
+        return state.comm.broadcast(np.array(tensor, copy=True), root=root_rank)
+    t = convert_to_tensor(tensor)
+
+    def grad(operation, g):
+        def to_root(gv):
+            total = state.comm.allreduce(np.ascontiguousarray(gv), op=Sum)
+            return (total if state.comm.rank == root_rank else np.zeros_like(total),)
+
+        return [_collective("HorovodBroadcastGrad", [g], to_root, [g.dtype], [g.shape]).outputs[0]]
+
+    return _collective("HorovodBroadcast", [t],
+                       lambda v: (state.comm.broadcast(np.array(v, copy=True), root=root_rank),),
+                       [t.dtype], [t.shape], grad=grad, name=name or "HorovodBroadcast").outputs[0]
+
+
+def _check_root(root_rank, state):
+    if not isinstance(root_rank, (int, np.integer)) or not 0 <= root_rank < state.comm.size:
+        raise ValueError(f"root_rank={root_rank!r} must be a rank in [0, {state.comm.size})")
+
+
+def broadcast_global_variables(root_rank):
+    """An op that sets every global variable, on every rank, to its value on ``root_rank``.
+
+    Run it once after the variables are initialised (or restored on the root), so that all ranks start
+    from the same weights; :class:`BroadcastGlobalVariablesHook` does that for a MonitoredTrainingSession.
+    """
+    return broadcast_variables(tf.global_variables(), root_rank)
+
+
+def broadcast_variables(variables, root_rank):
+    """An op that sets each of ``variables`` to its value on ``root_rank`` (in the list's order, on every rank)."""
+    state = _require()
+    _check_root(root_rank, state)
+    variables = list(variables)
+    names = [v.name for v in variables]
+
+    def compute(ctx):
+        listing = state.comm.comm.allgather(names)
+        if any(other != names for other in listing):
+            mine = set(names)
+            diffs = [f"rank {r}: {sorted(set(o) ^ mine)[:5]}" for r, o in enumerate(listing) if o != names]
+            raise ValueError("broadcast_global_variables: the ranks have different variables (the graphs differ); "
+                             f"differences: {'; '.join(diffs)}")
+        session = ctx.session
+        for var in variables:
+            value = np.array(session._variable_value(var), copy=True)
+            session._set_variable(var, state.comm.broadcast(value, root=root_rank))
+        return ()
+
+    return make_op("HorovodBroadcastVariables", [], compute, [], [], name="broadcast_global_variables",
+                   attrs={"collective": True}, stateful=True)
+
+
+class BroadcastGlobalVariablesHook(tf.train.SessionRunHook):
+    """Broadcasts the global variables from ``root_rank`` once the session is created (and restored)."""
+
+    def __init__(self, root_rank, device=""):
+        self.root_rank = root_rank
+        self.bcast_op = None
+
+    def begin(self):
+        if self.bcast_op is None or self.bcast_op.graph is not get_default_graph():
+            self.bcast_op = broadcast_global_variables(self.root_rank)
+
+    def after_create_session(self, session, coord):
+        session.run(self.bcast_op)
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer wrapper
+
+
+class DistributedOptimizer:
+    """Wrap a :mod:`workshop_lib.tf` optimizer so that gradients are allreduced across ranks.
+
+    ``compute_gradients`` computes this rank's gradients, then reduces all of them in one fused collective
+    (tensor fusion, up to ``HOROVOD_FUSION_THRESHOLD`` bytes per buffer); ``apply_gradients`` is the wrapped
+    optimizer's. With ``backward_passes_per_step=k`` gradients are summed locally over k passes (averaged
+    if ``average_aggregated_gradients``) and reduced and applied on every k-th pass only; the global step
+    still advances on every pass, as in Horovod.
+    """
+
+    def __init__(self, optimizer, name=None, use_locking=False, device_dense="", device_sparse="",
+                 compression=Compression.none, sparse_as_dense=False, backward_passes_per_step=1, op=Average,
+                 gradient_predivide_factor=1.0, average_aggregated_gradients=False, num_groups=0, groups=None):
+        if not hasattr(optimizer, "compute_gradients") or not hasattr(optimizer, "apply_gradients"):
+            raise TypeError(f"optimizer must be a workshop_lib.tf optimizer, got {type(optimizer).__name__}")
+        if not isinstance(backward_passes_per_step, (int, np.integer)) or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r} must be an int >= 1")
+        self._optimizer = optimizer
+        self._name = name or f"Distributed{type(optimizer).__name__}"
+        self._compression = _check_compression(compression)
+        self._op = _resolve_op(None, op)
+        self._passes = int(backward_passes_per_step)
+        self._average_aggregated = bool(average_aggregated_gradients)
+        self._ready = None
+
+    def __getattr__(self, name):  # get_slot, variables, ... are the wrapped optimizer's
+        return getattr(self._optimizer, name)
+
+    def compute_gradients(self, *args, **kwargs):
+        """The wrapped optimizer's gradients, allreduced (one fused op over all of them)."""
+        state = _require()
+        pairs = self._optimizer.compute_gradients(*args, **kwargs)
+        present = [(i, g) for i, (g, _) in enumerate(pairs) if g is not None]
+        if (state.comm.size == 1 and self._passes == 1) or not present:
+            return pairs
+        grads = [convert_to_tensor(g) for _, g in present]
+        comm, op, passes, wire = state.comm, self._op, self._passes, self._compression.wire
+        threshold, average_aggregated = _fusion_threshold(), self._average_aggregated
+        sums, counter = {}, {}
+
+        def reduce(ctx, *values):
+            key = id(ctx.session)
+            values = [np.asarray(v) for v in values]
+            if passes > 1:
+                acc = sums.get(key)
+                acc = [v.copy() for v in values] if acc is None else [a + v for a, v in zip(acc, values)]
+                counter[key] = counter.get(key, 0) + 1
+                if counter[key] < passes:
+                    sums[key] = acc
+                    return (*[np.zeros_like(v) for v in values], np.bool_(False))
+                sums.pop(key, None)
+                counter[key] = 0
+                values = [a / passes if average_aggregated else a for a in acc]
+            if comm.size > 1:
+                values = comm.fused_allreduce(values, op=op, threshold_bytes=threshold, compression=wire)
+            return (*values, np.bool_(True))
+
+        with get_default_graph().name_scope(f"{self._name}_Allreduce"):
+            fused = make_op("HorovodFusedAllreduce", grads, reduce, [g.dtype for g in grads] + [tf.bool],
+                            [g.shape for g in grads] + [[]], name="HorovodFusedAllreduce",
+                            attrs={"collective": True}, stateful=True)
+        reduced = list(pairs)
+        for (i, _), t in zip(present, fused.outputs):
+            reduced[i] = (t, pairs[i][1])
+        self._ready = fused.outputs[-1] if passes > 1 else None
+        return reduced
+
+    def apply_gradients(self, grads_and_vars, global_step=None, name=None):
+        """The wrapped optimizer's apply_gradients (gated to every k-th pass with backward_passes_per_step=k)."""
+        inner = self._optimizer
+        inner._gate = self._ready
+        try:
+            return inner.apply_gradients(grads_and_vars, global_step=global_step, name=name)
+        finally:
+            inner._gate = None
+
+    def minimize(self, loss, global_step=None, var_list=None, name=None):
+        return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)
