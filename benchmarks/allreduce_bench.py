@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,47 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def worker(args):
     from mpi4py import MPI
 
+    from workshop_lib.bench import time_allreduce
     from workshop_lib.comm import Communicator
 
-    world = MPI.COMM_WORLD
     comm = Communicator()
-    rows = []
-    nbytes = 4096
+    rows, nbytes = [], 4096
     while nbytes <= args.max_bytes:
-        x = np.random.default_rng(world.Get_rank()).random(nbytes // 4).astype(np.float32)
-        out = np.empty_like(x)
-        iters = max(3, min(300, int(2e8 // max(nbytes, 1))))
-
-        def timed(fn):
-            fn()
-            best = float("inf")
-            for _ in range(args.repeats):
-                world.Barrier()
-                t0 = time.perf_counter()
-                for _ in range(iters):
-                    fn()
-                best = min(best, world.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
-            return best
-
-        row = {"bytes": nbytes,
-               "mpi": timed(lambda: world.Allreduce(x, out, op=MPI.SUM)),
-               "ours": timed(lambda: comm.allreduce(x, op="sum", out=out)),
-               "ours_unchecked": timed(lambda: comm.allreduce(x, op="sum", out=out, check=False))}
-        rows.append(row)
+        rows.append(time_allreduce(nbytes, ("mpi", "ours", "ours_unchecked"), args.repeats, comm))
         nbytes *= 4
-    if world.Get_rank() == 0:
-        print(json.dumps({"ranks": world.Get_size(), "rows": rows}), flush=True)
-
-
-def memcopy_bandwidth(nbytes=64 << 20):
-    a = np.ones(nbytes // 8)
-    b = np.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best  # bytes read + written
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(json.dumps({"ranks": comm.size, "rows": rows}), flush=True)
 
 
 def main():
@@ -81,6 +48,7 @@ def main():
         return worker(args)
 
     from workshop_lib import sysinfo
+    from workshop_lib.bench import memcopy_bandwidth
 
     copy = memcopy_bandwidth()
     print(f"CPU: {sysinfo.cpu_model()}; MPI: {sysinfo.mpi_library_version()}")

@@ -53,3 +53,15 @@ def test_allreduce_bench_runs_at_a_tiny_size(root):
                            "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr
     assert "memory copy bandwidth" in proc.stdout and "at 4 KB ours takes" in proc.stdout
+
+
+def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
+    import json
+
+    out = tmp_path / "hvd.json"
+    proc = subprocess.run([sys.executable, "benchmarks/horovod_bench.py", "--steps", "8", "--batch-size", "10",
+                           "--repeats", "1", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 ranks x 1 thread / 1 rank x 1 thread = " in proc.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["runs"]) == {"1x1", "1x2", "2x1"} and figures["runs"]["2x1"]["steps_per_rank"] == 4

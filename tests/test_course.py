@@ -86,6 +86,12 @@ def test_build_then_check_then_stale_after_a_change(tmp_path):
     assert str(labs / "orphan.ipynb") in stale_labs(sol, labs)
     build_labs(sol, labs)
     assert not (labs / "orphan.ipynb").exists() and stale_labs(sol, labs) == []
+    # what executing a lab writes under runs/ (checkpoints, results) is neither copied nor compared
+    for tree in (sol, labs):
+        (tree / "runs").mkdir()
+        (tree / "runs" / "results.json").write_text("{}")
+    assert stale_labs(sol, labs) == [] and build_labs(sol, labs) == []
+    assert (labs / "runs" / "results.json").exists()
 
 
 def test_cli_check_exit_codes(tmp_path, capsys):

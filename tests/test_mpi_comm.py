@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 import pytest
 
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(400)]
@@ -30,3 +32,25 @@ def test_a_collective_that_a_peer_never_joins_times_out(mpirun):
     proc = mpirun(2, [SCRIPT, "timeout"], timeout=60, check=False)
     assert "rank 0: CollectiveTimeout" in proc.stdout and "did not complete in time" in proc.stdout
     assert proc.returncode != 0 and time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 7])
+def test_the_simulated_ring_sums_everything_and_each_rank_sends_2_p_minus_1_over_p(p):
+    from workshop_lib.comm import ring_schedule, simulate_ring
+
+    rng = np.random.default_rng(p)
+    for n in (0, 1, p - 1, 5 * p + 3):
+        values = [rng.standard_normal(n) for _ in range(p)]
+        states, counts = simulate_ring(values)
+        assert len(states) == len(counts) == 2 * (p - 1) + 1
+        for buffer in states[-1]:
+            np.testing.assert_allclose(buffer, np.sum(values, axis=0), rtol=1e-12, atol=1e-12)
+        assert (counts[-1] == p).all()
+    schedule = ring_schedule(p)
+    for _, _, transfers in schedule:  # every step: each rank sends one chunk and receives one, round the ring
+        assert sorted(src for src, _, _ in transfers) == list(range(p))
+        assert all(dst == (src + 1) % p for src, dst, _ in transfers)
+    sent_by_0 = sum(1 for _, _, transfers in schedule for src, _, _ in transfers if src == 0)
+    assert sent_by_0 == 2 * (p - 1)  # chunks of 1/p of the buffer: 2(p-1)/p in all
+    with pytest.raises(ValueError, match="equal sizes"):
+        simulate_ring([np.zeros(3), np.zeros(4)])

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-__all__ = ["best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary"]
+__all__ = ["best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary",
+           "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
 
 def best_time(fn, repeats=3, warmup=True):
@@ -156,3 +157,51 @@ def executive_summary(results, mode, batch_size, out=print):
     out(f"{'mode':10s} {'network':10s} {'batch size':>10s} {'variant':>10s} {'images/second':>14s}")
     for name, value in results.items():
         out(f"{mode:10s} {'mnist_cnn':10s} {batch_size:10d} {name:>10s} {value:14.1f}")
+
+
+ALLREDUCE_METHODS = ("mpi", "ours", "ours_unchecked", "parameter_server")
+
+
+def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
+    """Seconds per allreduce of ``nbytes`` of float32 for each method; call it on every rank (under mpiexec).
+
+    Methods: ``mpi`` (MPI_Allreduce), ``ours`` (:meth:`Communicator.allreduce`, with its cross-rank check),
+    ``ours_unchecked`` (the same without the check), ``parameter_server`` (rank 0 reduces and sends back).
+    Each figure is the best of ``repeats`` loops, a loop's time being the slowest rank's; every rank gets it.
+    """
+    from mpi4py import MPI
+
+    from .comm import Communicator
+
+    ours = comm or Communicator()
+    world = ours.comm
+    x = np.random.default_rng(world.Get_rank()).random(nbytes // 4).astype(np.float32)
+    out = np.empty_like(x)
+    calls = {"mpi": lambda: world.Allreduce(x, out, op=MPI.SUM),
+             "ours": lambda: ours.allreduce(x, op="sum", out=out),
+             "ours_unchecked": lambda: ours.allreduce(x, op="sum", out=out, check=False),
+             "parameter_server": lambda: ours.parameter_server_allreduce(x, op="sum")}
+    unknown = set(methods) - set(calls)
+    if unknown:
+        raise ValueError(f"methods {sorted(unknown)} unknown; choose from {list(calls)}")
+    iters = max(3, min(300, int(2e8 // max(nbytes, 1))))
+    row = {"bytes": nbytes}
+    for name in methods:
+        fn = calls[name]
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            world.Barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            best = min(best, world.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
+        row[name] = best
+    return row
+
+
+def memcopy_bandwidth(nbytes=64 << 20, repeats=5):
+    """This machine's memory-copy bandwidth in bytes/s (bytes read + written): the physical reference."""
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    return 2 * nbytes / best_time(lambda: np.copyto(b, a), repeats)

@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-__all__ = ["OPS", "DTYPES", "SMALL_BYTES", "FUSION_THRESHOLD", "Communicator", "CollectiveTimeout"]
+__all__ = ["OPS", "DTYPES", "SMALL_BYTES", "FUSION_THRESHOLD", "Communicator", "CollectiveTimeout", "ring_schedule",
+           "simulate_ring"]
 
 OPS = ("sum", "average", "min", "max")
 DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, np.int32, np.int64))
@@ -29,6 +30,51 @@ SEGMENT_BYTES = 1 << 20  # the ring moves large chunks in segments, reducing one
 FUSION_THRESHOLD = 64 * 1024 * 1024  # like HOROVOD_FUSION_THRESHOLD
 
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
+
+
+def _ring_chunks(phase, step, rank, size):
+    """(chunk sent to the right, chunk received from the left) by ``rank`` at ``step`` of ``phase``.
+
+    Reduce-scatter: after p-1 steps rank r holds the full reduction of chunk (r + 1) mod p. Allgather: those
+    reduced chunks travel once round the ring. The communicator's ring and :func:`simulate_ring` both use this.
+    """
+    shift = 0 if phase == "reduce-scatter" else 1
+    return (rank - step + shift) % size, (rank - step - 1 + shift) % size
+
+
+def ring_schedule(size):
+    """The ring allreduce's 2(p-1) steps: ``[(phase, step, [(source, dest, chunk), ...]), ...]``."""
+    return [(phase, step, [(r, (r + 1) % size, _ring_chunks(phase, step, r, size)[0]) for r in range(size)])
+            for phase in ("reduce-scatter", "allgather") for step in range(size - 1)]
+
+
+def simulate_ring(values):
+    """Run the ring allreduce's schedule on a list of p equal-length arrays, one per simulated rank, in one process.
+
+    Returns ``(states, contributions)``: for each step (and the start), every rank's buffer, and a (p, p) array of
+    how many ranks' data is summed into each (rank, chunk). At the end every rank holds the sum, and every count
+    is p. Used to draw the algorithm; the real thing is :meth:`Communicator.allreduce`.
+    """
+    p = len(values)
+    buffers = [np.array(v, dtype=np.float64).reshape(-1) for v in values]
+    if len({b.size for b in buffers}) != 1:
+        raise ValueError(f"values must have equal sizes, got {[b.size for b in buffers]}")
+    bounds = np.linspace(0, buffers[0].size, p + 1).astype(np.int64)
+    chunk = [slice(bounds[i], bounds[i + 1]) for i in range(p)]
+    counts = np.ones((p, p), dtype=np.int64)
+    states, contributions = [[b.copy() for b in buffers]], [counts.copy()]
+    for phase, _, transfers in ring_schedule(p):
+        sent = [(src, dst, c, buffers[src][chunk[c]].copy(), counts[src, c]) for src, dst, c in transfers]
+        for src, dst, c, data, count in sent:  # all ranks send at once, then all receive
+            if phase == "reduce-scatter":
+                buffers[dst][chunk[c]] += data
+                counts[dst, c] += count
+            else:
+                buffers[dst][chunk[c]] = data
+                counts[dst, c] = count
+        states.append([b.copy() for b in buffers])
+        contributions.append(counts.copy())
+    return states, contributions
 
 
 class CollectiveTimeout(TimeoutError):
@@ -166,7 +212,7 @@ class Communicator:
         segment = max(1, self.segment_bytes // buf.itemsize)
         # reduce-scatter: after p-1 steps, rank r holds the full reduction of chunk (r + 1) mod p
         for step in range(p - 1):
-            send, recv = chunks[(r - step) % p], chunks[(r - step - 1) % p]
+            send, recv = (chunks[i] for i in _ring_chunks("reduce-scatter", step, r, p))
             incoming = tmp[: len(recv)]
             if len(send) <= segment and len(recv) <= segment:
                 self._exchange(send, right, incoming, left, deadline, "ring allreduce")
@@ -191,7 +237,7 @@ class Communicator:
             self._wait(sends, deadline, "ring allreduce")
         # allgather: pass the reduced chunks around so that every rank has all of them
         for step in range(p - 1):
-            send, recv = chunks[(r - step + 1) % p], chunks[(r - step) % p]
+            send, recv = (chunks[i] for i in _ring_chunks("allgather", step, r, p))
             self._exchange(send, right, recv, left, deadline, "ring allgather")
 
     def _test_any(self, requests):

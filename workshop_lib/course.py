@@ -23,6 +23,9 @@ CODE_END = "### END SOLUTION"
 MD_BEGIN = "<!-- BEGIN SOLUTION -->"
 MD_END = "<!-- END SOLUTION -->"
 
+# what running a lab writes next to it (checkpoints, results): never copied, never compared
+ARTIFACT_DIRS = {"runs", "__pycache__"}
+
 NOTEBOOK_METADATA = {
     "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
     "language_info": {"name": "python"},
@@ -117,7 +120,7 @@ def _expected_files(solutions: Path) -> dict:
     files = {}
     for path in sorted(solutions.rglob("*")):
         rel = path.relative_to(solutions)
-        if path.is_dir() or any(part.startswith(".") or part == "__pycache__" for part in rel.parts):
+        if path.is_dir() or any(part.startswith(".") or part in ARTIFACT_DIRS for part in rel.parts):
             continue
         if path.suffix == ".ipynb":
             try:
@@ -138,7 +141,7 @@ def _lab_files(labs: Path) -> set:
     return {
         p.relative_to(labs)
         for p in labs.rglob("*")
-        if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(labs).parts)
+        if p.is_file() and not any(part.startswith(".") or part in ARTIFACT_DIRS for part in p.relative_to(labs).parts)
     }
 
 
