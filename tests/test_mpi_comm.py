@@ -15,13 +15,14 @@ SCRIPT = "tests/mpi_scripts/comm_check.py"
 def test_allreduce_matches_mpi_on_every_size_dtype_op_and_algorithm(mpirun, n):
     proc = mpirun(n, [SCRIPT, "correctness"], timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("rank")]
-    assert lines == ["rank 0: 420 allreduce cases checked"], proc.stdout
+    assert lines == ["rank 0: 560 allreduce cases checked"], proc.stdout
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_a_mismatch_across_ranks_raises_on_every_rank(mpirun, n):
     proc = mpirun(n, [SCRIPT, "mismatch"], timeout=120)
-    for label, words in (("size", "sizes differ"), ("dtype", "dtypes differ"), ("op", "ops differ")):
+    for label, words in (("size", "sizes differ"), ("dtype", "dtypes differ"), ("op", "ops differ"),
+                         ("algorithm", "algorithms differ"), ("path", "sizes differ")):
         lines = [line for line in proc.stdout.splitlines() if f" {label}: " in line]
         assert len(lines) == n, proc.stdout
         assert all("ValueError" in line and words in line and "rank 1:" in line for line in lines), lines

@@ -159,14 +159,16 @@ def executive_summary(results, mode, batch_size, out=print):
         out(f"{mode:10s} {'mnist_cnn':10s} {batch_size:10d} {name:>10s} {value:14.1f}")
 
 
-ALLREDUCE_METHODS = ("mpi", "ours", "ours_unchecked", "parameter_server")
+ALLREDUCE_METHODS = ("mpi", "ours", "ours_unchecked", "ring", "parameter_server")
 
 
 def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
     """Seconds per allreduce of ``nbytes`` of float32 for each method; call it on every rank (under mpiexec).
 
-    Methods: ``mpi`` (MPI_Allreduce), ``ours`` (:meth:`Communicator.allreduce`, with its cross-rank check),
-    ``ours_unchecked`` (the same without the check), ``parameter_server`` (rank 0 reduces and sends back).
+    Methods: ``mpi`` (MPI_Allreduce), ``ours`` (:meth:`Communicator.allreduce` as called by default: shared
+    memory on one node, with its cross-rank check), ``ours_unchecked`` (the same without the check), ``ring``
+    (the ring over point-to-point messages, or recursive doubling below ``small_bytes``; checked), and
+    ``parameter_server`` (rank 0 reduces and sends back).
     Each figure is the best of ``repeats`` loops, a loop's time being the slowest rank's; every rank gets it.
     """
     from mpi4py import MPI
@@ -177,9 +179,11 @@ def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
     world = ours.comm
     x = np.random.default_rng(world.Get_rank()).random(nbytes // 4).astype(np.float32)
     out = np.empty_like(x)
+    message_algorithm = "ring" if x.nbytes >= ours.small_bytes and x.size >= ours.size else "recursive_doubling"
     calls = {"mpi": lambda: world.Allreduce(x, out, op=MPI.SUM),
              "ours": lambda: ours.allreduce(x, op="sum", out=out),
              "ours_unchecked": lambda: ours.allreduce(x, op="sum", out=out, check=False),
+             "ring": lambda: ours.allreduce(x, op="sum", out=out, algorithm=message_algorithm),
              "parameter_server": lambda: ours.parameter_server_allreduce(x, op="sum")}
     unknown = set(methods) - set(calls)
     if unknown:
@@ -187,16 +191,15 @@ def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
     iters = max(3, min(300, int(2e8 // max(nbytes, 1))))
     row = {"bytes": nbytes}
     for name in methods:
-        fn = calls[name]
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
+        calls[name]()  # warm up (and allocate)
+    for _ in range(repeats):  # methods interleaved, so that a noisy second hurts them alike
+        for name in methods:
+            fn = calls[name]
             world.Barrier()
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
-            best = min(best, world.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
-        row[name] = best
+            row[name] = min(row.get(name, float("inf")), world.allreduce((time.perf_counter() - t0) / iters, op=MPI.MAX))
     return row
 
 

@@ -10,26 +10,40 @@ Every byte moves through MPI (``Sendrecv``, ``Isend``/``Irecv``, ``Bcast``,
 ``Allgatherv``) on numpy buffers; nothing is pickled but small metadata.
 mpi4py is imported when a Communicator is created, never at import.
 
+Ranks on one node (the common case on a laptop, and within a cluster node) use a
+third algorithm by default: the same reduce-scatter + allgather, but through an
+MPI-3 shared-memory window instead of messages, in cache-sized blocks, as
+MPICH's and NCCL's intra-node collectives do. Each rank copies a block into its
+slot of the window, reduces its own chunk of that block reading every slot
+directly, and after a barrier copies out every rank's reduced chunk. Two slots
+per rank, used alternately, make one barrier per phase enough.
+
 Shapes: a buffer of n elements is split into p contiguous chunks for the ring
 (``np.array_split`` boundaries), so any n works, 0 and n < p included.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
-__all__ = ["OPS", "DTYPES", "SMALL_BYTES", "FUSION_THRESHOLD", "Communicator", "CollectiveTimeout", "ring_schedule",
-           "simulate_ring"]
+__all__ = ["OPS", "DTYPES", "ALGORITHMS", "SMALL_BYTES", "SHM_MIN_BYTES", "SHM_MAX_BYTES", "FUSION_THRESHOLD",
+           "Communicator", "CollectiveTimeout", "ring_schedule", "simulate_ring"]
 
 OPS = ("sum", "average", "min", "max")
 DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, np.int32, np.int64))
+_DTYPE_CODES = {d: i for i, d in enumerate(DTYPES)}
 SMALL_BYTES = 32 * 1024  # below this, recursive doubling (latency); above, the ring (bandwidth)
 SEGMENT_BYTES = 1 << 20  # the ring moves large chunks in segments, reducing one while the next arrives
 FUSION_THRESHOLD = 64 * 1024 * 1024  # like HOROVOD_FUSION_THRESHOLD
+SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this size per rank
+SHM_MIN_BYTES = 8 * 1024  # from this size ...
+SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
+ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory")
 
 
 def _ring_chunks(phase, step, rank, size):
@@ -77,6 +91,87 @@ def simulate_ring(values):
     return states, contributions
 
 
+class _SharedWindow:
+    """Two slots of ``block_bytes`` per rank in an MPI-3 shared-memory window, and the allreduce that uses them."""
+
+    def __init__(self, comm, block_bytes):
+        from mpi4py import MPI
+
+        self.MPI, self.comm = MPI, comm
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        same_node = node.Get_size() == comm.Get_size()
+        node.Free()
+        self.ok = same_node
+        if not same_node:  # every rank sees the same node sizes only if all share one node: decided together
+            return
+        self.block = int(block_bytes)
+        # more ranks than cores (the union of their CPU affinities): ranks get descheduled, and the ring's
+        # 2(p-1) neighbour-to-neighbour steps suffer most; then shared memory pays at every size
+        cpus = comm.allgather(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else list(range(os.cpu_count() or 1)))
+        self.oversubscribed = comm.Get_size() > len(set().union(*map(set, cpus)))
+        self.win = MPI.Win.Allocate_shared(2 * self.block, 1, comm=comm)
+        self.slots = [np.frombuffer(self.win.Shared_query(k)[0], dtype=np.uint8) for k in range(comm.Get_size())]
+        self.win.Lock_all(MPI.MODE_NOCHECK)
+        self.parity = 0
+        self._plans = {}
+
+    def free(self):
+        self.win.Unlock_all()
+        self.win.Free()
+
+    def _sync(self):
+        # Win_sync orders this rank's stores and loads around the barrier (MPI's unified memory model)
+        self.win.Sync()
+        self.comm.Barrier()
+        self.win.Sync()
+
+    def _plan(self, dtype, n):
+        """For a block of n elements in the current slot: every rank's slot view, my chunk in each, every chunk."""
+        key = (self.parity, dtype.char, n)
+        plan = self._plans.get(key)
+        if plan is None:
+            p, r = self.comm.Get_size(), self.comm.Get_rank()
+            offset = self.parity * self.block
+            views = [slot[offset : offset + n * dtype.itemsize].view(dtype) for slot in self.slots]
+            bounds = [int(b) for b in np.linspace(0, n, p + 1).astype(np.int64)]
+            lo, hi = bounds[r], bounds[r + 1]
+            others = [(k, bounds[k], bounds[k + 1], views[k][bounds[k] : bounds[k + 1]])
+                      for k in range(p) if k != r and bounds[k + 1] > bounds[k]]
+            plan = (views[r], lo, hi, [v[lo:hi] for v in views], others)
+            if len(self._plans) > 256:
+                self._plans.clear()
+            self._plans[key] = plan
+        self.parity ^= 1
+        return plan
+
+    def allreduce(self, src, dst, reduce, first_sync=None):
+        """dst = reduction over ranks of src (flat arrays; may be the same array), block by block.
+
+        ``first_sync`` (the cross-rank check, a collective) replaces the first barrier.
+        """
+        per_block = max(self.comm.Get_size(), self.block // src.itemsize)
+        for start in range(0, src.size, per_block):
+            stop = min(start + per_block, src.size)
+            mine, lo, hi, inputs, others = self._plan(src.dtype, stop - start)
+            np.copyto(mine, src[start:stop])
+            if first_sync is not None:
+                first_sync()  # a collective: when it returns, every rank has written its block
+                self.win.Sync()
+                first_sync = None
+            else:
+                self._sync()
+            if hi > lo:  # reduce my chunk: rank 0's values op rank 1's op ... (one order, whoever reduces)
+                out = dst[start + lo : start + hi]
+                reduce(inputs[0], inputs[1], out=out)
+                for chunk in inputs[2:]:
+                    reduce(out, chunk, out=out)
+                mine[lo:hi] = out
+            self._sync()
+            for _, a, b, chunk in others:  # everyone's reduced chunk, read straight from their slots
+                dst[start + a : start + b] = chunk
+
+
 class CollectiveTimeout(TimeoutError):
     """A collective did not complete in time: a peer crashed, is stuck, or never called it."""
 
@@ -92,33 +187,69 @@ class Communicator:
     segment_bytes : int
         Segment size of the ring's pipelining.
     timeout : float, optional
-        Default timeout in seconds for every collective (None waits forever).
+        Default timeout in seconds for every collective (None waits forever). Collectives with a timeout
+        use the message-based algorithms (a barrier on shared memory cannot time out).
+    shared_memory : bool
+        Use the shared-memory algorithm when all ranks share a node (default; ``WORKSHOP_COMM_SHM=0`` turns
+        it off). Creating a Communicator is then collective: every rank must create it.
+    shm_min_bytes, shm_max_bytes : int
+        "auto" takes the shared-memory algorithm for messages of at least ``shm_min_bytes`` and less than
+        ``shm_max_bytes``. Below, one recursive-doubling exchange is quicker than two barriers; above, MPI's
+        large-message transport makes the pipelined ring quicker (measured with benchmarks/allreduce_bench.py),
+        except when there are more ranks than cores: then shared memory wins at every size, and the default
+        (None) means no upper limit in that case, ``SHM_MAX_BYTES`` otherwise.
     """
 
-    def __init__(self, comm=None, small_bytes=SMALL_BYTES, segment_bytes=SEGMENT_BYTES, timeout=None):
+    def __init__(self, comm=None, small_bytes=SMALL_BYTES, segment_bytes=SEGMENT_BYTES, timeout=None,
+                 shared_memory=True, shm_block_bytes=SHM_BLOCK_BYTES, shm_min_bytes=SHM_MIN_BYTES,
+                 shm_max_bytes=None):
         from mpi4py import MPI
 
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.small_bytes, self.segment_bytes, self.timeout = small_bytes, segment_bytes, timeout
+        self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes
+        self._meta = np.empty(8, dtype=np.int64)  # the cross-rank check's buffer
+        self._window = None
+        if shared_memory and self.size > 1 and os.environ.get("WORKSHOP_COMM_SHM", "1") != "0":
+            self._window = _SharedWindow(self.comm, shm_block_bytes)
+            if not self._window.ok:
+                self._window = None
+        if shm_max_bytes is None:
+            oversubscribed = self._window is not None and self._window.oversubscribed
+            self.shm_max_bytes = float("inf") if oversubscribed else SHM_MAX_BYTES
+
+    @property
+    def shared_memory(self):
+        """True when allreduce can take the shared-memory algorithm (all ranks on one node)."""
+        return self._window is not None
+
+    def free(self):
+        """Release the shared-memory window (collective). The communicator still works, without it."""
+        if self._window is not None:
+            self._window.free()
+            self._window = None
 
     # -- safety ---------------------------------------------------------------------------------
-    def _agree(self, name, count, dtype, op):
-        """Every rank learns whether all ranks called ``name`` with the same count, dtype and op.
+    def _agree(self, name, count, dtype, op, algorithm=None):
+        """Every rank learns whether all ranks called ``name`` with the same count, dtype, op and algorithm.
 
         One tiny Allreduce of (x, -x) pairs under MAX gives both the maximum and the minimum of every
         field: if they differ anywhere, every rank raises the same error (never a hang, never garbage).
         """
-        dtype_code = DTYPES.index(dtype) if dtype in DTYPES else -1
-        meta = np.array([count, dtype_code, OPS.index(op) if op in OPS else -1], dtype=np.int64)
-        both = np.concatenate([meta, -meta])
-        out = np.empty_like(both)
-        self.comm.Allreduce(both, out, op=self.MPI.MAX)
-        if np.array_equal(out[:3], -out[3:]) and dtype_code >= 0 and meta[2] >= 0:
+        dtype_code = _DTYPE_CODES.get(dtype, -1)
+        op_code = OPS.index(op) if op in OPS else -1
+        algorithm_code = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else 0
+        meta = self._meta
+        meta[0], meta[1], meta[2], meta[3] = count, dtype_code, op_code, algorithm_code
+        np.negative(meta[:4], out=meta[4:])
+        self.comm.Allreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)
+        if (meta[:4] == -meta[4:]).all() and dtype_code >= 0 and op_code >= 0:
             return
-        calls = self.comm.allgather((int(count), str(dtype), op))
-        listing = "; ".join(f"rank {r}: {n} x {d}, op={o}" for r, (n, d, o) in enumerate(calls))
+        calls = self.comm.allgather((int(count), str(dtype), op, algorithm))
+        listing = "; ".join(f"rank {r}: {n} x {d}, op={o}" + (f", algorithm={a}" if a else "")
+                            for r, (n, d, o, a) in enumerate(calls))
         problems = []
         if len({c[0] for c in calls}) > 1:
             problems.append("sizes differ")
@@ -126,6 +257,8 @@ class Communicator:
             problems.append("dtypes differ")
         if len({c[2] for c in calls}) > 1:
             problems.append("ops differ")
+        if len({c[3] for c in calls}) > 1 and len({c[0] for c in calls}) == 1:
+            problems.append("algorithms differ")
         if any(np.dtype(c[1]) not in DTYPES for c in calls):
             problems.append(f"dtypes must be one of {[d.name for d in DTYPES]}")
         if any(c[2] not in OPS for c in calls):
@@ -163,34 +296,45 @@ class Communicator:
             ``"average"`` divides the sum by the number of ranks (integer division for integers).
         out : array, optional
             Where to write (may be ``array`` itself: in place). Default: a new array.
-        algorithm : {"auto", "ring", "recursive_doubling"}
+        algorithm : {"auto", "ring", "recursive_doubling", "shared_memory"}
+            ``"auto"``: shared memory when the ranks share a node and the message is mid-sized (see
+            ``shm_min_bytes``), else recursive doubling below ``small_bytes`` and the ring above.
         timeout : float, optional
             Seconds; overrides the communicator's default.
         check : bool
             Verify first that every rank passed the same size, dtype and op (one tiny allreduce).
         """
         x = np.asarray(array)
-        if check:
-            self._agree("allreduce", x.size, x.dtype, op)
-        elif x.dtype not in DTYPES or op not in OPS:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if algorithm == "shared_memory" and self.size > 1 and (self._window is None or deadline is not None):
+            raise ValueError("algorithm='shared_memory' needs all ranks on one node and no timeout")
+        shm = self._window is not None and deadline is None and x.size > 0 and (
+            algorithm == "shared_memory" or (algorithm == "auto" and self.shm_min_bytes <= x.nbytes < self.shm_max_bytes))
+        # The shared-memory algorithm does the check in its first synchronisation: on every rank the first
+        # collective call is then the same tiny Allreduce, whichever algorithm each rank chose.
+        if not shm and self.size > 1 and x.size and algorithm in ("auto", "shared_memory"):
+            algorithm = "ring" if x.nbytes >= self.small_bytes and x.size >= self.size else "recursive_doubling"
+        if check and not shm:
+            self._agree("allreduce", x.size, x.dtype, op, algorithm)
+        elif not check and (x.dtype not in DTYPES or op not in OPS):
             raise ValueError(f"allreduce: dtype {x.dtype} / op {op!r} not supported")
-        if algorithm not in ("auto", "ring", "recursive_doubling"):
-            raise ValueError(f"algorithm={algorithm!r} must be 'auto', 'ring' or 'recursive_doubling'")
         if out is None:
-            out = np.array(x, copy=True, order="C")
+            out = np.empty(x.shape, dtype=x.dtype) if shm else np.array(x, copy=True, order="C")
         elif out is not x:
             if out.shape != x.shape or out.dtype != x.dtype:
                 raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}")
-            np.copyto(out, x)
+            if not shm:
+                np.copyto(out, x)
         if not out.flags.c_contiguous:
             raise ValueError("allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)")
         flat = out.reshape(-1)
-        timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self.size > 1 and flat.size:
-            if algorithm == "auto":
-                algorithm = "ring" if flat.nbytes >= self.small_bytes and flat.size >= self.size else \
-                    "recursive_doubling"
+        if shm:  # reads x straight into the window: no copy into out first
+            self._window.allreduce(x.reshape(-1), flat, _REDUCE.get(op), (lambda: self._agree(
+                "allreduce", x.size, x.dtype, op, "shared_memory")) if check else None)
+        elif self.size > 1 and flat.size:
             if algorithm == "ring":
                 self._ring(flat, _REDUCE[op], deadline)
             else:
