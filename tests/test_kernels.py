@@ -1,5 +1,7 @@
 """workshop_lib.kernels against float64 numpy references, and every backward pass against central differences."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -261,3 +263,19 @@ def test_blocked_conv_with_fused_bias_relu_matches_reference(c, k, stride, paddi
     ref = np.maximum(conv_reference(x, w, s, pads) + b, 0)
     out = K.conv2d_blocked_forward(K.to_blocked(x, "NHWC"), K.weights_to_blocked(w), stride, padding, bias=b, relu=True)
     np.testing.assert_allclose(K.from_blocked(out, k, "NHWC"), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_thread_spin_defaults_and_the_allocator_setting_respect_the_users_choice(root):
+    import subprocess
+    import sys
+
+    code = ("import os, workshop_lib; from workshop_lib import kernels; "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['OPENBLAS_THREAD_TIMEOUT'], "
+            "kernels.keep_freed_memory(), kernels.keep_freed_memory())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
+    applied = sys.platform.startswith("linux")
+    assert out.stdout.split() == ["PASSIVE", "4", str(applied), str(applied)]
+    env.update(OMP_WAIT_POLICY="ACTIVE", OPENBLAS_THREAD_TIMEOUT="10", WORKSHOP_MALLOC="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["ACTIVE", "10", "False", "False"]

@@ -33,10 +33,40 @@ __all__ = [
     "softmax", "softmax_xent_forward", "softmax_xent_backward",
     "dropout_forward", "dropout_backward",
     "nchw_to_nhwc", "nhwc_to_nchw", "to_blocked", "from_blocked", "weights_to_blocked",
-    "conv2d_blocked_forward", "BLOCK", "im2col_nhwc", "adam_update",
+    "conv2d_blocked_forward", "BLOCK", "im2col_nhwc", "adam_update", "keep_freed_memory",
 ]
 
 BLOCK = 16  # channels per block in nChw16c: one 512-bit register of float32
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed buffers of up to 32 MB for reuse instead of unmapping them.
+
+    A training step allocates the same large temporaries every time (im2col's columns are 31 MB at batch
+    50). By default glibc gives such buffers back to the OS and maps fresh pages for the next step, and
+    every first touch of a page is a page fault plus zeroing by the kernel: about a tenth of a step here.
+    TensorFlow avoids this with its own allocator (BFC); this is the one-call equivalent. It applies to
+    the whole process, on Linux with glibc only; ``WORKSHOP_MALLOC=0`` turns it off. Returns whether it
+    was applied.
+    """
+    global _ALLOCATOR_TUNED
+    import os
+    import sys
+
+    if _ALLOCATOR_TUNED or os.environ.get("WORKSHOP_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return _ALLOCATOR_TUNED
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # musl, or no glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    # 32 MB is the largest mmap threshold glibc accepts on 64-bit; freed memory is trimmed above 1 GB only
+    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    return _ALLOCATOR_TUNED
 
 
 def _pair(v, name):
@@ -135,10 +165,15 @@ def _im2col_nhwc(x, r_size, s_size, stride_h, stride_w, pad_top, pad_left, out_h
                 ih = oh * stride_h + r - pad_top
                 for s in range(s_size):
                     iw = ow * stride_w + s - pad_left
-                    if 0 <= ih < h_size and 0 <= iw < w_size:
-                        cols[base, col : col + c_size] = x[n, ih, iw, :]  # C contiguous values: one copy
-                    else:
-                        cols[base, col : col + c_size] = pad_value
+                    inside = 0 <= ih < h_size and 0 <= iw < w_size
+                    if c_size >= 8:  # C contiguous values: one vectorised copy
+                        if inside:
+                            cols[base, col : col + c_size] = x[n, ih, iw, :]
+                        else:
+                            cols[base, col : col + c_size] = pad_value
+                    else:  # a few channels (the first layer): a scalar loop beats a slice's overhead
+                        for c in range(c_size):
+                            cols[base, col + c] = x[n, ih, iw, c] if inside else pad_value
                     col += c_size
 
 
@@ -212,19 +247,29 @@ def _conv2d_direct_nchw(x, w, sh, sw, pt, pl, out):  # IN x (N,C,H,W), w (R,S,C,
 
 @numba.njit(parallel=True, cache=True)
 def _col2im_nhwc(dcols, r_size, s_size, sh, sw, pt, pl, out_h, out_w, dx):  # OUT dx (N,H,W,C), zeroed
+    """The adjoint of im2col, as a gather: each input pixel sums the column entries that read it.
+
+    Every dx element is written once (no read-modify-write across receptive fields), and the rows
+    (n, ih) are independent, so they spread over threads evenly.
+    """
     n_size, h_size, w_size, c_size = dx.shape
-    for n in numba.prange(n_size):
-        for oh in range(out_h):
-            for ow in range(out_w):
-                row = (n * out_h + oh) * out_w + ow
-                col = 0
-                for r in range(r_size):
-                    ih = oh * sh + r - pt
-                    for s in range(s_size):
-                        iw = ow * sw + s - pl
-                        if 0 <= ih < h_size and 0 <= iw < w_size:
-                            dx[n, ih, iw, :] += dcols[row, col : col + c_size]
-                        col += c_size
+    for job in numba.prange(n_size * h_size):
+        n = job // h_size
+        ih = job % h_size
+        for iw in range(w_size):
+            for r in range(r_size):
+                th = ih + pt - r  # oh * sh == th
+                if th < 0 or th % sh != 0 or th // sh >= out_h:
+                    continue
+                oh = th // sh
+                for s in range(s_size):
+                    tw = iw + pl - s
+                    if tw < 0 or tw % sw != 0 or tw // sw >= out_w:
+                        continue
+                    row = (n * out_h + oh) * out_w + tw // sw
+                    col = (r * s_size + s) * c_size
+                    for c in range(c_size):
+                        dx[n, ih, iw, c] += dcols[row, col + c]
 
 
 def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm="im2col"):
@@ -289,9 +334,15 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
         dw = matmul(cols.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw
-    dcols = matmul(d2, w.reshape(-1, k).T)
-    dx = np.zeros((n_size, h, wd, c), dtype=dcols.dtype)
-    _col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx)
+    # dx: the columns' gradient (one GEMM), folded back onto the pixels (col2im), a few images at a time so
+    # that each block of columns is still in cache when col2im reads it
+    wt = np.ascontiguousarray(w.reshape(-1, k).T)
+    dx = np.zeros((n_size, h, wd, c), dtype=np.result_type(d2, wt))
+    rows = out_h * out_w
+    group = max(1, min(n_size, (2 << 20) // max(1, rows * wt.shape[1] * dx.itemsize)))
+    for i in range(0, n_size, group):
+        dcols = matmul(d2[i * rows : (i + group) * rows], wt)
+        _col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx[i : i + group])
     if data_format == "NCHW":
         dx = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
     return dx, dw
@@ -470,6 +521,9 @@ def bias_add_forward(x, b, data_format="NHWC"):
 
 def bias_add_backward(dout, cache):
     axis, ndim = cache
+    if axis == ndim - 1 and dout.flags.c_contiguous and dout.dtype in (np.float32, np.float64):
+        rows = dout.reshape(-1, dout.shape[-1])  # channels last: a ones-vector GEMV, which BLAS runs at full speed
+        return dout, np.ones(rows.shape[0], dtype=dout.dtype) @ rows
     return dout, dout.sum(axis=tuple(i for i in range(ndim) if i != axis))
 
 

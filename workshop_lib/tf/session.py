@@ -234,6 +234,7 @@ class Session:
         self._plans = {}
         self._lock = threading.RLock()
         self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0}
+        kernels.keep_freed_memory()  # reuse big temporaries from step to step, as TF's own allocator does
 
     # context management ---------------------------------------------------------------------
     def __enter__(self):
