@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import weakref
 
 import numpy as np
 
@@ -411,6 +412,8 @@ class DistributedOptimizer:
         self._ready = None
 
     def __getattr__(self, name):  # get_slot, variables, ... are the wrapped optimizer's
+        if name == "_optimizer":  # not set yet (a failed __init__): no recursion
+            raise AttributeError(name)
         return getattr(self._optimizer, name)
 
     def compute_gradients(self, *args, **kwargs):
@@ -423,10 +426,10 @@ class DistributedOptimizer:
         grads = [convert_to_tensor(g) for _, g in present]
         comm, op, passes, wire = state.comm, self._op, self._passes, self._compression.wire
         threshold, average_aggregated = _fusion_threshold(), self._average_aggregated
-        sums, counter = {}, {}
+        sums, counter = weakref.WeakKeyDictionary(), weakref.WeakKeyDictionary()  # per session
 
         def reduce(ctx, *values):
-            key = id(ctx.session)
+            key = ctx.session
             values = [np.asarray(v) for v in values]
             if passes > 1:
                 acc = sums.get(key)

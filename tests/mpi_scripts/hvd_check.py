@@ -84,6 +84,16 @@ def check_api():
         assert np.allclose(g, expected), (g, expected)
         sess.run(bcast)
         assert np.allclose(sess.run(w), base)
+    # the optimizer wrapper averages the gradients, here through float16 on the wire
+    with tf.Graph().as_default():
+        v = tf.Variable(np.array([1.0, 2.0], dtype=np.float32) * (r + 1))
+        opt = hvd.DistributedOptimizer(tf.train.GradientDescentOptimizer(0.1), compression=hvd.Compression.fp16)
+        (g, _), = opt.compute_gradients(tf.reduce_sum(v * v))
+        with tf.Session() as sess:
+            sess.run(tf.global_variables_initializer())
+            got = sess.run(g)
+        assert got.dtype == np.float32 and np.allclose(got, 2 * np.array([1.0, 2.0]) * np.mean(np.arange(1, n + 1)),
+                                                       rtol=1e-3), got
     say(f"rank {r}: api ok (size {n})")
 
 
