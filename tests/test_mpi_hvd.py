@@ -82,6 +82,24 @@ def test_a_failing_rank_ends_the_job_quickly_with_its_message(mpirun):
         assert "aborting the whole job" in proc.stderr and "unreachable" not in proc.stdout
 
 
+def test_a_rank_that_exits_early_never_leaves_the_others_waiting(mpirun):
+    import os
+
+    env = dict(os.environ, WORKSHOP_HVD_EXIT_TIMEOUT="5")
+    t0 = time.monotonic()
+    proc = mpirun(2, [CHECK, "exit", "--how", "status"], timeout=60, check=False, env=env)
+    assert proc.returncode == 3 and time.monotonic() - t0 < 30, proc.stderr
+    assert "[rank 1] sys.exit(3) on rank 1 of 2: aborting the whole job" in proc.stderr
+    t0 = time.monotonic()
+    proc = mpirun(2, [CHECK, "exit", "--how", "raise"], timeout=60, check=False, env=env)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30, proc.stderr
+    assert "rank 1 of 2 has ended, but not every rank has ended within 5 s" in proc.stderr
+    assert "unreachable" not in proc.stdout
+    # a normal early end is not a failure: the last rank waits at its exit until rank 0 is done
+    proc = mpirun(2, [CHECK, "exit", "--how", "early"], timeout=60, env=env)
+    assert "rank 0: finished after the last rank" in proc.stdout
+
+
 def test_the_horovod_mnist_script_trains_checkpoints_on_rank_0_and_resumes(mpirun, tmp_path):
     ckpt, results = tmp_path / "checkpoints", tmp_path / "results.json"
     args = [MNIST, "--steps", "20", "--batch-size", "20", "--log-every", "5", "--checkpoint-dir", str(ckpt),

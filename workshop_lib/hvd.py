@@ -13,9 +13,13 @@ as in Horovod's samples: scaling the learning rate by ``hvd.size()`` (the
 effective batch is ``size`` times larger) and dividing the number of steps by it.
 
 Under ``mpiexec -n N`` there are N ranks; started without mpiexec, ``size()``
-is 1 and everything still works. After :func:`init`, an uncaught exception on
-any rank prints that rank's traceback and aborts the whole job (``MPI_Abort``),
-so no rank is left waiting in a collective for a peer that is gone.
+is 1 and everything still works. After :func:`init`, no rank is left waiting in
+a collective for a peer that is gone: an uncaught exception, or ``sys.exit``
+with a failure status, on any rank prints that rank's message and aborts the
+whole job (``MPI_Abort``); a rank that ends normally waits at exit until every
+rank has ended, and aborts the job if they have not within
+``WORKSHOP_HVD_EXIT_TIMEOUT`` seconds (default 300), since they may be waiting
+for it. (A rank killed by a signal ends the job through ``mpiexec`` itself.)
 
 Collective ops in a graph run in the same order on every rank (the session
 chains them), as Horovod's coordinator guarantees.
@@ -23,8 +27,10 @@ chains them), as Horovod's coordinator guarantees.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
+import time
 import traceback
 import weakref
 
@@ -57,10 +63,13 @@ class _State:
         self.cross_rank, self.cross_size = cross.Get_rank(), cross.Get_size()
         local.Free()
         cross.Free()
-        self.previous_excepthook = None
+        self.exit_comm = world.Dup()  # for the exit consensus: it must never match a collective of the program
+        self.previous_excepthook = self.previous_exit = None
+        self.exit_status = None
 
 
 _state: _State | None = None
+_SYS_EXIT = sys.exit
 
 
 def init(comm=None):
@@ -73,17 +82,22 @@ def init(comm=None):
     if _state is not None:
         return
     _state = _State(Communicator(comm))
-    _state.previous_excepthook = sys.excepthook
+    _state.previous_excepthook, _state.previous_exit = sys.excepthook, sys.exit
     sys.excepthook = _abort_on_uncaught_exception
+    sys.exit = _exit_recording_status
+    atexit.register(_at_exit)
 
 
 def shutdown():
-    """Forget the communicator and restore the exception hook (MPI itself is finalised at exit by mpi4py)."""
+    """Forget the communicator and restore the hooks (MPI itself is finalised at exit by mpi4py)."""
     global _state
     if _state is None:
         return
     if sys.excepthook is _abort_on_uncaught_exception:
         sys.excepthook = _state.previous_excepthook
+    if sys.exit is _exit_recording_status:
+        sys.exit = _state.previous_exit
+    atexit.unregister(_at_exit)
     _state = None
 
 
@@ -148,13 +162,45 @@ def _abort_on_uncaught_exception(exc_type, exc, tb):
             exc_type, exc, tb)
         return
     text = "".join(traceback.format_exception(exc_type, exc, tb))
+    _abort(state, text.rstrip().splitlines() + [
+        f"uncaught {exc_type.__name__} on rank {state.comm.rank} of {state.comm.size}: aborting the whole job "
+        "(MPI_Abort) so that no rank waits for ever"])
+
+
+def _exit_recording_status(status=None):
+    """sys.exit after init(): remembers the status, so that the exit handler knows a failure from a normal end."""
+    if _state is not None:
+        _state.exit_status = status
+    (_state.previous_exit if _state is not None else _SYS_EXIT)(status)
+
+
+def _abort(state, lines, status=1):
     r = state.comm.rank
-    sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in text.rstrip().splitlines()))
-    sys.stderr.write(f"[rank {r}] uncaught {exc_type.__name__} on rank {r} of {state.comm.size}: aborting the whole "
-                     "job (MPI_Abort) so that no rank waits for ever\n")
+    sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in lines))
     sys.stderr.flush()
     sys.stdout.flush()
-    state.comm.comm.Abort(1)
+    state.comm.comm.Abort(status)
+
+
+def _at_exit():
+    """At exit, with more than one rank: abort on a failure status; else wait for every rank to end (bounded)."""
+    state = _state
+    if state is None or state.comm.size == 1:
+        return
+    r, n, status = state.comm.rank, state.comm.size, state.exit_status
+    if status not in (None, 0):
+        code = status if isinstance(status, int) else 1
+        _abort(state, [f"sys.exit({status!r}) on rank {r} of {n}: aborting the whole job (MPI_Abort) so that no "
+                       "rank waits for ever"], code)
+    timeout = float(os.environ.get("WORKSHOP_HVD_EXIT_TIMEOUT", "300"))
+    request = state.exit_comm.Ibarrier()
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            _abort(state, [f"rank {r} of {n} has ended, but not every rank has ended within {timeout:g} s; they may be "
+                           "waiting for this rank in a collective: aborting the whole job (MPI_Abort). Set "
+                           "WORKSHOP_HVD_EXIT_TIMEOUT to wait longer."])
+        time.sleep(0.002)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ api          rank/size, eager and graph collectives against MPI's own, gradients
 mismatch     different shapes or variables across ranks: every rank catches the same error.
 train        a few data-parallel steps of a small CNN in float64; rank 0 saves the final weights.
 fail         the last rank raises after hvd.init() while the others wait in an allreduce.
+exit         the last rank exits early: with a failure status, by SystemExit, or normally (--how).
 """
 
 import argparse
@@ -180,9 +181,31 @@ def fail():
     say(f"rank {r}: unreachable")
 
 
+def exit_early(how):
+    """The last rank leaves while the others still have work (or a collective) ahead of them."""
+    import time
+
+    hvd.init()
+    r, n = hvd.rank(), hvd.size()
+    if r == n - 1:
+        time.sleep(0.5)
+        if how == "status":
+            sys.exit(3)
+        if how == "raise":
+            raise SystemExit(4)  # not through sys.exit: only the bounded wait at exit can tell
+        sys.exit(0)  # "early": a normal end, before the others
+    if how == "early":
+        time.sleep(2.0)  # rank 0 works on (say, an evaluation) while the last rank waits at its exit
+        say(f"rank {r}: finished after the last rank")
+        return
+    hvd.allreduce(np.ones(1000, dtype=np.float32))  # waits for the rank that left
+    say(f"rank {r}: unreachable")
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["api", "mismatch", "train", "fail"])
+    parser.add_argument("mode", choices=["api", "mismatch", "train", "fail", "exit"])
+    parser.add_argument("--how", choices=["status", "raise", "early"], default="status")
     parser.add_argument("--global-batch", type=int, default=12)
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--passes", type=int, default=1, help="backward passes per optimizer step")
@@ -196,6 +219,8 @@ def main():
         check_mismatch()
     elif args.mode == "train":
         train(args)
+    elif args.mode == "exit":
+        exit_early(args.how)
     else:
         fail()
 
