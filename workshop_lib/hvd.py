@@ -179,6 +179,9 @@ def _abort(state, lines, status=1):
     sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in lines))
     sys.stderr.flush()
     sys.stdout.flush()
+    # mpiexec's I/O forwarder reads our pipes asynchronously, and MPI_Abort tears the job down at once:
+    # give it a moment so that the message reaches the user
+    time.sleep(0.5)
     state.comm.comm.Abort(status)
 
 
