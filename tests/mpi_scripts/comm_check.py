@@ -4,6 +4,7 @@ Launch:  mpiexec -n 3 python tests/mpi_scripts/comm_check.py {correctness|mismat
 """
 
 import sys
+import time
 
 import numpy as np
 from mpi4py import MPI
@@ -104,8 +105,7 @@ elif mode == "timeout":
             print("rank 0: no timeout", flush=True)
         except CollectiveTimeout as exc:
             print(f"rank 0: CollectiveTimeout: {exc}", flush=True)
+        time.sleep(0.5)  # let mpiexec forward the line above before the job is torn down
         world.Abort(3)  # the peers are not coming: end the job instead of hanging in MPI_Finalize
     else:
-        import time
-
         time.sleep(30)  # never calls the collective
