@@ -4,7 +4,8 @@ Mirrors daal4py's SPMD mode: every MPI rank calls the same function on its own
 chunk of rows (``distributed=True``) and every rank receives the same global
 result. The one idea: a data-parallel algorithm only needs each rank to reduce
 its chunk to a few numbers (per-cluster sums and counts, an objective), and one
-allreduce per iteration combines them; the data never moves.
+allreduce per iteration (workshop_lib.comm, the collectives of lab 03) combines
+them; the data never moves.
 
 Shapes: n points (rows) of d features; k clusters. ``assignments`` is (n, 1) for
 the rank's own rows, as daal4py returns it.
@@ -56,6 +57,7 @@ _WEIGHT_RANGE = 2.0**62  # integer D^2 weights of all points sum to less than th
 class _State:
     def __init__(self):
         self.comm = None  # mpi4py communicator once MPI is in use
+        self.collectives = None  # workshop_lib.comm.Communicator on it, created by the first distributed call
         self.initialized = False
 
     def mpi(self):
@@ -64,6 +66,14 @@ class _State:
 
             self.comm = MPI.COMM_WORLD
         return self.comm
+
+    def communicator(self):
+        """The course's collectives (ring / shared memory / recursive doubling); creating it is collective."""
+        if self.collectives is None:
+            from .comm import Communicator
+
+            self.collectives = Communicator(self.mpi())
+        return self.collectives
 
 
 _state = _State()
@@ -177,8 +187,11 @@ class _Serial:
 
 
 class _Distributed:
-    def __init__(self, comm):
+    """Small Python objects through mpi4py; the numeric reductions through workshop_lib.comm, lab 03's allreduce."""
+
+    def __init__(self, comm, collectives):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
+        self.collectives = collectives
 
     def agree(self, error):
         """Raise the same error on every rank if any rank found one; never leave a rank waiting."""
@@ -191,11 +204,9 @@ class _Distributed:
         return self.comm.allgather(obj)
 
     def allreduce_sum(self, buf):
-        from mpi4py import MPI
-
-        out = np.empty_like(buf)
-        self.comm.Allreduce(buf, out, op=MPI.SUM)
-        return out
+        # every rank gets bit-identical sums (each algorithm reduces in one order and copies the result),
+        # which keeps the centroids identical on all ranks
+        return self.collectives.allreduce(np.ascontiguousarray(buf), op="sum")
 
     def allreduce_max(self, value):
         from mpi4py import MPI
@@ -207,7 +218,7 @@ class _Distributed:
 
 
 def _communicator(distributed):
-    return _Distributed(_state.mpi()) if distributed else _Serial()
+    return _Distributed(_state.mpi(), _state.communicator()) if distributed else _Serial()
 
 
 # ----------------------------------------------------------------------------------------------
