@@ -78,8 +78,8 @@ def simulate_ring(values):
     counts = np.ones((p, p), dtype=np.int64)
     states, contributions = [[b.copy() for b in buffers]], [counts.copy()]
     for phase, _, transfers in ring_schedule(p):
-        sent = [(src, dst, c, buffers[src][chunk[c]].copy(), counts[src, c]) for src, dst, c in transfers]
-        for src, dst, c, data, count in sent:  # all ranks send at once, then all receive
+        sent = [(dst, c, buffers[src][chunk[c]].copy(), counts[src, c]) for src, dst, c in transfers]
+        for dst, c, data, count in sent:  # all ranks send at once, then all receive
             if phase == "reduce-scatter":
                 buffers[dst][chunk[c]] += data
                 counts[dst, c] += count
