@@ -179,7 +179,7 @@ def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
     world = ours.comm
     x = np.random.default_rng(world.Get_rank()).random(nbytes // 4).astype(np.float32)
     out = np.empty_like(x)
-    message_algorithm = "ring" if x.nbytes >= ours.small_bytes and x.size >= ours.size else "recursive_doubling"
+    message_algorithm = ours.message_algorithm(x)
     calls = {"mpi": lambda: world.Allreduce(x, out, op=MPI.SUM),
              "ours": lambda: ours.allreduce(x, op="sum", out=out),
              "ours_unchecked": lambda: ours.allreduce(x, op="sum", out=out, check=False),

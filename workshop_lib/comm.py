@@ -18,8 +18,8 @@ slot of the window, reduces its own chunk of that block reading every slot
 directly, and after a barrier copies out every rank's reduced chunk. Two slots
 per rank, used alternately, make one barrier per phase enough.
 
-Shapes: a buffer of n elements is split into p contiguous chunks for the ring
-(``np.array_split`` boundaries), so any n works, 0 and n < p included.
+Shapes: a buffer of n elements is split into p contiguous chunks whose sizes
+differ by at most one (:func:`_chunk_bounds`), so any n works, 0 and n < p included.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use 
 
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory")
+
+
+def _chunk_bounds(n, p):
+    """The p + 1 boundaries of p contiguous chunks of n elements (sizes differ by at most one), as ints."""
+    return [int(b) for b in np.linspace(0, n, p + 1).astype(np.int64)]
 
 
 def _ring_chunks(phase, step, rank, size):
@@ -73,7 +78,7 @@ def simulate_ring(values):
     buffers = [np.array(v, dtype=np.float64).reshape(-1) for v in values]
     if len({b.size for b in buffers}) != 1:
         raise ValueError(f"values must have equal sizes, got {[b.size for b in buffers]}")
-    bounds = np.linspace(0, buffers[0].size, p + 1).astype(np.int64)
+    bounds = _chunk_bounds(buffers[0].size, p)
     chunk = [slice(bounds[i], bounds[i + 1]) for i in range(p)]
     counts = np.ones((p, p), dtype=np.int64)
     states, contributions = [[b.copy() for b in buffers]], [counts.copy()]
@@ -97,7 +102,7 @@ class _SharedWindow:
     def __init__(self, comm, block_bytes):
         from mpi4py import MPI
 
-        self.MPI, self.comm = MPI, comm
+        self.comm = comm
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
         same_node = node.Get_size() == comm.Get_size()
         node.Free()
@@ -134,7 +139,7 @@ class _SharedWindow:
             p, r = self.comm.Get_size(), self.comm.Get_rank()
             offset = self.parity * self.block
             views = [slot[offset : offset + n * dtype.itemsize].view(dtype) for slot in self.slots]
-            bounds = [int(b) for b in np.linspace(0, n, p + 1).astype(np.int64)]
+            bounds = _chunk_bounds(n, p)
             lo, hi = bounds[r], bounds[r + 1]
             others = [(k, bounds[k], bounds[k + 1], views[k][bounds[k] : bounds[k + 1]])
                       for k in range(p) if k != r and bounds[k + 1] > bounds[k]]
@@ -319,7 +324,7 @@ class Communicator:
         # The shared-memory algorithm does the check in its first synchronisation: on every rank the first
         # collective call is then the same tiny Allreduce, whichever algorithm each rank chose.
         if not shm and self.size > 1 and x.size and algorithm in ("auto", "shared_memory"):
-            algorithm = "ring" if x.nbytes >= self.small_bytes and x.size >= self.size else "recursive_doubling"
+            algorithm = self.message_algorithm(x)
         if check and not shm:
             self._agree("allreduce", x.size, x.dtype, op, algorithm)
         elif not check and (x.dtype not in DTYPES or op not in OPS):
@@ -349,11 +354,15 @@ class Communicator:
                 np.divide(flat, self.size, out=flat)
         return out
 
+    def message_algorithm(self, array):
+        """The message-based algorithm "auto" takes for ``array`` off shared memory: latency- or bandwidth-bound."""
+        return "ring" if array.nbytes >= self.small_bytes and array.size >= self.size else "recursive_doubling"
+
     def _ring(self, buf, reduce, deadline):
         """Reduce-scatter then allgather around the ring; chunk k ends reduced on rank (k - 1) mod p ... then everywhere."""
         p, r = self.size, self.rank
         right, left = (r + 1) % p, (r - 1) % p
-        bounds = np.linspace(0, buf.size, p + 1).astype(np.int64)  # the np.array_split boundaries
+        bounds = _chunk_bounds(buf.size, p)
         chunks = [buf[bounds[i] : bounds[i + 1]] for i in range(p)]
         tmp = np.empty(max(len(c) for c in chunks), dtype=buf.dtype)
         segment = max(1, self.segment_bytes // buf.itemsize)

@@ -317,8 +317,7 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
         value = np.asarray(value)
         if prescale_factor != 1.0:
             value = value * np.asarray(prescale_factor, dtype=value.dtype)
-        wire, ctx = compression.compress(value)
-        out = compression.decompress(state.comm.allreduce(np.ascontiguousarray(wire), op=op), ctx)
+        out = state.comm.fused_allreduce([value], op=op, compression=compression.wire)[0]  # fp16 on the wire if asked
         if postscale_factor != 1.0:
             out = out * np.asarray(postscale_factor, dtype=out.dtype)
         return np.asarray(out, dtype=value.dtype)

@@ -19,6 +19,10 @@ float64 (the gradient checks). Reference versions (``algorithm="direct"``,
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import numba
 import numpy as np
 
@@ -52,13 +56,8 @@ def keep_freed_memory():
     was applied.
     """
     global _ALLOCATOR_TUNED
-    import os
-    import sys
-
     if _ALLOCATOR_TUNED or os.environ.get("WORKSHOP_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return _ALLOCATOR_TUNED
-    import ctypes
-
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # musl, or no glibc
@@ -249,8 +248,8 @@ def _conv2d_direct_nchw(x, w, sh, sw, pt, pl, out):  # IN x (N,C,H,W), w (R,S,C,
 def _col2im_nhwc(dcols, r_size, s_size, sh, sw, pt, pl, out_h, out_w, dx):  # OUT dx (N,H,W,C), zeroed
     """The adjoint of im2col, as a gather: each input pixel sums the column entries that read it.
 
-    Every dx element is written once (no read-modify-write across receptive fields), and the rows
-    (n, ih) are independent, so they spread over threads evenly.
+    One thread owns each input row (n, ih), so no two threads touch the same dx element, and the
+    rows spread over threads evenly (the old scatter split work by image only).
     """
     n_size, h_size, w_size, c_size = dx.shape
     for job in numba.prange(n_size * h_size):

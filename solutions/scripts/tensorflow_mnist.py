@@ -16,6 +16,7 @@ import json
 import os
 import time
 
+import numba
 import numpy as np
 
 import workshop_lib.hvd as hvd
@@ -140,7 +141,7 @@ def main():
     # (2) Horovod: pin each rank to its share of the cores (on GPUs: one GPU per local rank).
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = args.threads or max(1, cores // hvd.local_size())
-    threads = min(threads, int(os.environ.get("NUMBA_NUM_THREADS", threads)))
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # the most threads this process can start
     config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
     config.gpu_options.allow_growth = True
     config.gpu_options.visible_device_list = str(hvd.local_rank())
