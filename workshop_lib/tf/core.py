@@ -123,10 +123,6 @@ class TensorShape:
         return "(" + ", ".join("?" if d is None else str(d) for d in self.dims) + ("," if len(self.dims) == 1 else "") + ")"
 
 
-def _static_shape(value):
-    return TensorShape(np.shape(value))
-
-
 # ----------------------------------------------------------------------------------------------
 # Graph, Operation, Tensor
 
