@@ -58,7 +58,6 @@ class _State:
     def __init__(self):
         self.comm = None  # mpi4py communicator once MPI is in use
         self.collectives = None  # workshop_lib.comm.Communicator on it, created by the first distributed call
-        self.initialized = False
 
     def mpi(self):
         if self.comm is None:
@@ -94,14 +93,12 @@ def daalinit(nthreads=None):
             raise ValueError(f"nthreads={nthreads!r} must be an integer between 1 and NUMBA_NUM_THREADS={limit}")
         numba.set_num_threads(int(nthreads))
     _state.mpi()
-    _state.initialized = True
 
 
 def daalfini():
     """End the distributed session: wait for every rank (a barrier)."""
     if _state.comm is not None:
         _state.comm.Barrier()
-    _state.initialized = False
 
 
 def num_procs() -> int:

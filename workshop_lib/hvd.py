@@ -405,10 +405,9 @@ def broadcast_variables(variables, root_rank):
             diffs = [f"rank {r}: {sorted(set(o) ^ mine)[:5]}" for r, o in enumerate(listing) if o != names]
             raise ValueError("broadcast_global_variables: the ranks have different variables (the graphs differ); "
                              f"differences: {'; '.join(diffs)}")
-        session = ctx.session
         for var in variables:
-            value = np.array(session._variable_value(var), copy=True)
-            session._set_variable(var, state.comm.broadcast(value, root=root_rank))
+            value = np.array(ctx.read_variable(var), copy=True)
+            ctx.write_variable(var, state.comm.broadcast(value, root=root_rank))
         return ()
 
     return make_op("HorovodBroadcastVariables", [], compute, [], [], name="broadcast_global_variables",
@@ -442,6 +441,10 @@ class DistributedOptimizer:
     optimizer's. With ``backward_passes_per_step=k`` gradients are summed locally over k passes (averaged
     if ``average_aggregated_gradients``) and reduced and applied on every k-th pass only; the global step
     still advances on every pass, as in Horovod.
+
+    ``device_dense``, ``device_sparse``, ``sparse_as_dense`` and ``use_locking`` change nothing here (no GPUs,
+    no sparse gradients) and are accepted; ``gradient_predivide_factor`` other than 1.0 and ``groups`` /
+    ``num_groups`` raise NotImplementedError.
     """
 
     def __init__(self, optimizer, name=None, use_locking=False, device_dense="", device_sparse="",
@@ -449,6 +452,11 @@ class DistributedOptimizer:
                  gradient_predivide_factor=1.0, average_aggregated_gradients=False, num_groups=0, groups=None):
         if not hasattr(optimizer, "compute_gradients") or not hasattr(optimizer, "apply_gradients"):
             raise TypeError(f"optimizer must be a workshop_lib.tf optimizer, got {type(optimizer).__name__}")
+        for arg, value, default in (("gradient_predivide_factor", gradient_predivide_factor, 1.0),
+                                    ("groups", groups, None), ("num_groups", num_groups, 0)):
+            if value != default:
+                raise NotImplementedError(f"DistributedOptimizer: {arg}={value!r} is not implemented; leave it "
+                                          f"at {default!r}")
         if not isinstance(backward_passes_per_step, (int, np.integer)) or backward_passes_per_step < 1:
             raise ValueError(f"backward_passes_per_step={backward_passes_per_step!r} must be an int >= 1")
         self._optimizer = optimizer
@@ -504,13 +512,12 @@ class DistributedOptimizer:
         return reduced
 
     def apply_gradients(self, grads_and_vars, global_step=None, name=None):
-        """The wrapped optimizer's apply_gradients (gated to every k-th pass with backward_passes_per_step=k)."""
-        inner = self._optimizer
-        inner._gate = self._ready
-        try:
-            return inner.apply_gradients(grads_and_vars, global_step=global_step, name=name)
-        finally:
-            inner._gate = None
+        """The wrapped optimizer's apply_gradients, gated to every k-th pass with backward_passes_per_step=k.
+
+        The gate is the fused allreduce's last output (True on the passes that reduced), given to the wrapped
+        optimizer's ``apply_gradients(..., gate=...)``.
+        """
+        return self._optimizer.apply_gradients(grads_and_vars, global_step=global_step, name=name, gate=self._ready)
 
     def minimize(self, loss, global_step=None, var_list=None, name=None):
         return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)

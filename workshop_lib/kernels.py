@@ -22,22 +22,23 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import NamedTuple
 
 import numba
 import numpy as np
 
-
 __all__ = [
     "gemm_reference", "gemm_forward", "gemm_backward",
-    "conv2d_forward", "conv2d_backward", "conv2d_output_size",
+    "conv2d_forward", "conv2d_backward", "conv2d_output_size", "ConvCache", "conv2d_cache", "hw_pair",
     "maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward",
     "relu_forward", "relu_backward", "tanh_forward", "tanh_backward", "elu_forward", "elu_backward",
     "bias_add_forward", "bias_add_backward",
     "batchnorm_forward", "batchnorm_backward",
-    "softmax", "softmax_xent_forward", "softmax_xent_backward",
+    "softmax", "log_softmax", "softmax_xent_forward", "softmax_xent_backward",
     "dropout_forward", "dropout_backward",
     "nchw_to_nhwc", "nhwc_to_nchw", "to_blocked", "from_blocked", "weights_to_blocked",
-    "conv2d_blocked_forward", "BLOCK", "im2col_nhwc", "adam_update", "keep_freed_memory",
+    "conv2d_blocked_forward", "BLOCK", "im2col_nhwc", "adam_update", "adam_step_size",
+    "truncated_standard_normal", "keep_freed_memory",
 ]
 
 BLOCK = 16  # channels per block in nChw16c: one 512-bit register of float32
@@ -68,14 +69,20 @@ def keep_freed_memory():
     return _ALLOCATOR_TUNED
 
 
-def _pair(v, name):
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    v = tuple(int(t) for t in v)
-    if len(v) == 4:  # TF style [1, sh, sw, 1]
-        v = (v[1], v[2])
+def hw_pair(value, name):
+    """(height, width) from an int, [h, w], [h] or TensorFlow's [1, h, w, 1] (NHWC) / [1, 1, h, w] (NCHW).
+
+    Strides, pooling windows and kernel sizes are all written these ways; ``name`` goes into the error.
+    """
+    if isinstance(value, (int, np.integer)):
+        return int(value), int(value)
+    v = tuple(int(t) for t in value)
+    if len(v) == 1:
+        v = (v[0], v[0])
+    elif len(v) == 4:
+        v = (v[1], v[2]) if v[0] == 1 and v[3] == 1 else (v[2], v[3])
     if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"{name}={v!r} must be a positive int or a pair of them")
+        raise ValueError(f"{name}={value!r} must be a positive int, [h, w] or [1, h, w, 1]")
     return v
 
 
@@ -190,8 +197,6 @@ def im2col_nhwc(x, ksize, stride=(1, 1), padding="VALID", pad_value=0):
     return cols, (out_h, out_w)
 
 
-
-
 def conv2d_output_size(h, w, r, s, stride, padding):
     (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)
     return (h + pt + pb - r) // stride[0] + 1, (w + pl + pr - s) // stride[1] + 1
@@ -271,6 +276,28 @@ def _col2im_nhwc(dcols, r_size, s_size, sh, sw, pt, pl, out_h, out_w, dx):  # OU
                         dx[n, ih, iw, c] += dcols[row, col + c]
 
 
+class ConvCache(NamedTuple):
+    """What :func:`conv2d_backward` needs from the forward pass: its inputs, geometry and workspace."""
+
+    x: np.ndarray  # the input, in data_format
+    w: np.ndarray  # the weights, HWIO
+    stride: tuple  # (sh, sw)
+    pads: tuple  # ((top, bottom), (left, right))
+    data_format: str
+    cols: np.ndarray | None = None  # im2col's receptive fields (N*OH*OW, R*S*C), when the forward pass made them
+
+
+def conv2d_cache(x, w, stride=1, padding="SAME", data_format="NHWC", cols=None):
+    """The :class:`ConvCache` of ``conv2d_forward(x, w, stride, padding, data_format)``, rebuilt from its inputs.
+
+    A graph op's gradient has the forward's inputs (and its workspace ``cols``) but not its cache object.
+    """
+    _check_format(data_format)
+    stride = hw_pair(stride, "stride")
+    h, wd = x.shape[1:3] if data_format == "NHWC" else x.shape[2:4]
+    return ConvCache(x, w, stride, _conv_padding(padding, h, wd, w.shape[0], w.shape[1], stride), data_format, cols)
+
+
 def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm="im2col"):
     """2-D convolution (cross-correlation, as in every DL framework).
 
@@ -281,9 +308,14 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     stride : int or (sh, sw)
     padding : "SAME", "VALID", int, or ((top, bottom), (left, right))
     algorithm : "im2col" (receptive fields as rows, then one GEMM) or "direct" (loops)
+
+    Returns
+    -------
+    out : (N, OH, OW, K) or (N, K, OH, OW)
+    cache : ConvCache, for :func:`conv2d_backward` (``cache.cols`` is im2col's workspace, None for "direct")
     """
     _check_format(data_format)
-    stride = _pair(stride, "stride")
+    stride = hw_pair(stride, "stride")
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
     r, s, c_w, k = w.shape
@@ -306,7 +338,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
             _conv2d_direct_nchw(np.ascontiguousarray(x), np.ascontiguousarray(w), stride[0], stride[1], pt, pl, out)
     else:
         raise ValueError(f"algorithm={algorithm!r} must be 'im2col' or 'direct'")
-    return out, (x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
+    return out, ConvCache(x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
 
 
 def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
@@ -318,8 +350,7 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     ``gemm="reference"`` does the two products with the reference GEMM instead of BLAS.
     """
     matmul = (lambda a, b: a @ b) if gemm == "blas" else gemm_reference
-    x, w, stride, pads, data_format = cache[:5]
-    cols = cache[5] if len(cache) > 5 else None
+    x, w, stride, pads, data_format, cols = cache
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     dout_nhwc = dout if data_format == "NHWC" else dout.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
@@ -427,7 +458,7 @@ def _avgpool_backward_nhwc(dout, kh, kw, sh, sw, pt, pl, counts, dx):
 
 def _pool_setup(x, ksize, stride, padding, data_format):
     _check_format(data_format)
-    ksize, stride = _pair(ksize, "ksize"), _pair(stride, "stride")
+    ksize, stride = hw_pair(ksize, "ksize"), hw_pair(stride, "stride")
     x_nhwc = np.ascontiguousarray(x if data_format == "NHWC" else x.transpose(0, 2, 3, 1))
     n_size, h, w, c = x_nhwc.shape
     (pt, pb), (pl, pr) = _conv_padding(padding, h, w, ksize[0], ksize[1], stride)
@@ -479,11 +510,13 @@ def avgpool_backward(dout, cache):
 
 
 def relu_forward(x):
-    return np.maximum(x, 0), x
+    """max(x, 0); the cache is the output, which is all the gradient needs (so a graph can fuse the op)."""
+    y = np.maximum(x, 0)
+    return y, y
 
 
 def relu_backward(dout, cache):
-    return dout * (cache > 0)
+    return dout * (cache > 0)  # y > 0 exactly where x > 0
 
 
 def tanh_forward(x):
@@ -496,13 +529,14 @@ def tanh_backward(dout, cache):
 
 
 def elu_forward(x, alpha=1.0):
+    """x for x > 0, alpha * (exp(x) - 1) else; the cache holds the output, which the gradient needs (alpha > 0)."""
     y = np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
-    return y, (x, y, alpha)
+    return y, (y, alpha)
 
 
 def elu_backward(dout, cache):
-    x, y, alpha = cache
-    return dout * np.where(x > 0, 1, y + alpha)
+    y, alpha = cache
+    return dout * np.where(y > 0, 1, y + alpha)  # for x <= 0 the derivative alpha * exp(x) is y + alpha
 
 
 def _channel_axis(ndim, data_format):
@@ -580,26 +614,46 @@ def softmax(logits, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def softmax_xent_forward(logits, labels):
-    """Mean sparse cross-entropy of (N, classes) logits against integer labels (N,)."""
+def log_softmax(logits, axis=-1):
+    """log(softmax(logits)), computed stably: the row maximum is subtracted, and no probability is rounded to 0."""
+    z = logits - logits.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
+
+
+def softmax_xent_forward(logits, labels, reduction="mean"):
+    """Sparse cross-entropy of (N, classes) logits against integer labels (N,).
+
+    ``reduction="mean"`` returns the mean over the batch (a scalar), ``"none"`` the per-example losses (N,),
+    as ``tf.nn.sparse_softmax_cross_entropy_with_logits`` does. The cache serves :func:`softmax_xent_backward`.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'none'")
     labels = np.asarray(labels)
     if labels.shape != logits.shape[:1]:
         raise ValueError(f"labels.shape={labels.shape} must be ({logits.shape[0]},)")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ValueError(f"labels must lie in [0, {logits.shape[1]}); got [{labels.min()}, {labels.max()}]")
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    n = logits.shape[0]
-    loss = -log_probs[np.arange(n), labels].mean()
-    return loss.astype(logits.dtype), (np.exp(log_probs), labels)
+    log_probs = log_softmax(logits, axis=1)
+    losses = -log_probs[np.arange(logits.shape[0]), labels]
+    loss = losses.mean() if reduction == "mean" else losses
+    return loss.astype(logits.dtype), (np.exp(log_probs), labels, reduction)
 
 
 def softmax_xent_backward(dloss, cache):
-    probs, labels = cache
+    """dlogits: ``dloss`` is a scalar for ``reduction="mean"``, one value per example (N,) for ``"none"``."""
+    probs, labels, reduction = cache
     n = probs.shape[0]
     dlogits = probs.copy()
     dlogits[np.arange(n), labels] -= 1
-    return dlogits * (dloss / n)
+    return dlogits * (dloss / n) if reduction == "mean" else dlogits * np.asarray(dloss)[:, None]
+
+
+def truncated_standard_normal(rng, shape):
+    """Standard normal values, those beyond two standard deviations redrawn (TensorFlow's truncated normal)."""
+    x = rng.standard_normal(shape)
+    while np.any(bad := np.abs(x) > 2):
+        x[bad] = rng.standard_normal(int(bad.sum()))
+    return x
 
 
 def dropout_forward(x, keep_prob, training=True, rng=None):
@@ -630,10 +684,15 @@ def _adam_update(w, g, m, v, lr_t, beta1, beta2, eps):  # IN g; IN/OUT w, m, v (
         w[i] -= lr_t * mi / (np.sqrt(vi) + eps)
 
 
+def adam_step_size(lr, beta1_power, beta2_power):
+    """Adam's bias-corrected step ``lr_t = lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, as TensorFlow's ApplyAdam takes it."""
+    return lr * np.sqrt(1 - beta2_power) / (1 - beta1_power)
+
+
 def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
     """One Adam step in place, in one pass over memory: m, v <- moments; w -= lr_t * m / (sqrt(v) + eps).
 
-    ``lr_t`` already includes the bias corrections, as TensorFlow's ApplyAdam takes it.
+    ``lr_t`` already includes the bias corrections (:func:`adam_step_size`), as TensorFlow's ApplyAdam takes it.
     """
     if not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
         raise ValueError("adam_update works in place on C-contiguous arrays")
@@ -722,11 +781,15 @@ def conv2d_blocked_forward(xb, wb, stride=1, padding="SAME", bias=None, relu=Fal
     """Convolution in the blocked layout, with optional fused bias and ReLU; returns nChw16c.
 
     ``xb`` from :func:`to_blocked`, ``wb`` from :func:`weights_to_blocked`;
-    ``bias`` has the padded K (or fewer: it is zero-extended).
+    ``bias`` has the padded K (or fewer: it is zero-extended). The kernel size is the weights' (R, S):
+    ``ksize`` is accepted for oneDNN's call shape only and must stay None.
     """
-    stride = _pair(stride, "stride")
+    stride = hw_pair(stride, "stride")
     n_size, cb, h, w, blk = xb.shape
     kb, cb_w, r, s, _, _ = wb.shape
+    if ksize is not None:
+        raise NotImplementedError(f"ksize={ksize!r}: the blocked convolution takes its kernel size from the "
+                                  f"weights ({r}x{s}); pass ksize=None")
     if cb_w != cb:
         raise ValueError(f"weights have {cb_w} input blocks, the input has {cb}")
     (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)

@@ -5,9 +5,11 @@ FC 3136 -> 1024 + ReLU -> dropout -> FC 1024 -> 10. Layout NHWC, weights HWIO.
 The one idea: a network is a chain of the kernels' forward passes, and training
 is the same chain backwards plus an optimiser step (Adam here).
 
-Until the graph engine of ``workshop_lib.tf`` exists this module trains the
-model directly with the kernels; ``workshop train mnist`` writes
-``data/models/mnist_cnn.npz`` (weights plus metadata), which lab 01 quantizes.
+The model comes in two forms with the same parameter names: a chain of kernel
+calls (``mnist_cnn_forward`` / ``mnist_cnn_backward``, trained by ``train_mnist_cnn``)
+and a ``workshop_lib.tf`` graph (``deepnn``, ``TrainingGraph``, ``train_mnist_cnn_tf``).
+``workshop train mnist`` writes ``data/models/mnist_cnn.npz`` (weights plus
+metadata), which lab 01 quantizes.
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import numpy as np
 
 from . import __version__, kernels
 
-__all__ = ["LAYERS", "deepnn", "TrainingGraph", "train_mnist_cnn_tf", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
+__all__ = ["deepnn", "TrainingGraph", "train_mnist_cnn_tf", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
            "accuracy", "save_model", "load_model", "default_model_path", "images_to_input"]
 
-LAYERS = ("conv1", "conv2", "fc1", "fc2")
 SHAPES = {"conv1/w": (5, 5, 1, 32), "conv1/b": (32,), "conv2/w": (5, 5, 32, 64), "conv2/b": (64,),
           "fc1/w": (7 * 7 * 64, 1024), "fc1/b": (1024,), "fc2/w": (1024, 10), "fc2/b": (10,)}
 
@@ -36,10 +37,7 @@ def init_mnist_cnn(seed=0):
         if name.endswith("/b"):
             params[name] = np.full(shape, 0.1, dtype=np.float32)
         else:
-            w = rng.standard_normal(shape)
-            while np.any(bad := np.abs(w) > 2):
-                w[bad] = rng.standard_normal(bad.sum())
-            params[name] = (0.1 * w).astype(np.float32)
+            params[name] = (0.1 * kernels.truncated_standard_normal(rng, shape)).astype(np.float32)
     return params
 
 
@@ -104,7 +102,7 @@ class Adam:
 
     def step(self, params, grads):
         self.t += 1
-        lr_t = self.lr * np.sqrt(1 - self.beta2**self.t) / (1 - self.beta1**self.t)
+        lr_t = kernels.adam_step_size(self.lr, self.beta1**self.t, self.beta2**self.t)
         for k, g in grads.items():
             kernels.adam_update(params[k], g, self.m[k], self.v[k], lr_t, self.beta1, self.beta2, self.eps)
 

@@ -140,7 +140,6 @@ def add_to_collection(name, value):
     get_default_graph().add_to_collection(name, value)
 
 
-subtract = subtract
 sub = subtract
 mul = multiply
 div = divide

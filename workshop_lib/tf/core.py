@@ -140,6 +140,15 @@ class Graph:
         self.seed = None
         self._version = 0
 
+    @property
+    def version(self):
+        """Counts the ops added so far: a plan made for one version is valid as long as it does not change."""
+        return self._version
+
+    def op_index(self, op):
+        """The position of ``op`` in creation order (what a random op's default seed is made from)."""
+        return self._ops.index(op)
+
     # names ---------------------------------------------------------------------------------
     def unique_name(self, name):
         base = "/".join([*self._name_stack, name]) if self._name_stack else name
@@ -377,6 +386,28 @@ def convert_to_tensor(value, dtype=None, name=None):
     return constant(value, dtype=dtype, name=name or "Const")
 
 
+def topological_order(roots, dependencies):
+    """``roots`` and every op they depend on, each after its dependencies (an iterative depth-first search).
+
+    ``dependencies(op)`` lists the ops ``op`` needs; roots are explored one after the other, in their order.
+    The Session plans a run with it, ``tf.gradients`` orders the ops between xs and ys.
+    """
+    order, seen = [], set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            op, done = stack.pop()
+            if done:
+                order.append(op)
+                continue
+            if op in seen:
+                continue
+            seen.add(op)
+            stack.append((op, True))
+            stack.extend((d, False) for d in dependencies(op) if d not in seen)
+    return order
+
+
 def make_op(op_type, inputs, compute, dtypes, shapes, grad=None, name=None, attrs=None, stateful=False):
     """Create an operation in the default graph and return it."""
     graph = get_default_graph()
@@ -412,11 +443,8 @@ class Variable:
             self.dtype = init.dtype
             self.trainable = trainable
             var = self
-
-            def read():
-                raise AssertionError("variables are read by the session")  # the executor special-cases VariableV2
-
-            self._read = make_op("VariableV2", [], read, [init.dtype], [init.shape], name=None,
+            self._read = make_op("VariableV2", [], lambda ctx: (ctx.read_variable(var),), [init.dtype], [init.shape],
+                                 name=None,
                                  attrs={"variable": var}, stateful=True).outputs[0]
             self._read.op.name = self.name_prefix  # a variable's op is named like the variable
             from .ops import assign
@@ -454,7 +482,8 @@ class Variable:
         return assign_add(self, delta, name=name)
 
     def load(self, value, session=None):
-        (session or get_default_session())._set_variable(self, value)
+        """Set the variable's value in ``session`` (the default session) at once, without running an op."""
+        (session or get_default_session()).write_variable(self, value)
 
     def eval(self, session=None):
         return (session or get_default_session()).run(self._read)

@@ -7,7 +7,7 @@ inputs; gradients reaching a tensor along several paths are summed (AddN).
 
 from __future__ import annotations
 
-from .core import Tensor, Variable, convert_to_tensor
+from .core import Tensor, Variable, convert_to_tensor, topological_order
 from .ops import add_n, ones_like
 
 
@@ -51,25 +51,8 @@ def gradients(ys, xs, grad_ys=None, name="gradients"):
             frontier.extend(t.op for t in op.inputs)
     between = reach_from_x & reach_to_y
 
-    order, seen = [], set()
-
-    def visit(op):  # depth-first topological order (inputs first)
-        stack = [(op, False)]
-        while stack:
-            node, done = stack.pop()
-            if done:
-                order.append(node)
-                continue
-            if node in seen:
-                continue
-            seen.add(node)
-            stack.append((node, True))
-            if node not in x_ops:
-                stack.extend((t.op, False) for t in node.inputs if t.op in between and t.op not in seen)
-
-    for y in ys:
-        if y.op in between:
-            visit(y.op)
+    order = topological_order([y.op for y in ys if y.op in between],
+                              lambda op: [] if op in x_ops else [t.op for t in op.inputs if t.op in between])
 
     grads = {}  # tensor -> list of gradient tensors
 

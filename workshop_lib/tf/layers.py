@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import kernels
 from . import nn
 from .core import Tensor, Variable, convert_to_tensor, float32, get_default_graph, get_variable_scope, variable_scope
 from .ops import _shape_list, cast, constant, random_normal, random_uniform, reshape, subtract, truncated_normal
@@ -97,10 +98,6 @@ def _default_name(kind):
     return kind if n == 0 else f"{kind}_{n}"
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def conv2d(inputs, filters, kernel_size, strides=(1, 1), padding="valid", data_format="channels_last",
            activation=None, use_bias=True, kernel_initializer=None, bias_initializer=None, name=None, reuse=None,
            trainable=True):
@@ -110,11 +107,11 @@ def conv2d(inputs, filters, kernel_size, strides=(1, 1), padding="valid", data_f
     channels = None if shape is None else (shape[3] if fmt == "NHWC" else shape[1])
     if channels is None:
         raise ValueError(f"layers.conv2d: the channel dimension of {x.name} must be known, shape is {x.shape}")
-    kh, kw = _pair(kernel_size)
+    kh, kw = kernels.hw_pair(kernel_size, "kernel_size")
     with variable_scope(name or _default_name("conv2d"), reuse=reuse):
         kernel = get_variable("kernel", [kh, kw, channels, filters], initializer=kernel_initializer,
                               trainable=trainable)
-        y = nn.conv2d(x, kernel, strides=_pair(strides), padding=padding.upper(), data_format=fmt)
+        y = nn.conv2d(x, kernel, strides=kernels.hw_pair(strides, "strides"), padding=padding.upper(), data_format=fmt)
         if use_bias:
             bias = get_variable("bias", [filters], initializer=bias_initializer or zeros_initializer(),
                                 trainable=trainable)
@@ -142,16 +139,21 @@ def dense(inputs, units, activation=None, use_bias=True, kernel_initializer=None
 
 def max_pooling2d(inputs, pool_size, strides, padding="valid", data_format="channels_last", name=None):
     fmt = "NHWC" if data_format == "channels_last" else "NCHW"
-    return nn.max_pool(inputs, _pair(pool_size), _pair(strides), padding.upper(), fmt, name=name)
+    return nn.max_pool(inputs, kernels.hw_pair(pool_size, "pool_size"), kernels.hw_pair(strides, "strides"), padding.upper(), fmt, name=name)
 
 
 def average_pooling2d(inputs, pool_size, strides, padding="valid", data_format="channels_last", name=None):
     fmt = "NHWC" if data_format == "channels_last" else "NCHW"
-    return nn.avg_pool(inputs, _pair(pool_size), _pair(strides), padding.upper(), fmt, name=name)
+    return nn.avg_pool(inputs, kernels.hw_pair(pool_size, "pool_size"), kernels.hw_pair(strides, "strides"), padding.upper(), fmt, name=name)
 
 
 def dropout(inputs, rate=0.5, noise_shape=None, seed=None, training=False, name=None):
-    """Dropout only while ``training`` (a Python bool, or a bool tensor fed at run time)."""
+    """Dropout only while ``training`` (a Python bool, or a bool tensor fed at run time).
+
+    ``noise_shape`` and ``seed`` are not implemented: as in :func:`workshop_lib.tf.nn.dropout`, they raise
+    NotImplementedError unless None.
+    """
+    nn._reject_unimplemented_dropout_options(noise_shape, seed)
     if isinstance(training, (Tensor, Variable)):
         # keep probability 1 - rate when training is True, 1 when it is False
         keep = subtract(1.0, cast(training, float32) * constant(float(rate)))

@@ -1,4 +1,9 @@
-"""``tf.nn``: convolution, pooling, activations, dropout, softmax and cross-entropy, on workshop_lib.kernels."""
+"""``tf.nn``: convolution, pooling, activations, dropout, softmax and cross-entropy, on workshop_lib.kernels.
+
+Each op runs a kernels forward/backward pair: ``compute`` calls ``*_forward`` and the gradient op calls
+``*_backward`` on what the forward kept (its cache, as a second output, or its output), so the pairs that
+tests/test_kernels.py checks are the code the graph runs.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,6 @@ from .ops import _shape_list, multiply
 
 __all__ = ["conv2d", "max_pool", "avg_pool", "relu", "tanh", "elu", "sigmoid", "bias_add", "dropout", "softmax",
            "sparse_softmax_cross_entropy_with_logits", "l2_loss"]
-
-
-def _hw(values, name):
-    """TensorFlow passes strides and ksize as [1, h, w, 1] (NHWC) or [1, 1, h, w] (NCHW), or as ints."""
-    if isinstance(values, int):
-        return values, values
-    values = list(values)
-    if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
-        return tuple(values)
-    if len(values) == 4:
-        return (values[1], values[2]) if values[0] == 1 and values[3] == 1 else (values[2], values[3])
-    raise ValueError(f"{name}={values!r} must be an int, [h, w] or [1, h, w, 1]")
 
 
 def _spatial(shape, data_format):
@@ -43,9 +34,16 @@ def _pool_out_shape(x, ksize, strides, padding, data_format, channels):
 
 def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format="NHWC", name=None,  # noqa: A002
            filters=None, use_cudnn_on_gpu=True, dilations=None):
-    """2-D convolution; ``filter`` is HWIO (R, S, C, K). Kernels: im2col + BLAS (optimized) or direct loops."""
+    """2-D convolution; ``filter`` is HWIO (R, S, C, K). Kernels: im2col + BLAS (optimized) or direct loops.
+
+    ``use_cudnn_on_gpu`` changes nothing on a CPU and is accepted; ``dilations`` other than 1 raise
+    NotImplementedError (this engine has no dilated convolution).
+    """
+    if dilations is not None and kernels.hw_pair(dilations, "dilations") != (1, 1):
+        raise NotImplementedError(f"dilations={dilations!r}: dilated convolutions are not implemented; "
+                                  "pass dilations=None or [1, 1, 1, 1]")
     x, w = convert_to_tensor(input), convert_to_tensor(filter if filter is not None else filters)
-    strides = _hw(strides, "strides")
+    strides = kernels.hw_pair(strides, "strides")
     if data_format not in ("NHWC", "NCHW"):
         raise ValueError(f"data_format={data_format!r} must be 'NHWC' or 'NCHW'")
     wshape = _shape_list(w)
@@ -59,14 +57,13 @@ def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format
 
     def compute(ctx, xv, wv):
         out, cache = kernels.conv2d_forward(xv, wv, strides, padding, data_format, algorithm=ctx.conv_algorithm)
-        return out, cache[5]  # second output: the im2col columns (a workspace, as MKL-DNN's), or None
+        return out, cache.cols  # second output: the im2col columns (a workspace, as MKL-DNN's), or None
 
     def grad(op, g, _unused_workspace_grad=None):
         xin, win, workspace = op.inputs[0], op.inputs[1], op.outputs[1]
 
         def cache(xv, wv, cols):
-            pads = kernels._conv_padding(padding, *_spatial(xv.shape, data_format), *wv.shape[:2], strides)
-            return xv, wv, strides, pads, data_format, cols
+            return kernels.conv2d_cache(xv, wv, strides, padding, data_format, cols)
 
         dx = make_op("Conv2DBackpropInput", [g, xin, win], lambda ctx, gv, xv, wv: (kernels.conv2d_backward(
             gv, cache(xv, wv, None), need_dw=False, gemm=ctx.gemm_algorithm)[0],), [xin.dtype], [xin.shape],
@@ -84,7 +81,7 @@ def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format
 
 def _pool(op_type, forward, backward, value, ksize, strides, padding, data_format, name):
     x = convert_to_tensor(value)
-    ksize, strides = _hw(ksize, "ksize"), _hw(strides, "strides")
+    ksize, strides = kernels.hw_pair(ksize, "ksize"), kernels.hw_pair(strides, "strides")
     shape = _shape_list(x)
     channels = None if shape is None else (shape[3] if data_format == "NHWC" else shape[1])
 
@@ -113,35 +110,34 @@ def avg_pool(value, ksize, strides, padding, data_format="NHWC", name=None):
                  data_format, name)
 
 
-def _activation(op_type, forward, backward_from_output, features, name):
-    """An element-wise activation whose gradient needs only its output (so conv + bias + act can fuse)."""
+def _activation(op_type, forward, backward, cache_from_output, features, name):
+    """An element-wise activation on a kernels pair whose cache is made from the output alone, so the gradient
+    needs only the op's output (and conv + bias + activation can fuse)."""
     x = convert_to_tensor(features)
 
     def grad(op, g):
-        return [make_op(op_type + "Grad", [g, op.outputs[0]], lambda ctx, gv, yv: (backward_from_output(gv, yv),),
+        return [make_op(op_type + "Grad", [g, op.outputs[0]], lambda ctx, gv, yv: (backward(gv, cache_from_output(yv)),),
                         [x.dtype], [x.shape]).outputs[0]]
 
-    return make_op(op_type, [x], lambda ctx, v: (forward(v),), [x.dtype], [x.shape], grad=grad,
+    return make_op(op_type, [x], lambda ctx, v: (forward(v)[0],), [x.dtype], [x.shape], grad=grad,
                    name=name or op_type).outputs[0]
 
 
 def relu(features, name=None):
-    return _activation("Relu", lambda v: np.maximum(v, 0), lambda g, y: g * (y > 0), features, name)
+    return _activation("Relu", kernels.relu_forward, kernels.relu_backward, lambda y: y, features, name)
 
 
 def tanh(x, name=None):
-    return _activation("Tanh", np.tanh, lambda g, y: g * (1 - y * y), x, name)
+    return _activation("Tanh", kernels.tanh_forward, kernels.tanh_backward, lambda y: y, x, name)
 
 
 def elu(features, name=None):
-    # for x <= 0, elu(x) = exp(x) - 1, so its derivative exp(x) = y + 1; for x > 0 it is 1 (and y > 0)
-    return _activation("Elu", lambda v: kernels.elu_forward(v)[0].astype(v.dtype),
-                       lambda g, y: g * np.where(y > 0, 1, y + 1), features, name)
+    return _activation("Elu", kernels.elu_forward, kernels.elu_backward, lambda y: (y, 1.0), features, name)
 
 
 def sigmoid(x, name=None):
-    return _activation("Sigmoid", lambda v: (1 / (1 + np.exp(-v))).astype(v.dtype), lambda g, y: g * y * (1 - y),
-                       x, name)
+    return _activation("Sigmoid", lambda v: ((1 / (1 + np.exp(-v))).astype(v.dtype),), lambda g, y: g * y * (1 - y),
+                       lambda y: y, x, name)
 
 
 def bias_add(value, bias, data_format="NHWC", name=None):
@@ -157,11 +153,21 @@ def bias_add(value, bias, data_format="NHWC", name=None):
                    attrs={"data_format": data_format}).outputs[0]
 
 
+def _reject_unimplemented_dropout_options(noise_shape, seed):
+    for arg, value in (("noise_shape", noise_shape), ("seed", seed)):
+        if value is not None:
+            raise NotImplementedError(f"dropout: {arg}={value!r} is not implemented; pass {arg}=None (the mask "
+                                      "is then drawn per element from the graph-level seed)")
+
+
 def dropout(x, keep_prob=None, noise_shape=None, seed=None, name=None, rate=None):
     """Inverted dropout: keep with probability ``keep_prob`` (or ``1 - rate``), scale by its inverse.
 
     ``keep_prob`` may be a tensor (a placeholder fed 0.5 in training and 1.0 in evaluation, as the seed does).
+    The mask comes from the graph's seed (``tf.set_random_seed``); ``noise_shape`` and ``seed`` are not
+    implemented and raise NotImplementedError unless None.
     """
+    _reject_unimplemented_dropout_options(noise_shape, seed)
     if (keep_prob is None) == (rate is None):
         raise ValueError("pass exactly one of keep_prob and rate")
     x = convert_to_tensor(x)
@@ -200,7 +206,7 @@ def softmax(logits, axis=-1, name=None):
 def sparse_softmax_cross_entropy_with_logits(_sentinel=None, labels=None, logits=None, name=None):
     """Per-example cross-entropy (N,) of logits (N, classes) against integer labels (N,), computed stably.
 
-    As in TensorFlow the op has a second output, the gradient with respect to the logits, used by its gradient.
+    As in TensorFlow the op has a second output for its gradient: here the cross-entropy kernel's cache.
     """
     if _sentinel is not None:
         raise ValueError("call sparse_softmax_cross_entropy_with_logits with named arguments labels=..., logits=...")
@@ -208,20 +214,12 @@ def sparse_softmax_cross_entropy_with_logits(_sentinel=None, labels=None, logits
     if y.dtype not in (as_dtype(np.int32), int64):
         raise TypeError(f"labels {y.name} must be int32 or int64, got {y.dtype.name}")
 
-    def compute(ctx, lv, yv):
-        z = lv - lv.max(axis=1, keepdims=True)
-        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        if yv.size and (yv.min() < 0 or yv.max() >= lv.shape[1]):
-            raise ValueError(f"labels must lie in [0, {lv.shape[1]}); got values in [{yv.min()}, {yv.max()}]")
-        rows = np.arange(len(yv))
-        loss = -log_probs[rows, yv]
-        backprop = np.exp(log_probs)
-        backprop[rows, yv] -= 1
-        return loss.astype(lv.dtype), backprop.astype(lv.dtype)
+    def compute(ctx, lv, yv):  # the second output is the kernel's cache (the softmax and the labels)
+        return kernels.softmax_xent_forward(lv, yv, reduction="none")
 
     def grad(op, g, _unused=None):
-        scaled = make_op("XentGrad", [g, op.outputs[1]], lambda ctx, gv, bp: (gv[:, None] * bp,), [x.dtype],
-                         [x.shape]).outputs[0]
+        scaled = make_op("XentGrad", [g, op.outputs[1]], lambda ctx, gv, cache: (
+            kernels.softmax_xent_backward(gv, cache),), [x.dtype], [x.shape]).outputs[0]
         return [scaled, None]
 
     shape = _shape_list(x)
@@ -252,8 +250,7 @@ def softmax_cross_entropy_with_logits(_sentinel=None, labels=None, logits=None, 
     def compute(ctx, lv, yv):
         if lv.shape != yv.shape:
             raise ValueError(f"labels have shape {yv.shape} but logits have shape {lv.shape}")
-        z = lv - lv.max(axis=1, keepdims=True)
-        log_probs = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        log_probs = kernels.log_softmax(lv, axis=1)
         loss = -(yv * log_probs).sum(axis=1)
         backprop = np.exp(log_probs) * yv.sum(axis=1, keepdims=True) - yv
         return loss.astype(lv.dtype), backprop.astype(lv.dtype), (-log_probs).astype(lv.dtype)

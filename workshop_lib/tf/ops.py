@@ -1,8 +1,9 @@
 """The operations. Each public function builds one op: its forward (``compute``) and, beside it, its
 gradient (``grad``), which builds the ops of the backward pass. The numerics are workshop_lib.kernels'.
 
-``compute(ctx, *inputs)`` returns a tuple of outputs; ``ctx`` is the running session's context (kernel
-choice, random state, variables).
+``compute(ctx, *inputs)`` returns a tuple of outputs; ``ctx`` is the running session's
+:class:`~workshop_lib.tf.session.RunContext`: the kernels chosen, ``read_variable`` / ``write_variable``,
+and the op's random generator ``rng_for(op)``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import numpy as np
 
 from .. import kernels
 from .core import (
+    InvalidArgumentError,
     TensorShape,
     Tensor,
     Variable,
@@ -99,33 +101,30 @@ def constant(value, dtype=None, shape=None, name="Const"):
 def placeholder(dtype, shape=None, name=None):
     """A tensor that must be fed: ``sess.run(..., feed_dict={p: value})``."""
 
-    def unfed(ctx):
-        raise AssertionError("placeholders are fed by the session")
+    def unfed(ctx):  # a fed placeholder never runs: its value comes from the feed
+        out = op.outputs[0]
+        raise InvalidArgumentError(f"You must feed a value for placeholder tensor '{op.name}' with dtype "
+                                   f"{out.dtype.name}" + (f" and shape {out.shape}" if out.shape.dims is not None else ""))
 
-    return make_op("Placeholder", [], unfed, [as_dtype(dtype)], [shape], name=name or "Placeholder").outputs[0]
+    op = make_op("Placeholder", [], unfed, [as_dtype(dtype)], [shape], name=name or "Placeholder")
+    return op.outputs[0]
 
 
 def _random(op_type, sampler, shape, dtype, seed, name):
     dtype = as_dtype(dtype)
-    op_seed = seed
 
     def compute(ctx):
         return (sampler(ctx.rng_for(op), tuple(shape)).astype(dtype.as_numpy_dtype),)
 
-    op = make_op(op_type, [], compute, [dtype], [list(shape)], name=name, attrs={"seed": op_seed}, stateful=True)
+    op = make_op(op_type, [], compute, [dtype], [list(shape)], name=name, attrs={"seed": seed}, stateful=True)
     return op.outputs[0]
 
 
 def truncated_normal(shape, mean=0.0, stddev=1.0, dtype=float32, seed=None, name="truncated_normal"):
     """Normal values redrawn until within two standard deviations, as TensorFlow's."""
 
-    def sample(rng, shape):
-        x = rng.standard_normal(shape)
-        while np.any(bad := np.abs(x) > 2):
-            x[bad] = rng.standard_normal(int(bad.sum()))
-        return mean + stddev * x
-
-    return _random("TruncatedNormal", sample, shape, dtype, seed, name)
+    return _random("TruncatedNormal", lambda rng, s: mean + stddev * kernels.truncated_standard_normal(rng, s),
+                   shape, dtype, seed, name)
 
 
 def random_normal(shape, mean=0.0, stddev=1.0, dtype=float32, seed=None, name="random_normal"):
@@ -161,8 +160,8 @@ def assign(ref, value, name=None):
     value = convert_to_tensor(value, dtype=var.dtype)
 
     def compute(ctx, v):
-        ctx.session._set_variable(var, v)
-        return (ctx.session._variable_value(var),)
+        ctx.write_variable(var, v)
+        return (ctx.read_variable(var),)
 
     return make_op("Assign", [value], compute, [var.dtype], [value.shape], name=name or "Assign",
                    attrs={"variable": var}, stateful=True).outputs[0]
@@ -173,8 +172,8 @@ def assign_add(ref, delta, name=None):
     delta = convert_to_tensor(delta, dtype=var.dtype)
 
     def compute(ctx, d):
-        ctx.session._set_variable(var, ctx.session._variable_value(var) + d)
-        return (ctx.session._variable_value(var),)
+        ctx.write_variable(var, ctx.read_variable(var) + d)
+        return (ctx.read_variable(var),)
 
     return make_op("AssignAdd", [delta], compute, [var.dtype], [var.shape], name=name or "AssignAdd",
                    attrs={"variable": var}, stateful=True).outputs[0]
@@ -443,6 +442,7 @@ def py_func(func, inp, Tout, stateful=True, name=None):  # noqa: N803 - TensorFl
 # ----------------------------------------------------------------------------------------------
 # operators on tensors and variables
 
+
 def _install_operators(cls, wrap=lambda t: t):
     cls.__add__ = lambda self, other: add(wrap(self), other)
     cls.__radd__ = lambda self, other: add(convert_to_tensor(other, dtype=wrap(self).dtype), wrap(self))
@@ -458,9 +458,6 @@ def _install_operators(cls, wrap=lambda t: t):
 
 _install_operators(Tensor)
 _install_operators(Variable, wrap=lambda v: v.value())
-
-
-
 
 
 def ones_like(tensor, dtype=None, name="ones_like"):

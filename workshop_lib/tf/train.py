@@ -69,7 +69,11 @@ def get_or_create_global_step(graph=None):
 
 
 class Optimizer:
-    """Base class: subclasses define ``_create_slots`` and ``_apply`` (the update of one variable)."""
+    """Base class: subclasses define ``_create_slots`` and ``_apply`` (the update of one variable).
+
+    An update reads and writes variables through the run context (``ctx.read_variable``,
+    ``ctx.write_variable``), as every op does.
+    """
 
     def __init__(self, use_locking=False, name="Optimizer"):
         self._name = name
@@ -86,8 +90,23 @@ class Optimizer:
         grads = gradients(loss, var_list, grad_ys=None if grad_loss is None else [grad_loss])
         return list(zip(grads, var_list))
 
-    def apply_gradients(self, grads_and_vars, global_step=None, name=None):
-        """One update op per (gradient, variable), grouped; then the global step is incremented."""
+    def apply_gradients(self, grads_and_vars, global_step=None, name=None, gate=None):
+        """One update op per (gradient, variable), grouped; then the global step is incremented.
+
+        Parameters
+        ----------
+        grads_and_vars : list of (gradient, variable), as ``compute_gradients`` returns
+        global_step : Variable, optional
+            Incremented by one after the updates, on every run of the returned op.
+        name : str, optional
+        gate : bool scalar Tensor, optional
+            When given, the updates (and an optimizer's own bookkeeping, such as Adam's powers of beta) take
+            effect only on runs where it is True; the global step still advances on every run. This is how
+            ``hvd.DistributedOptimizer(backward_passes_per_step=k)`` applies the aggregated gradients on
+            every k-th pass only. Not in TensorFlow's signature: an addition of this engine.
+        """
+        if gate is not None and (not isinstance(gate, Tensor) or gate.dtype.name != "bool" or gate.shape.dims != []):
+            raise TypeError(f"gate={gate!r} must be a scalar bool tensor or None")
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
         if not pairs:
             raise ValueError(f"No gradients provided for any variable: {[v.name for _, v in grads_and_vars]}")
@@ -100,8 +119,8 @@ class Optimizer:
             # every update waits for every gradient: updates change variables in place, and a gradient
             # (say, backpropagation through fc2's weights) must see the values of this step, not the next
             with control_dependencies([g.op for g in grads]):
-                updates = [self._apply(g, v) for g, (_, v) in zip(grads, pairs)]
-            finish = self._finish(updates)
+                updates = [self._apply(g, v, gate) for g, (_, v) in zip(grads, pairs)]
+            finish = self._finish(updates, gate)
             if global_step is None:
                 return finish
             with control_dependencies([finish]):
@@ -124,19 +143,15 @@ class Optimizer:
         return Variable(np.full(var.shape.as_list(), fill, dtype=var.dtype.as_numpy_dtype), trainable=False,
                         name=f"{var.name_prefix}/{self._name}_{name}")
 
-    def _update_op(self, op_type, grad, var, inputs, update):
-        """An op running ``update(session, grad_value, *input_values)`` that mutates variables in the session."""
+    def _update_op(self, op_type, grad, var, inputs, update, gate):
+        """An op running ``update(ctx, grad_value, *input_values)``, which changes variables through ``ctx``."""
         return self._stateful_op(op_type, [grad, *inputs],
-                                 lambda ctx, g, *values: update(ctx.session, np.asarray(g, dtype=var.dtype.as_numpy_dtype),
-                                                                *values))
+                                 lambda ctx, g, *values: update(ctx, np.asarray(g, dtype=var.dtype.as_numpy_dtype),
+                                                                *values), gate)
 
-    # A bool tensor, or None. When set (by a wrapper such as hvd.DistributedOptimizer with
-    # backward_passes_per_step > 1), the updates that apply_gradients builds run only on steps where it is True.
-    _gate = None
-
-    def _stateful_op(self, op_type, inputs, effect, name=None):
-        """An op with no outputs running ``effect(ctx, *input_values)``; skipped on steps where the gate is False."""
-        gate = self._gate
+    @staticmethod
+    def _stateful_op(op_type, inputs, effect, gate, name=None):
+        """An op with no outputs running ``effect(ctx, *input_values)``; skipped on runs where ``gate`` is False."""
 
         def compute(ctx, *values):
             if gate is not None:
@@ -152,7 +167,7 @@ class Optimizer:
     def _create_slots(self, var):
         return {}
 
-    def _finish(self, updates):
+    def _finish(self, updates, gate):
         return group(*updates, name="update")
 
 
@@ -175,11 +190,11 @@ class GradientDescentOptimizer(_LearningRate, Optimizer):
         super().__init__(use_locking, name)
         self._learning_rate = _lr(learning_rate)
 
-    def _apply(self, grad, var):
-        def update(sess, g, *lr):
-            sess._variables[var] = sess._variable_value(var) - self._lr_value(lr) * g
+    def _apply(self, grad, var, gate):
+        def update(ctx, g, *lr):
+            ctx.write_variable(var, ctx.read_variable(var) - self._lr_value(lr) * g)
 
-        return self._update_op("ApplyGradientDescent", grad, var, self._lr_input(), update)
+        return self._update_op("ApplyGradientDescent", grad, var, self._lr_input(), update, gate)
 
 
 class MomentumOptimizer(_LearningRate, Optimizer):
@@ -192,17 +207,17 @@ class MomentumOptimizer(_LearningRate, Optimizer):
     def _create_slots(self, var):
         return {"momentum": self._slot(var, "momentum")}
 
-    def _apply(self, grad, var):
+    def _apply(self, grad, var, gate):
         accum = self._slots[var]["momentum"]
 
-        def update(sess, g, *lr):
+        def update(ctx, g, *lr):
             lr = self._lr_value(lr)
-            a = self._momentum * sess._variable_value(accum) + g
-            sess._variables[accum] = a
+            a = self._momentum * ctx.read_variable(accum) + g
+            ctx.write_variable(accum, a)
             step = lr * (g + self._momentum * a) if self._nesterov else lr * a
-            sess._variables[var] = sess._variable_value(var) - step
+            ctx.write_variable(var, ctx.read_variable(var) - step)
 
-        return self._update_op("ApplyMomentum", grad, var, self._lr_input(), update)
+        return self._update_op("ApplyMomentum", grad, var, self._lr_input(), update, gate)
 
 
 class AdamOptimizer(_LearningRate, Optimizer):
@@ -219,30 +234,28 @@ class AdamOptimizer(_LearningRate, Optimizer):
                             Variable(np.float32(self._beta2), trainable=False, name="beta2_power"))
         return {"m": self._slot(var, "m"), "v": self._slot(var, "v")}
 
-    def _apply(self, grad, var):
+    def _apply(self, grad, var, gate):
         m, v = self._slots[var]["m"], self._slots[var]["v"]
         b1p, b2p = self._powers
 
-        def update(sess, g, *lr):
-            lr = self._lr_value(lr)
-            p1, p2 = float(sess._variable_value(b1p)), float(sess._variable_value(b2p))
-            lr_t = lr * np.sqrt(1 - p2) / (1 - p1)
+        def update(ctx, g, *lr):
+            lr_t = kernels.adam_step_size(self._lr_value(lr), float(ctx.read_variable(b1p)),
+                                          float(ctx.read_variable(b2p)))
             # one fused pass, in place on the session's arrays (the same step as TensorFlow's ApplyAdam)
-            kernels.adam_update(sess._variable_value(var), g, sess._variable_value(m), sess._variable_value(v), lr_t,
+            kernels.adam_update(ctx.read_variable(var), g, ctx.read_variable(m), ctx.read_variable(v), lr_t,
                                 self._beta1, self._beta2, self._epsilon)
 
-        return self._update_op("ApplyAdam", grad, var, self._lr_input(), update)
+        return self._update_op("ApplyAdam", grad, var, self._lr_input(), update, gate)
 
-    def _finish(self, updates):
+    def _finish(self, updates, gate):
         b1p, b2p = self._powers
 
         def advance(ctx):
-            s = ctx.session
-            s._variables[b1p] = (s._variable_value(b1p) * self._beta1).astype(np.float32)
-            s._variables[b2p] = (s._variable_value(b2p) * self._beta2).astype(np.float32)
+            ctx.write_variable(b1p, (ctx.read_variable(b1p) * self._beta1).astype(np.float32))
+            ctx.write_variable(b2p, (ctx.read_variable(b2p) * self._beta2).astype(np.float32))
 
         with control_dependencies(updates):
-            return self._stateful_op("AdamPowers", [], advance, name="update_powers")
+            return self._stateful_op("AdamPowers", [], advance, gate, name="update_powers")
 
 
 class AdagradOptimizer(_LearningRate, Optimizer):
@@ -255,15 +268,15 @@ class AdagradOptimizer(_LearningRate, Optimizer):
     def _create_slots(self, var):
         return {"accumulator": self._slot(var, "accumulator", self._initial)}
 
-    def _apply(self, grad, var):
+    def _apply(self, grad, var, gate):
         accum = self._slots[var]["accumulator"]
 
-        def update(sess, g, *lr):
-            a = sess._variable_value(accum) + g * g
-            sess._variables[accum] = a
-            sess._variables[var] = sess._variable_value(var) - self._lr_value(lr) * g / np.sqrt(a)
+        def update(ctx, g, *lr):
+            a = ctx.read_variable(accum) + g * g
+            ctx.write_variable(accum, a)
+            ctx.write_variable(var, ctx.read_variable(var) - self._lr_value(lr) * g / np.sqrt(a))
 
-        return self._update_op("ApplyAdagrad", grad, var, self._lr_input(), update)
+        return self._update_op("ApplyAdagrad", grad, var, self._lr_input(), update, gate)
 
 
 class RMSPropOptimizer(_LearningRate, Optimizer):
@@ -279,16 +292,17 @@ class RMSPropOptimizer(_LearningRate, Optimizer):
     def _create_slots(self, var):
         return {"rms": self._slot(var, "rms", 1.0), "momentum": self._slot(var, "momentum")}
 
-    def _apply(self, grad, var):
+    def _apply(self, grad, var, gate):
         rms, mom = self._slots[var]["rms"], self._slots[var]["momentum"]
 
-        def update(sess, g, *lr):
-            ms = self._decay * sess._variable_value(rms) + (1 - self._decay) * g * g
-            mo = self._momentum * sess._variable_value(mom) + self._lr_value(lr) * g / np.sqrt(ms + self._epsilon)
-            sess._variables[rms], sess._variables[mom] = ms, mo
-            sess._variables[var] = sess._variable_value(var) - mo
+        def update(ctx, g, *lr):
+            ms = self._decay * ctx.read_variable(rms) + (1 - self._decay) * g * g
+            mo = self._momentum * ctx.read_variable(mom) + self._lr_value(lr) * g / np.sqrt(ms + self._epsilon)
+            ctx.write_variable(rms, ms)
+            ctx.write_variable(mom, mo)
+            ctx.write_variable(var, ctx.read_variable(var) - mo)
 
-        return self._update_op("ApplyRMSProp", grad, var, self._lr_input(), update)
+        return self._update_op("ApplyRMSProp", grad, var, self._lr_input(), update, gate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +354,7 @@ class Saver:
         """Write the checkpoint atomically (temporary file, then rename) and return its path prefix."""
         step = _step_value(sess, global_step)
         prefix = f"{save_path}-{step}" if step is not None else str(save_path)
-        values = {name: sess._variable_value(var) for name, var in self._vars.items()}
+        values = {name: sess.read_variable(var) for name, var in self._vars.items()}
         atomic_write(Path(prefix + ".npz"), lambda tmp: np.savez(tmp, **values))
         directory = os.path.dirname(prefix) or "."
         _, previous = _read_index(directory)
@@ -364,7 +378,7 @@ class Saver:
             if missing:
                 raise KeyError(f"{path}: checkpoint has no value for {missing}")
             for name, var in self._vars.items():
-                sess._set_variable(var, f[name])
+                sess.write_variable(var, f[name])
         logging.info("Restoring parameters from %s", save_path)
 
 
@@ -415,7 +429,11 @@ class SessionRunHook:
 
 
 class StopAtStepHook(SessionRunHook):
-    """Request a stop once the global step reaches ``last_step`` (or ``num_steps`` more than at the start)."""
+    """Request a stop once the global step reaches ``last_step`` (or ``num_steps`` more than at the start).
+
+    The global step comes with each run's own fetches (``before_run``); it is the value the run read, which may
+    be before the run's increment, so only when that value is one step short is it read again, as TensorFlow does.
+    """
 
     def __init__(self, num_steps=None, last_step=None):
         if (num_steps is None) == (last_step is None):
@@ -435,7 +453,8 @@ class StopAtStepHook(SessionRunHook):
         return SessionRunArgs(self._global_step)
 
     def after_run(self, run_context, run_values):
-        if int(run_context.session.run(self._global_step)) >= self._last_step:
+        if int(run_values.results) + 1 >= self._last_step and \
+                int(run_context.session.run(self._global_step)) >= self._last_step:
             run_context.request_stop()
 
 
@@ -485,7 +504,11 @@ class LoggingTensorHook(SessionRunHook):
 
 
 class CheckpointSaverHook(SessionRunHook):
-    """Save a checkpoint every ``save_steps`` steps or ``save_secs`` seconds, and at the end."""
+    """Save a checkpoint every ``save_steps`` steps or ``save_secs`` seconds, and at the end.
+
+    As :class:`StopAtStepHook`, it reads the global step from each run's fetches and reads it again only when a
+    save may be due.
+    """
 
     def __init__(self, checkpoint_dir, save_secs=None, save_steps=None, saver=None, checkpoint_basename="model.ckpt"):
         if (save_secs is None) == (save_steps is None):
@@ -511,10 +534,17 @@ class CheckpointSaverHook(SessionRunHook):
         self._saver.save(session, self._path, global_step=step)
         self._last_step, self._last_time = step, time.time()
 
+    def before_run(self, run_context):
+        return SessionRunArgs(self._global_step)
+
+    def _due(self, step):
+        return (step - self._last_step >= self._steps) if self._steps else (time.time() - self._last_time >= self._secs)
+
     def after_run(self, run_context, run_values):
+        if not self._due(int(run_values.results) + 1):
+            return
         step = int(run_context.session.run(self._global_step))
-        due = (step - self._last_step >= self._steps) if self._steps else (time.time() - self._last_time >= self._secs)
-        if due and step != self._last_step:
+        if self._due(step) and step != self._last_step:
             self._save(run_context.session, step)
 
     def end(self, session):
@@ -582,7 +612,7 @@ class MonitoredTrainingSession:
         return self._stop
 
     def close(self):
-        if not self._session._closed:
+        if not self._session.closed:
             for hook in self._hooks:
                 hook.end(self._session)
             self._session.close()

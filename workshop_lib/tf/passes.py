@@ -1,0 +1,240 @@
+"""Graph passes: rewrites of a run's plan, each a function plan -> plan, as TensorFlow's Grappler runs them.
+
+A plan is the list of entries a Session executes, in order: graph Operations, and the entries these passes
+put in their place. Every entry has ``inputs``, ``outputs``, ``control_inputs``, ``type``, ``name``,
+``attrs`` and ``compute(ctx, *input_values) -> outputs``, so the executor runs them all alike.
+
+- :func:`fuse` (``GraphOptions(fusion=True)``): Conv2D/MatMul -> BiasAdd (-> Relu) becomes one
+  primitive that adds the bias and applies the ReLU in place on the GEMM's output (oneDNN's post-ops):
+  one pass over memory instead of three.
+- :func:`propagate_layout` (``GraphOptions(layout="blocked")``): convolutions with 16 or more input
+  channels, and the pooling and ReLU after them, run in nChw16c (16 channels = one AVX-512 register of
+  float32); values stay blocked from op to op, and a :class:`Reorder` entry converts them only where a
+  plain-layout op reads them or the caller fetches them. :func:`reorder_counts` counts those entries.
+
+The one idea: because the graph is defined before it runs, the engine can rewrite it first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .. import kernels
+from .trace import describe, op_fields
+
+__all__ = ["FusedOp", "fuse", "Reorder", "BlockedOp", "BlockedValue", "propagate_layout", "reorder_counts"]
+
+
+# ----------------------------------------------------------------------------------------------
+# fusion
+
+
+class FusedOp:
+    """A plan entry that replaces conv/matmul -> BiasAdd (-> Relu): computes the last tensor in one pass."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self.main, self.bias_op = ops[0], ops[1]
+        self.relu = len(ops) == 3
+        self.type = "_Fused" + self.main.type + ("BiasAddRelu" if self.relu else "BiasAdd")
+        self.name = self.main.name + "/fused"
+        self.attrs = self.main.attrs
+        self.inputs = list(self.main.inputs) + [self.bias_op.inputs[1]]
+        # a fused convolution still provides the convolution's workspace (im2col columns) to its gradient
+        self.outputs = [ops[-1].outputs[0]] + (self.main.outputs[1:] if self.main.type == "Conv2D" else [])
+        self.control_inputs = [c for op in ops for c in op.control_inputs]
+
+    def compute(self, ctx, x, w, b):
+        a = self.attrs
+        if self.main.type == "Conv2D":
+            y, cache = kernels.conv2d_forward(x, w, a["strides"], a["padding"], a["data_format"], ctx.conv_algorithm)
+            y += b if a["data_format"] == "NHWC" else b.reshape(-1, 1, 1)
+        else:
+            y = kernels.gemm_forward(x, w, a["transpose_a"], a["transpose_b"], ctx.gemm_algorithm)[0]
+            y += b  # bias added to the GEMM's output in place: no extra tensor
+        if self.relu:
+            np.maximum(y, 0, out=y)
+        return (y, cache.cols) if self.main.type == "Conv2D" else (y,)  # cols: the workspace the gradient reuses
+
+
+def _is_bias_add(op, main_output):
+    """BiasAdd, or an Add of a 1-D bias over the last (channel) axis, as ``conv2d(x, W) + b`` is written."""
+    if op.inputs[0] is not main_output:
+        return False
+    if op.type == "BiasAdd":
+        return op.attrs["data_format"] == "NHWC" or main_output.op.type == "MatMul"
+    if op.type != "Add":
+        return False
+    bias_shape, out_shape = op.inputs[1].shape.dims, main_output.shape.dims
+    channels_last = main_output.op.type == "MatMul" or main_output.op.attrs.get("data_format") == "NHWC"
+    return (channels_last and bias_shape is not None and len(bias_shape) == 1 and out_shape is not None
+            and bias_shape[0] is not None and bias_shape[0] == out_shape[-1])
+
+
+def _consumers(plan):
+    consumers = {}
+    for entry in plan:
+        for t in entry.inputs:
+            consumers.setdefault(t, []).append(entry)
+    return consumers
+
+
+def fuse(plan, fetched=()):
+    """Replace Conv2D/MatMul -> BiasAdd (-> Relu) chains whose intermediate results nothing else uses.
+
+    ``fetched`` are the tensors the caller asked for: they must stay computed, so no chain hides them.
+    A fused entry takes the place of its last op; its inputs come from earlier entries, so the order stays valid.
+    """
+    consumers, fetched = _consumers(plan), set(fetched)
+    fused, replacement = set(), {}
+    for op in plan:
+        if op in fused or op.type not in ("Conv2D", "MatMul"):
+            continue
+        t = op.outputs[0]
+        users = consumers.get(t, [])
+        if len(users) != 1 or not _is_bias_add(users[0], t) or t in fetched:
+            continue
+        chain = [op, users[0]]
+        bt = users[0].outputs[0]
+        busers = consumers.get(bt, [])
+        if len(busers) == 1 and busers[0].type == "Relu" and bt not in fetched:
+            chain.append(busers[0])
+        fused.update(chain)
+        replacement[chain[-1]] = FusedOp(chain)
+    return [replacement.get(op, op) for op in plan if op in replacement or op not in fused]
+
+
+# ----------------------------------------------------------------------------------------------
+# layout propagation
+
+
+class BlockedValue:
+    """Stands in a plan for a value held in nChw16c (or OIhw16i16o for weights): the key of its array."""
+
+    def __init__(self, tensor, channels, data_format):
+        self.tensor, self.channels, self.data_format = tensor, channels, data_format
+        self.name = tensor.name + "/nChw16c"
+
+    def __repr__(self):
+        return f"<BlockedValue of {self.tensor.name}, {self.channels} channels>"
+
+
+class Reorder:
+    """A plan entry that converts one value between a plain layout and a blocked one (counted in Session.stats)."""
+
+    type = "Reorder"
+
+    def __init__(self, source, target, direction):
+        self.inputs, self.outputs, self.control_inputs, self.attrs = [source], [target], [], {}
+        self.direction = direction  # "to_blocked", "to_plain" or "weights"
+        blocked = target if direction != "to_plain" else source
+        fmt = blocked.data_format.lower()
+        self.kind = {"to_blocked": f"{fmt}->nChw16c", "to_plain": f"nChw16c->{fmt}",
+                     "weights": "hwio->OIhw16i16o"}[direction]
+        self.stat = "weight_reorders" if direction == "weights" else "reorders"
+        self.name = f"{getattr(source, 'name', '?')}/reorder"
+        self._blocked = blocked
+
+    def compute(self, ctx, value):
+        if self.direction == "to_blocked":
+            return (kernels.to_blocked(value, self._blocked.data_format),)
+        if self.direction == "to_plain":
+            return (kernels.from_blocked(value, self._blocked.channels, self._blocked.data_format),)
+        return (kernels.weights_to_blocked(value),)
+
+    def trace_fields(self, args, result):
+        return ["reorder", self.kind, describe(result[0])]
+
+
+class BlockedOp:
+    """A plan entry running a convolution (fused or not), a pooling or a ReLU on nChw16c values."""
+
+    def __init__(self, entry, role, inputs, output):
+        self.entry, self.role = entry, role
+        self.main = entry.main if isinstance(entry, FusedOp) else entry
+        self.type, self.name, self.attrs = entry.type, entry.name, self.main.attrs
+        self.inputs, self.control_inputs = inputs, entry.control_inputs
+        self.outputs = [output] + list(entry.outputs[1:])  # the workspace outputs nobody reads stay None
+
+    def compute(self, ctx, x, *rest):
+        a = self.attrs
+        if self.role == "conv":
+            wb = rest[0]
+            fused = isinstance(self.entry, FusedOp)
+            out = kernels.conv2d_blocked_forward(x, wb, a["strides"], a["padding"], rest[1] if fused else None,
+                                                 fused and self.entry.relu)
+            return (out, None)
+        if self.role == "pool":
+            n, cb, h, w, blk = x.shape
+            forward = kernels.maxpool_forward if self.main.type == "MaxPool" else kernels.avgpool_forward
+            pooled = forward(x.reshape(n * cb, h, w, blk), a["ksize"], a["strides"], a["padding"], "NHWC")[0]
+            return (pooled.reshape(n, cb, *pooled.shape[1:]), None)
+        return (np.maximum(x, 0),)  # ReLU keeps the padded channels at 0
+
+    def trace_fields(self, args, result):
+        return op_fields(self.type, "blocked", "nChw16c", args, result)
+
+
+def _channels(tensor, axis):
+    dims = tensor.shape.dims
+    return None if dims is None or len(dims) != 4 else dims[axis]
+
+
+def _blocked_role(entry, consumed, blocked):
+    """How ``entry`` runs under layout propagation: "conv", "pool", "relu", or None (plain layout)."""
+    main = entry.main if isinstance(entry, FusedOp) else entry
+    if main.type == "Conv2D":
+        if main.outputs[1] in consumed:  # a gradient needs the im2col workspace: stay plain
+            return None
+        c, k = _channels(main.inputs[1], 2), _channels(main.inputs[1], 3)  # the filter is (R, S, C, K)
+        return "conv" if c is not None and k is not None and c >= kernels.BLOCK else None
+    if main.type in ("MaxPool", "AvgPool") and main.inputs[0] in blocked and main.outputs[1] not in consumed:
+        return "pool"
+    if main.type == "Relu" and main.inputs[0] in blocked:
+        return "relu"
+    return None
+
+
+def propagate_layout(plan, fetched=()):
+    """Run what can run in nChw16c blocked, with a :class:`Reorder` only at the boundaries of the blocked region.
+
+    It applies where no gradient needs the ops' workspaces (im2col columns, pooling argmax), i.e. to inference.
+    """
+    consumed = {t for entry in plan for t in entry.inputs}
+    blocked = {}  # a tensor -> the BlockedValue its array is held in
+    out = []
+    for entry in plan:
+        role = _blocked_role(entry, consumed, blocked)
+        if role is None:
+            out.append(entry)
+            continue
+        x, y = entry.inputs[0], entry.outputs[0]
+        fmt = entry.attrs["data_format"]
+        if role == "conv":
+            w = entry.inputs[1]
+            if x not in blocked:  # arrives in the plain layout: reorder it in
+                blocked[x] = BlockedValue(x, _channels(w, 2), fmt)
+                out.append(Reorder(x, blocked[x], "to_blocked"))
+            wb = BlockedValue(w, _channels(w, 2), fmt)
+            out.append(Reorder(w, wb, "weights"))  # the weights change from step to step: every run, as oneDNN's
+            inputs, channels = [blocked[x], wb, *entry.inputs[2:]], _channels(w, 3)
+        else:
+            inputs, channels = [blocked[x]], blocked[x].channels
+        blocked[y] = BlockedValue(y, channels, blocked[x].data_format)
+        out.append(BlockedOp(entry, role, inputs, blocked[y]))
+    # a blocked result goes back to the plain layout (once) where a plain-layout entry reads it, or it is fetched
+    read_plain = {t for entry in out for t in entry.inputs} | set(fetched)
+    result = []
+    for entry in out:
+        result.append(entry)
+        if isinstance(entry, BlockedOp) and entry.outputs[0].tensor in read_plain:
+            result.append(Reorder(entry.outputs[0], entry.outputs[0].tensor, "to_plain"))
+    return result
+
+
+def reorder_counts(plan):
+    """How many reorders one run of ``plan`` does: ``{"reorders": activations, "weight_reorders": weights}``."""
+    counts = Counter(entry.stat for entry in plan if isinstance(entry, Reorder))
+    return {"reorders": counts["reorders"], "weight_reorders": counts["weight_reorders"]}
