@@ -279,3 +279,52 @@ def test_thread_spin_defaults_and_the_allocator_setting_respect_the_users_choice
     env.update(OMP_WAIT_POLICY="ACTIVE", OPENBLAS_THREAD_TIMEOUT="10", WORKSHOP_MALLOC="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.split() == ["ACTIVE", "10", "False", "False"]
+
+
+def test_per_example_cross_entropy_pair_matches_the_mean_pair_and_central_differences():
+    x = RNG.standard_normal((5, 7)) * 3
+    labels = RNG.integers(0, 7, 5)
+    losses, cache = K.softmax_xent_forward(x, labels, reduction="none")
+    ref = -np.log(np.exp(x[np.arange(5), labels]) / np.exp(x).sum(1))
+    np.testing.assert_allclose(losses, ref, rtol=1e-12)
+    np.testing.assert_allclose(K.log_softmax(x), np.log(K.softmax(x)), rtol=1e-12, atol=1e-12)
+    weights = RNG.random(5)  # d(sum weights * losses) / dx, one dloss per example
+    numeric = numerical_grad(lambda: (weights * K.softmax_xent_forward(x, labels, reduction="none")[0]).sum(), x)
+    assert_grad(K.softmax_xent_backward(weights, cache), numeric)
+    mean_loss, mean_cache = K.softmax_xent_forward(x, labels)
+    assert mean_loss == losses.mean()
+    np.testing.assert_allclose(K.softmax_xent_backward(1.0, mean_cache),
+                               K.softmax_xent_backward(np.full(5, 1 / 5), cache), rtol=1e-12)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        K.softmax_xent_forward(x, labels, reduction="sum")
+
+
+@pytest.mark.parametrize("name", ["relu", "tanh", "elu"])
+def test_activation_caches_are_made_of_the_output_alone(name):
+    # tf.nn's gradient ops see only the op's output y (so conv + bias + activation can fuse): a cache built
+    # from y must give the same gradient as the forward's own cache, at the kink x = 0 as well
+    fwd, bwd = getattr(K, f"{name}_forward"), getattr(K, f"{name}_backward")
+    x = np.concatenate([RNG.standard_normal(20), [0.0, -0.0, 1e-30, -1e-30]])
+    y, cache = fwd(x)
+    g = RNG.standard_normal(y.shape)
+    np.testing.assert_array_equal(bwd(g, {"relu": y, "tanh": y, "elu": (y, 1.0)}[name]), bwd(g, cache))
+
+
+def test_conv2d_cache_rebuilds_the_forward_cache_and_hw_pair_reads_every_spelling():
+    x, w = RNG.standard_normal((2, 7, 6, 3)), RNG.standard_normal((3, 2, 3, 4))
+    _, cache = K.conv2d_forward(x, w, (2, 1), "SAME")
+    rebuilt = K.conv2d_cache(x, w, [1, 2, 1, 1], "SAME", cols=cache.cols)
+    assert isinstance(cache, K.ConvCache) and cache.cols is not None
+    assert rebuilt.stride == cache.stride == (2, 1) and rebuilt.pads == cache.pads
+    for got, want in zip(K.conv2d_backward(np.ones((2, 4, 6, 4)), rebuilt), K.conv2d_backward(np.ones((2, 4, 6, 4)), cache)):
+        np.testing.assert_array_equal(got, want)
+    assert K.hw_pair(3, "s") == (3, 3) and K.hw_pair([2], "s") == (2, 2) and K.hw_pair((2, 3), "s") == (2, 3)
+    assert K.hw_pair([1, 2, 3, 1], "s") == (2, 3) and K.hw_pair([1, 1, 2, 3], "s") == (2, 3)
+    with pytest.raises(ValueError, match=r"strides=\[0, 1\] must be a positive int"):
+        K.hw_pair([0, 1], "strides")
+
+
+def test_truncated_normal_stays_within_two_deviations_and_adam_step_size_is_tensorflows():
+    x = K.truncated_standard_normal(np.random.default_rng(0), (200, 50))
+    assert np.abs(x).max() <= 2 and abs(x.std() - 0.88) < 0.02  # the std of N(0, 1) cut at +-2 is 0.880
+    assert K.adam_step_size(0.1, 0.9**3, 0.999**3) == 0.1 * np.sqrt(1 - 0.999**3) / (1 - 0.9**3)

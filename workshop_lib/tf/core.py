@@ -134,7 +134,6 @@ class Graph:
         self._ops = []
         self._names = {}
         self._name_stack = []
-        self._variables = []
         self._collections = {}
         self._lock = threading.RLock()
         self.seed = None

@@ -211,9 +211,8 @@ def propagate_layout(plan, fetched=()):
             out.append(entry)
             continue
         x, y = entry.inputs[0], entry.outputs[0]
-        fmt = entry.attrs["data_format"]
         if role == "conv":
-            w = entry.inputs[1]
+            w, fmt = entry.inputs[1], entry.attrs["data_format"]
             if x not in blocked:  # arrives in the plain layout: reorder it in
                 blocked[x] = BlockedValue(x, _channels(w, 2), fmt)
                 out.append(Reorder(x, blocked[x], "to_blocked"))
