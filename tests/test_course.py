@@ -3,7 +3,20 @@ import json
 import pytest
 
 from workshop_lib import cli, course
-from workshop_lib.course import MarkerError, build_labs, make_lab_notebook, stale_labs, strip_code, strip_markdown
+import re
+import subprocess
+import sys
+
+from workshop_lib.course import (
+    MarkerError,
+    build_labs,
+    leaked_lines,
+    make_lab_notebook,
+    solution_lines,
+    stale_labs,
+    strip_code,
+    strip_markdown,
+)
 
 
 def _nb(*cells):
@@ -21,6 +34,13 @@ def _md(src):
 def test_strip_code_keeps_indentation_and_surroundings():
     src = "def f(x):\n    ### BEGIN SOLUTION\n    return x + 1\n    ### END SOLUTION\n\nprint(f(1))\n"
     assert strip_code(src) == "def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError()\n\nprint(f(1))\n"
+
+
+def test_a_named_exercise_is_named_by_its_placeholder():
+    src = "def f(x):\n    ### BEGIN SOLUTION Exercise 2.1: build y = xW + b\n    return x\n    ### END SOLUTION\n"
+    assert strip_code(src) == 'def f(x):\n    # YOUR CODE HERE\n    raise NotImplementedError("Exercise 2.1: build y = xW + b")\n'
+    with pytest.raises(NotImplementedError, match=r"Exercise 2\.1: build y = xW \+ b"):
+        exec(strip_code(src) + "f(1)\n", {})
 
 
 def test_strip_markdown_removes_the_span():
@@ -203,11 +223,94 @@ def test_repository_labs_hold_no_solution_text_or_outputs(root):
         assert "BEGIN SOLUTION" not in path.read_text(), path
 
 
-def test_every_solution_exercise_leaves_a_placeholder_in_its_lab(root):
+_EXERCISE = re.compile(r"### BEGIN SOLUTION (Exercise \d+\.\d+: .+)$")
+
+
+def test_every_solution_exercise_is_named_and_its_lab_placeholder_names_it(root):
     for path in sorted((root / "solutions").glob("*.ipynb")):
-        n_blocks = path.read_text().count("### BEGIN SOLUTION")
-        lab = (root / "labs" / path.name).read_text()
-        assert lab.count("raise NotImplementedError()") >= n_blocks, path.name
+        markers = [line.strip() for cell in json.loads(path.read_text())["cells"] if cell["cell_type"] == "code"
+                   for line in "".join(cell["source"]).splitlines() if "### BEGIN SOLUTION" in line]
+        lab = "\n".join("".join(c["source"]) for c in json.loads((root / "labs" / path.name).read_text())["cells"])
+        for marker in markers:
+            named = _EXERCISE.match(marker)
+            assert named, f"{path.name}: name the exercise: '### BEGIN SOLUTION Exercise N.M: what to do', not {marker!r}"
+            assert f"raise NotImplementedError({json.dumps(named.group(1))})" in lab, (path.name, marker)
+
+
+def _leak_tree(tmp_path, lab_script):
+    sol = tmp_path / "solutions"
+    (sol / "scripts").mkdir(parents=True)
+    (sol / "a.ipynb").write_text(json.dumps(_nb(
+        _code("### BEGIN SOLUTION Exercise 1.1: x\nanswer = compute_the_answer_carefully(42)\nshort = 1\n"
+              "print('this line is also shown outside')\n### END SOLUTION\nprint('this line is also shown outside')\n"),
+        _md("Why?\n<!-- BEGIN SOLUTION -->\nBecause the ring sends 2(p-1)/p of the buffer.\n<!-- END SOLUTION -->"))))
+    (sol / "scripts" / "run.py").write_text("x = 1\n")
+    build_labs(sol, tmp_path / "labs")
+    (tmp_path / "labs" / "scripts" / "run.py").write_text(lab_script)
+    return sol, tmp_path / "labs"
+
+
+def test_solution_lines_are_long_lines_found_only_inside_solution_blocks(tmp_path):
+    sol, _ = _leak_tree(tmp_path, "x = 1\n")
+    assert solution_lines(sol) == {"answer = compute_the_answer_carefully(42)",
+                                   "Because the ring sends 2(p-1)/p of the buffer."}
+
+
+@pytest.mark.parametrize("leak", ["    answer = compute_the_answer_carefully(42)\n",
+                                  "# Because the ring sends 2(p-1)/p of the buffer.\n"])
+def test_leak_check_finds_a_solution_line_in_a_lab_script(tmp_path, leak):
+    sol, labs = _leak_tree(tmp_path, "x = 1\n" + leak)
+    assert [line for _, line in leaked_lines(sol, labs)] == [leak.strip(" #\n")]
+
+
+def test_no_lab_script_defines_a_function_that_an_exercise_asks_for(root):
+    # a script carries no markers, so a copy of an exercise's answer in it is text outside any solution block
+    # that the line test cannot see (lab 04's row_range once was): the scripts must take such code from the library
+    asked = set()
+    for path in (root / "solutions").glob("*.ipynb"):
+        for cell in json.loads(path.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] == "code" and "### BEGIN SOLUTION" in source:
+                asked |= set(re.findall(r"^def (\w+)\(", source, flags=re.M))
+    assert {"row_range", "has_vnni", "quantize_per_channel"} <= asked
+    for script in (root / "labs" / "scripts").glob("*.py"):
+        defined = set(re.findall(r"^\s*def (\w+)\(", script.read_text(), flags=re.M))
+        assert not defined & asked, f"{script.name} defines the exercise answer(s) {sorted(defined & asked)}"
+
+
+def test_no_solution_line_appears_anywhere_in_labs(root):
+    secrets = solution_lines(root / "solutions")
+    assert len(secrets) >= 20, "the solutions hold fewer solution lines than expected: is the search broken?"
+    leaks = leaked_lines(root / "solutions", root / "labs")
+    assert leaks == [], f"solution text in labs/: {leaks}"
+
+
+_RUN_CELLS = """
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+cells = [c for c in json.load(open(sys.argv[1]))["cells"] if c["cell_type"] == "code"]
+names = {}
+for cell in cells:
+    source = "".join(cell["source"])
+    try:
+        exec(compile(source, "cell", "exec"), names)
+    except (NotImplementedError, AssertionError) as exc:  # the exercise and its check: expected in a fresh lab
+        print("expected:", type(exc).__name__, exc)
+    if sys.argv[2] in source:
+        break
+"""
+
+
+@pytest.mark.parametrize("lab, figure_cell, note", [
+    ("01_dl_boost.ipynb", "err_channel = quantization.dequantize", "Exercise 1.1 is not done yet"),
+    ("04_kmeans_quantization.ipynb", "split_rows(height, r, size)", "Exercise 4.1 is not done yet"),
+])
+def test_a_skipped_exercise_does_not_break_the_figure_after_it(root, lab, figure_cell, note):
+    proc = subprocess.run([sys.executable, "-c", _RUN_CELLS, str(root / "labs" / lab), figure_cell],
+                          cwd=root / "labs", capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert note in proc.stdout and "expected: NotImplementedError Exercise" in proc.stdout, proc.stdout
 
 
 def test_make_lab_builds_without_force_and_opens_labs(root):

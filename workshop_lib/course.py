@@ -340,7 +340,7 @@ def solution_lines(solutions="solutions") -> set:
 
     A solution line is a non-blank line of at least ``LEAK_MIN_CHARS`` characters (stripped) inside a solution
     block of a notebook (code or markdown) or a script in ``solutions``, that does not also appear outside
-    solution blocks there.
+    solution blocks anywhere there.
     """
     inside, outside = set(), set()
     for path in sorted(Path(solutions).rglob("*")):
