@@ -1,11 +1,14 @@
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from workshop_lib import cli, course
-import re
-import subprocess
-import sys
 
 from workshop_lib.course import (
     MarkerError,
@@ -319,3 +322,24 @@ def test_make_lab_builds_without_force_and_opens_labs(root):
     labs_rule = makefile[makefile.index("\nlabs:") :].split("\n\n")[0]
     assert "lab: labs" in lab_rule and "--ServerApp.root_dir=labs" in lab_rule
     assert "workshop build-labs" in labs_rule and "rm " not in labs_rule  # build_labs itself keeps the learner's edits
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_labs_on_an_edited_tree_keeps_every_edit(root, tmp_path):
+    sol, labs = _tree(tmp_path)
+    shutil.copy(root / "Makefile", tmp_path / "Makefile")
+    (tmp_path / "pyproject.toml").write_text("")
+    bin_dir = Path(sys.executable).parent
+    stamp = tmp_path / "stamp"
+    stamp.write_text("")  # newer than pyproject.toml: make installs nothing
+    env = dict(os.environ, PYTHONPATH=str(root))
+    make = ["make", "-s", "labs", f"BIN={bin_dir}", f"STAMP={stamp}"]
+    subprocess.run(make, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120)
+    edited = labs / "scripts" / "run.py"
+    edited.write_text("x = 1\nmy_answer = 2\n")
+    (labs / "my_notes.ipynb").write_text('{"cells": []}')
+    (sol / "scripts" / "run.py").write_text("x = 10\n### BEGIN SOLUTION Exercise 1.1: y\ny = 2\n### END SOLUTION\n")
+    out = subprocess.run(make, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
+    assert edited.read_text() == "x = 1\nmy_answer = 2\n" and (labs / "my_notes.ipynb").exists()
+    assert f"kept labs/scripts/run.py (your edits); new version: labs/scripts/run.updated.py" in out
+    assert (labs / "scripts" / "run.updated.py").read_text().startswith("x = 10\n# YOUR CODE HERE")
