@@ -92,3 +92,22 @@ def test_trace_events_follow_one_another():
 def test_trace_events_name_the_bad_line(line, message):
     with pytest.raises(ValueError, match=f"line 2 .*{message}"):
         figures.trace_events([TRACE[0], line])
+
+
+def test_compute_ops_lists_the_forward_path_inputs_first():
+    from workshop_lib import models
+
+    ops = figures.compute_ops(models.TrainingGraph(seed=0).logits)
+    kinds = [kind for kind, _ in ops]
+    assert kinds == ["Reshape", "Conv2D", "BiasAdd", "Relu", "MaxPool", "Conv2D", "BiasAdd", "Relu", "MaxPool",
+                     "Reshape", "MatMul", "BiasAdd", "Relu", "Dropout", "MatMul", "BiasAdd"]
+    assert ops[1] == ("Conv2D", "conv1/Conv2D")
+    with pytest.raises(TypeError, match="graph tensor"):
+        figures.compute_ops([1, 2])
+
+
+def test_fusion_before_after_draws_both_columns():
+    fig = figures.fusion_before_after([("Conv2D", "c"), ("BiasAdd", "b"), ("Relu", "r")], TRACE)
+    left, right = fig.axes
+    assert left.get_title() == "as written: 3 operations" and right.get_title() == "as run: 3 primitives, 1 fused"
+    assert [t.get_text() for t in right.texts] == [e[0] for e in figures.trace_events(TRACE)]

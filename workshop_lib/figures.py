@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["int8_lane_values", "int8_lanes", "layout_order", "memory_order", "trace_events", "trace_timeline"]
+__all__ = ["int8_lane_values", "int8_lanes", "layout_order", "memory_order", "trace_events", "trace_timeline", "compute_ops",
+           "fusion_before_after"]
 
 LAYOUTS = ("NCHW", "NHWC", "nChw16c")
 
@@ -206,5 +207,55 @@ def trace_timeline(lines):
     ax.set_yticks(range(len(events)), [label for label, _, _ in events], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("milliseconds since the step started (green: fused primitives, red: reorders)")
+    fig.tight_layout()
+    return fig
+
+
+_NOT_COMPUTE = {"Placeholder", "PlaceholderWithDefault", "VariableV2", "Const", "Identity"}
+
+
+def compute_ops(tensor):
+    """The operations that compute ``tensor``, inputs first, as ``[(type, name), ...]``.
+
+    Walks the graph back through each operation's public ``inputs``; placeholders, variables and constants,
+    which compute nothing, are left out. This is the graph as written, before any rewrite.
+    """
+    if not hasattr(tensor, "op"):
+        raise TypeError(f"tensor={tensor!r} must be a graph tensor (with .op), e.g. model.logits")
+    seen, order, stack = set(), [], [(tensor.op, False)]
+    while stack:  # an explicit stack: deep graphs must not hit Python's recursion limit
+        op, inputs_done = stack.pop()
+        if inputs_done:
+            order.append(op)
+            continue
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        stack.append((op, True))
+        stack.extend((t.op, False) for t in reversed(list(op.inputs)) if t.op.name not in seen)
+    return [(op.type, op.name) for op in order if op.type not in _NOT_COMPUTE]
+
+
+def fusion_before_after(before, after):
+    """Draw the graph as written (``before``: ``[(type, name), ...]``) beside what ran (``after``: trace lines).
+
+    Fused primitives are green, reorders red. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    ran = [label for label, _, _ in trace_events(after)]
+    rows = max(len(before), len(ran))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.33 * rows + 1.0))
+    columns = ((axes[0], [f"{kind}  ({name})" for kind, name in before], f"as written: {len(before)} operations"),
+               (axes[1], ran, f"as run: {len(ran)} primitives, {sum(r.startswith('_Fused') for r in ran)} fused"))
+    for ax, labels, title in columns:
+        for row, label in enumerate(labels):
+            colour = "#c7e9c0" if label.startswith("_Fused") else "#f4a6a6" if label.startswith("reorder") else "#e8e8e8"
+            ax.add_patch(plt.Rectangle((0.02, rows - row - 0.9), 0.96, 0.8, facecolor=colour, edgecolor="gray"))
+            ax.text(0.5, rows - row - 0.5, label, ha="center", va="center", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, rows)
+        ax.axis("off")
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
