@@ -203,3 +203,24 @@ def test_session_functions_outside_mpiexec():
     d4p.daalfini()
     with pytest.raises(ValueError, match="nthreads=0"):
         d4p.daalinit(0)
+
+
+def test_row_range_covers_every_row_once_in_bands_that_differ_by_at_most_one():
+    for n_rows in (0, 1, 7, 10, 872):
+        for size in (1, 2, 3, 4, 8, 16):
+            bands = [d4p.row_range(n_rows, r, size) for r in range(size)]
+            rows = np.concatenate([np.arange(start, stop) for start, stop in bands])
+            np.testing.assert_array_equal(rows, np.arange(n_rows))  # every row once, in rank order
+            lengths = [stop - start for start, stop in bands]
+            assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+    assert [d4p.row_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+
+
+@pytest.mark.parametrize(
+    "args, error, message",
+    [((10, 3, 3), ValueError, "rank=3"), ((10, -1, 3), ValueError, "rank=-1"), ((10, 0, 0), ValueError, "size=0"),
+     ((-1, 0, 2), ValueError, "n_rows=-1"), ((10.0, 0, 2), TypeError, "n_rows=10.0")],
+)
+def test_row_range_rejects_bad_arguments_naming_them(args, error, message):
+    with pytest.raises(error, match=message):
+        d4p.row_range(*args)

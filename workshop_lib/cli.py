@@ -40,7 +40,9 @@ def _build_labs(args) -> int:
     except (course.MarkerError, FileNotFoundError, ValueError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(written)} file(s) updated in {args.labs}" if written else f"{args.labs} already up to date")
+    for line in written:  # paths written, and every lab kept because the learner edited it
+        print(f"  {line}")
+    print(f"{len(written)} change(s) in {args.labs}" if written else f"{args.labs} already up to date")
     return 0
 
 

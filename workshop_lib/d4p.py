@@ -42,6 +42,7 @@ __all__ = [
     "kmeans",
     "kmeans_init_result",
     "kmeans_result",
+    "row_range",
 ]
 
 INIT_METHODS = ("defaultDense", "randomDense", "plusPlusDense", "parallelPlusDense")
@@ -114,6 +115,46 @@ def my_procid() -> int:
 def num_threads() -> int:
     """Threads this process uses for its chunk."""
     return numba.get_num_threads()
+
+
+def row_range(n_rows, rank, size):
+    """Rows ``[start, stop)`` of ``rank``'s band when ``n_rows`` rows are split over ``size`` ranks.
+
+    The domain decomposition of lab 04 (not a daal4py function: daal4py leaves the split to its caller):
+    contiguous bands in rank order that cover every row exactly once, the first ``n_rows % size`` ranks one row
+    longer, so no row is dropped (as ``int(n_rows / size)`` rows per rank would drop up to ``size - 1``).
+
+    Parameters
+    ----------
+    n_rows : int
+        Rows to split, at least 0.
+    rank : int
+        This rank, ``0 <= rank < size``.
+    size : int
+        Number of ranks, at least 1.
+
+    Returns
+    -------
+    (int, int)
+        ``start`` and ``stop``; ``stop - start`` is ``n_rows // size`` or one more.
+
+    Examples
+    --------
+    >>> [row_range(10, r, 3) for r in range(3)]
+    [(0, 4), (4, 7), (7, 10)]
+    """
+    for name, value in (("n_rows", n_rows), ("rank", rank), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}={value!r} must be an integer")
+    if n_rows < 0:
+        raise ValueError(f"n_rows={n_rows} must be at least 0")
+    if size < 1:
+        raise ValueError(f"size={size} must be at least 1")
+    if not 0 <= rank < size:
+        raise ValueError(f"rank={rank} must be between 0 and size - 1 = {size - 1}")
+    base, extra = divmod(int(n_rows), int(size))
+    start = int(rank) * base + min(int(rank), extra)
+    return start, start + base + (1 if rank < extra else 0)
 
 
 class engines_mt19937:  # noqa: N801 - daal4py's name
