@@ -14,16 +14,22 @@ __all__ = ["conv2d", "max_pool", "avg_pool", "relu", "tanh", "elu", "sigmoid", "
 
 def _hw(values, name):
     """TensorFlow passes strides and ksize as [1, h, w, 1] (NHWC) or [1, 1, h, w] (NCHW), or as ints."""
+    given = values
     if isinstance(values, int):
-        return values, values
+        values = [values]
     values = list(values)
     if len(values) == 1:
-        return values[0], values[0]
-    if len(values) == 2:
-        return tuple(values)
-    if len(values) == 4:
-        return (values[1], values[2]) if values[0] == 1 and values[3] == 1 else (values[2], values[3])
-    raise ValueError(f"{name}={values!r} must be an int, [h, w] or [1, h, w, 1]")
+        values = values * 2
+    elif len(values) == 4:
+        if values[0] != 1 or (values[3] != 1 and values[1] != 1):
+            raise ValueError(f"{name}={given!r}: TensorFlow supports no {name} over the batch or channel axis; "
+                             "use [1, h, w, 1] (NHWC) or [1, 1, h, w] (NCHW)")
+        values = values[1:3] if values[3] == 1 else values[2:4]
+    elif len(values) != 2:
+        raise ValueError(f"{name}={given!r} must be an int, [h, w] or [1, h, w, 1]")
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise ValueError(f"{name}={given!r} must hold positive integers (a {name} of at least 1)")
+    return int(values[0]), int(values[1])
 
 
 def _spatial(shape, data_format):
