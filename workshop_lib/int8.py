@@ -59,7 +59,7 @@ def saturate_s16(value):
     """
     x = np.asarray(value)
     if x.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat):
-        return np.clip(x, -32768, 32767).astype(np.int64)  # Python ints of any size, compared exactly
+        return np.asarray(np.clip(x, -32768, 32767)).astype(np.int64)[()]  # Python ints of any size, exactly
     if x.dtype.kind == "f":
         check.finite(x, "value")
         if (x != np.rint(x)).any():

@@ -197,10 +197,10 @@ def requantize(acc, in_scale, out: QuantParams, bias=None, relu=False):
     rows = acc.reshape(-1, channels)
     in_scale = check.finite(check.array(in_scale, "in_scale", dtypes=check.REALS), "in_scale")
     _first_bad(in_scale, in_scale <= 0, "in_scale", "must be positive")
+    bias = np.zeros(channels, np.int32) if bias is None else _as_s32(bias, "bias")
     try:
         multiplier = np.broadcast_to(in_scale.astype(np.float64) / out.scale, (channels,)).copy()
-        bias64 = np.zeros(channels, np.int64) if bias is None else np.broadcast_to(
-            _as_s32(bias, "bias").astype(np.int64), (channels,)).copy()
+        bias64 = np.broadcast_to(bias.astype(np.int64), (channels,)).copy()
     except ValueError:
         raise ValueError(f"in_scale.shape={in_scale.shape}, out.scale.shape={np.shape(out.scale)} and "
                          f"bias.shape={np.shape(bias)} must each be a scalar or ({channels},), one per channel "
@@ -321,10 +321,7 @@ class Calibrator:
             hist, _ = np.histogram(magnitude, bins=self.bins, range=(0.0, amax))
             levels = 256 if lo >= 0 else 128  # u8 after a ReLU has twice the levels of s8
             threshold = entropy_threshold(hist, amax / self.bins, levels=levels)
-        lo_clip, hi_clip = max(lo, -threshold), min(hi, threshold)
-        if lo_clip > hi_clip:  # every value lies beyond the threshold on one side: the range collapses onto it
-            lo_clip = hi_clip = threshold if lo > 0 else -threshold
-        return lo_clip, hi_clip
+        return max(lo, -threshold), min(hi, threshold)
 
     def qparams(self, dtype=np.uint8, symmetric=True):
         lo, hi = self.range()

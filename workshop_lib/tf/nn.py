@@ -28,7 +28,7 @@ def _hw(values, name):
     elif len(values) != 2:
         raise ValueError(f"{name}={given!r} must be an int, [h, w] or [1, h, w, 1]")
     if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values):
-        raise ValueError(f"{name}={given!r} must hold positive integers (a {name} of at least 1)")
+        raise ValueError(f"{name}={given!r} must hold integers >= 1")
     return int(values[0]), int(values[1])
 
 
