@@ -239,8 +239,6 @@ def _pad_value(value, dtype):
     return dtype.type(check.real(value, "pad_value"))
 
 
-
-
 def conv2d_output_size(h, w, r, s, stride, padding):
     """(OH, OW) of an R x S window sliding over an H x W input; raises ``ValueError`` if it would be empty."""
     h, w = check.integer(h, "h", 1), check.integer(w, "w", 1)

@@ -7,12 +7,17 @@ instead of reading or writing someone else's memory. Prints one line per group a
     NUMBA_BOUNDSCHECK=1 NUMBA_CACHE_DIR=$(mktemp -d) python tests/kernel_programs/edge_shapes.py
 """
 
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from workshop_lib import int8
 from workshop_lib import kernels as K
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_kernels import conv_reference, pool_reference  # noqa: E402 - the float64 references of the unit tests
 
 RNG = np.random.default_rng(7)
 
@@ -43,35 +48,6 @@ POOL = [
 
 def pads_of(padding, h, w, r, s, stride):
     return K._conv_padding(padding, h, w, r, s, stride)
-
-
-def conv_reference(x, w, stride, pads):
-    (pt, pb), (pl, pr) = pads
-    xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    r_size, s_size = w.shape[:2]
-    oh = (xp.shape[1] - r_size) // stride[0] + 1
-    ow = (xp.shape[2] - s_size) // stride[1] + 1
-    out = np.zeros((x.shape[0], oh, ow, w.shape[3]))
-    for r in range(r_size):
-        for s in range(s_size):
-            patch = xp[:, r : r + stride[0] * oh : stride[0], s : s + stride[1] * ow : stride[1], :]
-            out += np.einsum("nhwc,ck->nhwk", patch, w[r, s].astype(np.float64))
-    return out
-
-
-def pool_reference(x, ksize, stride, pads, kind):
-    """Windows over the real pixels only (padding is never a candidate, nor counted)."""
-    (pt, pb), (pl, pr) = pads
-    n, h, w, c = x.shape
-    oh = (h + pt + pb - ksize[0]) // stride[0] + 1
-    ow = (w + pl + pr - ksize[1]) // stride[1] + 1
-    out = np.empty((n, oh, ow, c))
-    for i in range(oh):
-        for j in range(ow):
-            r0, s0 = i * stride[0] - pt, j * stride[1] - pl
-            win = x[:, max(r0, 0) : r0 + ksize[0], max(s0, 0) : s0 + ksize[1], :].astype(np.float64)
-            out[:, i, j] = win.max(axis=(1, 2)) if kind == "max" else win.mean(axis=(1, 2))
-    return out
 
 
 def close(a, b, what):

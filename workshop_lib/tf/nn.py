@@ -15,7 +15,7 @@ __all__ = ["conv2d", "max_pool", "avg_pool", "relu", "tanh", "elu", "sigmoid", "
 def _hw(values, name):
     """TensorFlow passes strides and ksize as [1, h, w, 1] (NHWC) or [1, 1, h, w] (NCHW), or as ints."""
     given = values
-    if isinstance(values, int):
+    if isinstance(values, (int, np.integer)):
         values = [values]
     values = list(values)
     if len(values) == 1:
