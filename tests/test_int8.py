@@ -205,3 +205,18 @@ def test_saturate_s16_is_exact_for_huge_integers_and_whole_floats():
     assert int8.saturate_s16(np.array([1e30, -1e30, 3.0])).tolist() == [32767, -32768, 3]
     assert int8.saturate_s16(2**70) == 32767 and int8.saturate_s16(-(2**70)) == -32768
     assert int8.saturate_s16(np.array([2**64 - 1], dtype=np.uint64)).tolist() == [32767]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_views_give_the_same_bits_on_every_path(path):
+    """The kernels read raw strides (the fast one 32-bit groups of K): views are made contiguous first."""
+    a = RNG.integers(0, 256, (40, 18), dtype=np.uint8)
+    b = RNG.integers(-128, 128, (40, 26), dtype=np.int8)
+    a_view, b_view = a[::2, ::2].T, b[::2, 1::2]  # (9, 20) and (20, 13), neither contiguous
+    expected = vnni_spec(a_view, b_view)
+    np.testing.assert_array_equal(int8.gemm_u8s8s32(a_view, b_view, path=path), expected)
+    x = RNG.integers(0, 256, (2, 6, 10, 3), dtype=np.uint8)[:, :, ::2]
+    w = RNG.integers(-128, 128, (3, 3, 3, 8), dtype=np.int8)[..., ::2]
+    got = int8.conv2d_u8s8s32(x, w, 1, "VALID", path=path)
+    ref = int8.conv2d_u8s8s32(np.ascontiguousarray(x), np.ascontiguousarray(w), 1, "VALID", path="reference")
+    np.testing.assert_array_equal(got, ref)

@@ -171,7 +171,8 @@ def test_requantize_is_exact_at_the_edges_of_s32_in_any_integer_dtype():
     (lambda: Q.QuantParams(np.float64(0.1), np.int32(0), np.dtype(np.float32)), "dtype=float32 must be one of"),
     (lambda: Q.QuantParams(np.ones((2, 2)), np.int32(0), np.dtype(np.int8), axis=0), "must be 1-D"),
     (lambda: Q.choose_qparams(5, -5), "min_val=5 must be <= max_val=-5"),
-    (lambda: Q.choose_qparams(np.array([0.0, 3.0]), np.array([1.0, 2.0])), r"min_val\[1\]=3.0 must be <= max_val\[1\]=2.0"),
+    (lambda: Q.choose_qparams(np.array([0.0, 3.0]), np.array([1.0, 2.0])),
+     r"min_val\[1\]=3.0 must be <= max_val\[1\]=2.0"),
     (lambda: Q.choose_qparams(np.zeros(2), np.ones(3)), r"min_val.shape=\(2,\) and max_val.shape=\(3,\) must match"),
     (lambda: Q.choose_qparams(0.0, np.nan), "NaN or Inf"),
 ])

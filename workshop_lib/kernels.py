@@ -549,7 +549,10 @@ def maxpool_backward(dout, cache):
 
 
 def avgpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
-    """Average pooling of float ``x``; padded cells are not counted (TF's rule). Arguments as :func:`maxpool_forward`."""
+    """Average pooling of float ``x``; padded cells are not counted (TF's rule).
+
+    Arguments as :func:`maxpool_forward`.
+    """
     x, x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format, check.FLOATS)
     out = np.empty(shape, dtype=x.dtype)
     counts = np.empty(shape[1:3], dtype=np.int64)
