@@ -147,3 +147,76 @@ def test_bad_inputs_raise_clearly():
         int8.gemm_u8s8s32(a, np.zeros((3, 2), np.int8), semantics="avx2")
     with pytest.raises(ValueError, match="a.shape=.* must be 2-D"):
         int8.gemm_u8s8s32(np.zeros(3, np.uint8), np.zeros((3, 2), np.int8))
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="packing is for the fast VNNI kernel")
+def test_weights_packed_from_int16_are_refused_by_the_u8s8_gemm_and_vice_versa():
+    """gemm_u8s8s32 used to multiply int16-packed weights (groups of 2) as if they were int8 (groups of 4)."""
+    a8 = RNG.integers(0, 256, (3, 8), dtype=np.uint8)
+    packed16 = int8.pack_weights(RNG.integers(-300, 300, (8, 5), dtype=np.int16))
+    with pytest.raises(TypeError, match="b holds weights packed from int16, which must be int8"):
+        int8.gemm_u8s8s32(a8, packed16)
+    packed8 = int8.pack_weights(RNG.integers(-128, 128, (8, 5), dtype=np.int8))
+    with pytest.raises(TypeError, match="b holds weights packed from int8, which must be int16"):
+        int8.gemm_s16s16s32(np.zeros((3, 8), np.int16), packed8)
+    with pytest.raises(ValueError, match="packed weights are for the fast VNNI path only"):
+        int8.gemm_s16s16s32(np.zeros((3, 8), np.int16), int8.pack_weights(np.zeros((8, 5), np.int16)), path="portable")
+    packed8.data = packed8.data[:, :, :8]  # a hand-edited object no longer matches its lanes
+    with pytest.raises(ValueError, match="is not a PackedWeights made by pack_weights"):
+        int8.gemm_u8s8s32(a8, packed8)
+    with pytest.raises(ValueError, match="isa='avx3' must be one of 'avx512_vnni', 'avx_vnni'"):
+        int8.pack_weights(np.zeros((8, 5), np.int8), isa="avx3")
+    with pytest.raises(TypeError, match="b is already a PackedWeights"):
+        int8.PackedWeights(packed16, 16)
+    with pytest.raises(TypeError, match="w is a PackedWeights without its kernel size"):
+        int8.conv2d_u8s8s32(np.zeros((1, 4, 4, 2), np.uint8), int8.pack_weights(np.zeros((18, 3), np.int8)))
+    with pytest.raises(TypeError, match=r"w\[0\] holds weights packed from int16"):
+        int8.conv2d_u8s8s32(np.zeros((1, 4, 4, 2), np.uint8), (int8.pack_weights(np.zeros((18, 3), np.int16)), (3, 3)))
+
+
+@pytest.mark.parametrize("call, error, rule", [
+    (lambda: int8.gemm_s16s16s32(np.zeros((2, 3), np.int8), np.zeros((3, 2), np.int16)), TypeError,
+     "a.dtype=int8 must be int16"),
+    (lambda: int8.gemm_u8s8s32(np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.int8), "avx512bw", path="gpu"),
+     ValueError, "path='gpu' must be one of"),
+    (lambda: int8.gemm_u8s8s32("abc", np.zeros((3, 2), np.int8)), TypeError, "a='abc' must be a 2-D uint8 array"),
+    (lambda: int8.conv2d_u8s8s32(np.zeros((1, 4, 4, 2), np.int8), np.zeros((3, 3, 2, 1), np.int8)), TypeError,
+     "x.dtype=int8 must be uint8"),
+    (lambda: int8.conv2d_u8s8s32(np.zeros((4, 4, 2), np.uint8), np.zeros((3, 3, 2, 1), np.int8)), ValueError,
+     r"x.shape=\(4, 4, 2\) must be 4-D NHWC"),
+    (lambda: int8.conv2d_u8s8s32(np.zeros((1, 4, 4, 2), np.uint8), np.zeros((3, 3, 2, 1), np.int8), stride=0),
+     ValueError, "stride=0 must be a positive integer"),
+    (lambda: int8.conv2d_u8s8s32(np.zeros((1, 4, 4, 2), np.uint8), np.zeros((3, 3, 2, 1), np.int8), pad_value=256),
+     ValueError, r"pad_value=256 must be in \[0, 255\]"),
+    (lambda: int8.conv2d_u8s8s32(np.zeros((1, 4, 4, 2), np.uint8), np.zeros((5, 5, 2, 1), np.int8), padding="VALID"),
+     ValueError, "does not fit the 4x4 input"),
+    (lambda: int8.maddubs_pair(256, 1, 0, 0), ValueError, r"a0=256 must be in \[0, 255\]"),
+    (lambda: int8.maddubs_pair(1, 128, 0, 0), ValueError, r"b0=128 must be in \[-128, 127\]"),
+    (lambda: int8.saturate_s16(np.array([np.nan])), ValueError, "is not finite"),
+    (lambda: int8.saturate_s16(0.5), ValueError, "must hold whole numbers"),
+])
+def test_bad_inputs_name_the_argument_the_value_and_the_rule(call, error, rule):
+    with pytest.raises(error, match=rule):
+        call()
+
+
+def test_saturate_s16_is_exact_for_huge_integers_and_whole_floats():
+    """np.asarray(1e30, dtype=int64) used to wrap to -2**63 before the clamp."""
+    assert int8.saturate_s16(np.array([1e30, -1e30, 3.0])).tolist() == [32767, -32768, 3]
+    assert int8.saturate_s16(2**70) == 32767 and int8.saturate_s16(-(2**70)) == -32768
+    assert int8.saturate_s16(np.array([2**64 - 1], dtype=np.uint64)).tolist() == [32767]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_views_give_the_same_bits_on_every_path(path):
+    """The kernels read raw strides (the fast one 32-bit groups of K): views are made contiguous first."""
+    a = RNG.integers(0, 256, (40, 18), dtype=np.uint8)
+    b = RNG.integers(-128, 128, (40, 26), dtype=np.int8)
+    a_view, b_view = a[::2, ::2].T, b[::2, 1::2]  # (9, 20) and (20, 13), neither contiguous
+    expected = vnni_spec(a_view, b_view)
+    np.testing.assert_array_equal(int8.gemm_u8s8s32(a_view, b_view, path=path), expected)
+    x = RNG.integers(0, 256, (2, 6, 10, 3), dtype=np.uint8)[:, :, ::2]
+    w = RNG.integers(-128, 128, (3, 3, 3, 8), dtype=np.int8)[..., ::2]
+    got = int8.conv2d_u8s8s32(x, w, 1, "VALID", path=path)
+    ref = int8.conv2d_u8s8s32(np.ascontiguousarray(x), np.ascontiguousarray(w), 1, "VALID", path="reference")
+    np.testing.assert_array_equal(got, ref)

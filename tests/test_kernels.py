@@ -171,7 +171,7 @@ def test_bias_add_forward_and_backward(data_format, shape):
     loss = lambda: (K.bias_add_forward(x, b, data_format)[0] * g).sum()  # noqa: E731
     assert_grad(dx, numerical_grad(loss, x))
     assert_grad(db, numerical_grad(loss, b))
-    with pytest.raises(ValueError, match="bias shape"):
+    with pytest.raises(ValueError, match=r"b.shape=\(4,\) must equal \(5,\), the channels of x"):
         K.bias_add_forward(x, np.ones(4), data_format)
 
 
@@ -328,3 +328,214 @@ def test_truncated_normal_stays_within_two_deviations_and_adam_step_size_is_tens
     x = K.truncated_standard_normal(np.random.default_rng(0), (200, 50))
     assert np.abs(x).max() <= 2 and abs(x.std() - 0.88) < 0.02  # the std of N(0, 1) cut at +-2 is 0.880
     assert K.adam_step_size(0.1, 0.9**3, 0.999**3) == 0.1 * np.sqrt(1 - 0.999**3) / (1 - 0.9**3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The public boundary: every bad input is an error naming the argument, the value and the rule
+
+
+def f32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def test_adam_update_refuses_moments_shorter_than_w_instead_of_writing_past_them():
+    w, g = f32(1000), f32(1000)
+    with pytest.raises(ValueError, match=r"m.shape=\(3,\) must equal w.shape=\(1000,\)"):
+        K.adam_update(w, g, np.zeros(3, np.float32), np.zeros(1000, np.float32), 0.1)
+    with pytest.raises(ValueError, match=r"v.shape=\(3,\) must equal w.shape=\(1000,\)"):
+        K.adam_update(w, g, np.zeros(1000, np.float32), np.zeros(3, np.float32), 0.1)
+    with pytest.raises(ValueError, match=r"g.shape=\(10,\) must equal w.shape=\(1000,\)"):
+        K.adam_update(w, f32(10), np.zeros(1000, np.float32), np.zeros(1000, np.float32), 0.1)
+    with pytest.raises(TypeError, match="m.dtype=float64 must equal w.dtype=float32"):
+        K.adam_update(w, g, np.zeros(1000), np.zeros(1000, np.float32), 0.1)
+    with pytest.raises(TypeError, match="m is a list; it is updated in place"):
+        K.adam_update(w, g, [0.0] * 1000, np.zeros(1000, np.float32), 0.1)
+    frozen = np.zeros(1000, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="v is updated in place, so it must be a writeable"):
+        K.adam_update(w, g, np.zeros(1000, np.float32), frozen, 0.1)
+    with pytest.raises(ValueError, match=r"beta1=1.0 must be in \[0, 1\)"):
+        K.adam_update(w, g, np.zeros(1000, np.float32), np.zeros(1000, np.float32), 0.1, beta1=1.0)
+    with pytest.raises(ValueError, match="lr_t=nan must be finite"):
+        K.adam_update(w, g, np.zeros(1000, np.float32), np.zeros(1000, np.float32), float("nan"))
+
+
+def test_gemm_refuses_mismatched_inner_dimensions_on_every_path():
+    with pytest.raises(ValueError, match=r"a.shape\[1\]=3 must equal b.shape\[0\]=5"):
+        K.gemm_reference(np.ones((2, 3)), np.ones((5, 2)))
+    for algorithm in ("blas", "reference"):
+        with pytest.raises(ValueError, match=r"op\(a\).shape\[1\]=3 must equal op\(b\).shape\[0\]=5"):
+            K.gemm_forward(np.ones((2, 3)), np.ones((5, 2)), algorithm=algorithm)
+    with pytest.raises(ValueError, match=r"a.shape=\(3,\) must be 2-D"):
+        K.gemm_reference(np.ones(3), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="algorithm='fast' must be one of 'blas', 'reference'"):
+        K.gemm_forward(np.ones((2, 3)), np.ones((3, 2)), algorithm="fast")
+    _, cache = K.gemm_forward(np.ones((2, 3)), np.ones((3, 4)))
+    with pytest.raises(ValueError, match=r"dc.shape=\(4, 2\) must equal \(2, 4\), the shape of the forward output"):
+        K.gemm_backward(np.ones((4, 2)), cache)
+
+
+@pytest.mark.parametrize("forward", [K.maxpool_forward, K.avgpool_forward])
+@pytest.mark.parametrize("bad, rule", [
+    (dict(ksize=0), "ksize=0 must be a positive integer"),
+    (dict(ksize=(2, -1)), r"ksize=\(2, -1\) must be a positive integer"),
+    (dict(stride=0), "stride=0 must be a positive integer"),
+    (dict(stride=-2), "stride=-2 must be a positive integer"),
+    (dict(stride=1.5), "stride=1.5 must be a positive integer"),
+    (dict(ksize=True), "ksize=True must be a positive integer"),
+    (dict(ksize=5), r"ksize=\(5, 5\) with padding='VALID' and stride=\(2, 2\) does not fit the 4x4 input"),
+    (dict(ksize=2, padding=((2, 0), (0, 0))), r"padding=\(\(2, 0\), \(0, 0\)\) must be smaller than ksize"),
+    (dict(padding=-1), "padding=-1 must be 'SAME', 'VALID', a non-negative int"),
+    (dict(padding=(1, 2, 3)), r"padding=\(1, 2, 3\) must be 'SAME', 'VALID'"),
+    (dict(data_format="NWHC"), "data_format='NWHC' must be 'NHWC' or 'NCHW'"),
+])
+def test_pooling_refuses_empty_windows_strides_and_paddings(forward, bad, rule):
+    """ksize=0 returned uninitialised memory (max) or NaN (avg); stride=0 a ZeroDivisionError."""
+    args = dict(ksize=2, stride=2, padding="VALID", data_format="NHWC") | bad
+    with pytest.raises((ValueError, TypeError), match=rule):
+        forward(f32(1, 4, 4, 1), **args)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, w: K.conv2d_forward(x, w, 1, "VALID", algorithm="direct"),
+    lambda x, w: K.conv2d_forward(x, w, 1, "VALID", algorithm="im2col"),
+    lambda x, w: K.conv2d_forward(K.nhwc_to_nchw(x), w, 1, "VALID", "NCHW", algorithm="direct"),
+    lambda x, w: K.conv2d_forward(K.nhwc_to_nchw(x), w, 1, "VALID", "NCHW", algorithm="im2col"),
+    lambda x, w: K.conv2d_blocked_forward(K.to_blocked(x, "NHWC"), K.weights_to_blocked(w), 1, "VALID"),
+    lambda x, w: K.im2col_nhwc(x, w.shape[:2], 1, "VALID"),
+    lambda x, w: K.conv2d_output_size(4, 4, 5, 5, 1, "VALID"),
+])
+def test_every_conv_path_refuses_a_kernel_larger_than_a_valid_input(call):
+    """A 5x5 kernel on a 4x4 VALID input returned an empty array on the direct path; im2col raised."""
+    with pytest.raises(ValueError, match="does not fit the 4x4 input: the output would be 0x0"):
+        call(f32(1, 4, 4, 1), f32(5, 5, 1, 1))
+
+
+@pytest.mark.parametrize("stride, rule", [
+    (0, "stride=0 must be a positive integer"),
+    (-1, "stride=-1 must be a positive integer"),
+    ((1, 0), r"stride=\(1, 0\) must be a positive integer"),
+    ([1, 2, 2, 2], r"stride=\[1, 2, 2, 2\]: four values must be TensorFlow's \[1, h, w, 1\]"),
+    ("2", "stride='2' must be a positive integer"),
+])
+@pytest.mark.parametrize("call", [
+    lambda x, w, st: K.conv2d_forward(x, w, st, "SAME", algorithm="direct"),
+    lambda x, w, st: K.conv2d_forward(x, w, st, "SAME", algorithm="im2col"),
+    lambda x, w, st: K.conv2d_blocked_forward(K.to_blocked(x, "NHWC"), K.weights_to_blocked(w), st, "SAME"),
+    lambda x, w, st: K.im2col_nhwc(x, w.shape[:2], st, "SAME"),
+    lambda x, w, st: K.conv2d_output_size(4, 4, 3, 3, st, "SAME"),
+])
+def test_a_zero_or_negative_stride_is_blamed_on_the_stride(call, stride, rule):
+    """stride=0 raised a bare ZeroDivisionError, a negative one was blamed on the kernel size."""
+    with pytest.raises((ValueError, TypeError), match=rule):
+        call(f32(1, 4, 4, 1), f32(3, 3, 1, 1), stride)
+
+
+def test_softmax_cross_entropy_of_an_empty_batch_raises_instead_of_nan():
+    with pytest.raises(ValueError, match=r"logits.shape=\(0, 10\) must have at least one example"):
+        K.softmax_xent_forward(np.zeros((0, 10), np.float32), np.zeros(0, np.int64))
+    with pytest.raises(TypeError, match="labels.dtype=float64 must be"):
+        K.softmax_xent_forward(f32(2, 3), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"logits.shape=\(6,\) must be 2-D"):
+        K.softmax_xent_forward(f32(6), np.zeros(6, np.int64))
+    with pytest.raises(ValueError, match=r"labels.shape=\(3,\) must equal \(2,\), one label per row"):
+        K.softmax_xent_forward(f32(2, 3), np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"logits.shape=\(2, 0\) must have at least one class"):
+        K.softmax(np.zeros((2, 0)))
+
+
+def test_backward_passes_refuse_a_gradient_of_the_wrong_shape():
+    """dout of another shape read past the cached argmax / columns, or broadcast silently."""
+    x = f32(2, 6, 6, 3)
+    _, cache = K.maxpool_forward(x, 2, 2)
+    with pytest.raises(ValueError, match=r"dout.shape=\(2, 4, 4, 3\) must equal \(2, 3, 3, 3\)"):
+        K.maxpool_backward(f32(2, 4, 4, 3), cache)
+    _, cache = K.avgpool_forward(K.nhwc_to_nchw(x), 2, 2, data_format="NCHW")
+    with pytest.raises(ValueError, match=r"dout.shape=\(2, 3, 4, 3\) must equal \(2, 3, 3, 3\), the shape of the "
+                                         "forward output in NCHW"):
+        K.avgpool_backward(f32(2, 3, 4, 3), cache)
+    _, cache = K.conv2d_forward(x, f32(3, 3, 3, 4), 1, "SAME")
+    with pytest.raises(ValueError, match=r"dout.shape=\(2, 7, 7, 4\) must equal \(2, 6, 6, 4\), the shape of the "
+                                         "forward output in NHWC"):
+        K.conv2d_backward(f32(2, 7, 7, 4), cache)
+    with pytest.raises(ValueError, match="gemm='fast' must be one of 'blas', 'reference'"):
+        K.conv2d_backward(f32(2, 6, 6, 4), cache, gemm="fast")
+    for forward, backward in ((K.relu_forward, K.relu_backward), (K.tanh_forward, K.tanh_backward),
+                              (K.elu_forward, K.elu_backward)):
+        _, cache = forward(f32(4, 5))
+        with pytest.raises(ValueError, match=r"dout.shape=\(4, 1\) must equal \(4, 5\)"):
+            backward(f32(4, 1), cache)
+    _, cache = K.dropout_forward(f32(4, 5), 0.5, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"dout.shape=\(5,\) must equal \(4, 5\)"):
+        K.dropout_backward(f32(5), cache)
+    g = f32(3, 4)
+    _, cache = K.batchnorm_forward(f32(3, 4), np.ones(4), np.zeros(4), np.zeros(4), np.ones(4), True)
+    with pytest.raises(ValueError, match=r"dout.shape=\(4, 3\) must equal \(3, 4\)"):
+        K.batchnorm_backward(g.T, cache)
+    _, cache = K.bias_add_forward(f32(3, 4), np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match=r"dout.shape=\(12,\) must be 2-D"):
+        K.bias_add_backward(f32(12), cache)
+
+
+@pytest.mark.parametrize("call, error, rule", [
+    (lambda: K.conv2d_forward(f32(1, 4, 4), f32(3, 3, 1, 1)), ValueError, r"x.shape=\(1, 4, 4\) must be 4-D"),
+    (lambda: K.conv2d_forward(f32(1, 4, 4, 2), f32(3, 3, 1, 1)), ValueError,
+     r"w.shape\[2\]=1 must equal x.shape\[3\]=2 \(the input channels\)"),
+    (lambda: K.conv2d_forward(f32(1, 2, 4, 4), f32(3, 3, 1, 1), data_format="NCHW"), ValueError,
+     r"w.shape\[2\]=1 must equal x.shape\[1\]=2"),
+    (lambda: K.conv2d_forward(np.ones((1, 4, 4, 1), np.int32), f32(3, 3, 1, 1)), TypeError,
+     "x.dtype=int32 must be float32 or float64"),
+    (lambda: K.conv2d_forward(f32(1, 4, 4, 1), f32(3, 3, 1, 1), algorithm="winograd"), ValueError,
+     "algorithm='winograd' must be one of 'im2col', 'direct'"),
+    (lambda: K.conv2d_forward(f32(1, 4, 4, 1), f32(3, 3, 1, 0)), ValueError, "must have every dimension at least 1"),
+    (lambda: K.conv2d_forward(f32(1, 0, 4, 1), f32(3, 3, 1, 1)), ValueError,
+     r"x.shape\[1\]=0 \(H\) must be at least 1"),
+    (lambda: K.conv2d_forward(f32(1, 4, 4, 1), f32(3, 3, 1, 1), padding=((1, 1), (1, -1))), ValueError,
+     "padding=.* must be 'SAME', 'VALID', a non-negative int"),
+    (lambda: K.im2col_nhwc(np.zeros((1, 4, 4, 1), np.uint8), (3, 3), 1, "SAME", pad_value=300), ValueError,
+     r"pad_value=300 must be in \[0, 255\]"),
+    (lambda: K.bias_add_forward(f32(2, 3, 4, 5), np.ones(5), "NCWH"), ValueError, "data_format='NCWH'"),
+    (lambda: K.bias_add_forward(f32(2, 5), np.ones((5, 1))), ValueError, r"b.shape=\(5, 1\) must be 1-D"),
+    (lambda: K.batchnorm_forward(f32(3, 4), np.ones(4), np.zeros(4), [0.0] * 4, np.ones(4), True), TypeError,
+     "running_mean is a list; it is updated in place"),
+    (lambda: K.batchnorm_forward(f32(3, 4), np.ones(3), np.zeros(4), np.zeros(4), np.ones(4), False), ValueError,
+     r"gamma.shape=\(3,\) must equal \(4,\), the channels of x"),
+    (lambda: K.batchnorm_forward(f32(0, 4), np.ones(4), np.zeros(4), np.zeros(4), np.ones(4), True), ValueError,
+     "needs at least one value per channel"),
+    (lambda: K.softmax(f32(2, 3), axis=2), ValueError, r"axis=2 must be in \[-2, 1\]"),
+    (lambda: K.dropout_forward(np.ones(4, np.int64), 0.5), TypeError, "x.dtype=int64 must be float32 or float64"),
+    (lambda: K.dropout_forward(f32(4), 0.5, rng=np.random.RandomState(0)), TypeError,
+     "rng is a RandomState; it must be a numpy.random.Generator"),
+    (lambda: K.dropout_forward(f32(4), float("nan")), ValueError, "keep_prob=nan must be finite"),
+    (lambda: K.nchw_to_nhwc(f32(2, 3, 4)), ValueError, r"x.shape=\(2, 3, 4\) must be 4-D \(N, C, H, W\)"),
+    (lambda: K.to_blocked(f32(2, 3, 4, 5), block=0), ValueError, "block=0 must be >= 1"),
+    (lambda: K.from_blocked(K.to_blocked(f32(1, 3, 2, 2)), 17), ValueError, r"channels=17 must be in \[1, 16\]"),
+    (lambda: K.weights_to_blocked(f32(3, 3, 2)), ValueError, r"w.shape=\(3, 3, 2\) must be 4-D"),
+    (lambda: K.conv2d_blocked_forward(K.to_blocked(f32(1, 3, 5, 5)), K.weights_to_blocked(f32(3, 3, 3, 2)),
+                                      ksize=(5, 5)), ValueError,
+     r"ksize=\(5, 5\) must equal wb.shape\[2:4\]=\(3, 3\)"),
+    (lambda: K.conv2d_blocked_forward(K.to_blocked(f32(1, 3, 5, 5), block=8), K.weights_to_blocked(f32(3, 3, 3, 2))),
+     ValueError, r"wb.shape\[4:\]=\(16, 16\) must equal \(xb.shape\[4\], xb.shape\[4\]\)=\(8, 8\)"),
+    (lambda: K.conv2d_blocked_forward(K.to_blocked(f32(1, 3, 5, 5)), K.weights_to_blocked(f32(3, 3, 3, 2)),
+                                      bias=np.ones(17)), ValueError, r"bias.shape=\(17,\) must have at most 16"),
+    (lambda: K.conv2d_blocked_forward(K.to_blocked(f32(1, 17, 5, 5)), K.weights_to_blocked(f32(3, 3, 3, 2))),
+     ValueError, r"wb.shape\[1\]=1 must equal xb.shape\[1\]=2 \(the input channel blocks\)"),
+])
+def test_bad_arguments_name_the_argument_the_value_and_the_rule(call, error, rule):
+    with pytest.raises(error, match=rule):
+        call()
+
+
+def test_public_kernels_stay_in_bounds_on_edge_shapes_under_numba_boundscheck(root, tmp_path):
+    """1x1 images, kernel == input, stride > kernel, batch 1, one channel, odd sizes: every numba kernel
+    compiled with bounds checks (in a fresh cache, so none compiled without them is loaded) and compared
+    with numpy references."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path), NUMBA_NUM_THREADS="2",
+               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(root / "tests" / "kernel_programs" / "edge_shapes.py")], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok"), proc.stdout

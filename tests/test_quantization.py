@@ -124,3 +124,75 @@ def test_int8_cnn_logits_are_identical_on_every_int8_path(model_and_data):
     logits = [Q.QuantizedCNN(params, x_train[:200], path=p).logits(x_test[:64]) for p in paths]
     for other in logits[1:]:
         np.testing.assert_array_equal(other, logits[0])
+
+
+def test_requantize_refuses_accumulators_outside_s32_instead_of_wrapping():
+    """2**32 + 5 came out as 5, and a float NaN as 0 (then the zero point)."""
+    out = Q.QuantParams(np.float64(1.0), np.int32(0), np.dtype(np.int32))
+    with pytest.raises(ValueError, match=r"acc\[1\]=4294967301 lies outside the s32 range"):
+        Q.requantize(np.array([0, 2**32 + 5]), 1.0, out)
+    with pytest.raises(ValueError, match=r"acc\[0, 1\]=-2147483649 lies outside the s32 range"):
+        Q.requantize(np.array([[0, -(2**31) - 1]]), 1.0, out)
+    with pytest.raises(ValueError, match=r"acc\[0\]=18446744073709551615 lies outside"):
+        Q.requantize(np.array([2**64 - 1], dtype=np.uint64), 1.0, out)
+    with pytest.raises(ValueError, match=r"acc\[0\]=nan is not finite"):
+        Q.requantize(np.array([np.nan]), 1.0, out)
+    with pytest.raises(ValueError, match=r"acc\[1\]=inf is not finite"):
+        Q.requantize(np.array([1.0, np.inf]), 1.0, out)
+    with pytest.raises(ValueError, match=r"acc\[0\]=2.5 must be a whole number"):
+        Q.requantize(np.array([2.5]), 1.0, out)
+    with pytest.raises(ValueError, match=r"bias\[0\]=3000000000 lies outside the s32 range"):
+        Q.requantize(np.array([1]), 1.0, out, bias=np.array([3 * 10**9]))
+    with pytest.raises(ValueError, match="in_scale=0.0 must be positive"):
+        Q.requantize(np.array([1]), 0.0, out)
+    with pytest.raises(ValueError, match=r"must each be a scalar or \(4,\), one per channel"):
+        Q.requantize(np.zeros((2, 4), np.int32), np.ones(3), out)
+    with pytest.raises(TypeError, match="out is a dict; it must be QuantParams"):
+        Q.requantize(np.array([1]), 1.0, {"scale": 1.0})
+
+
+def test_requantize_is_exact_at_the_edges_of_s32_in_any_integer_dtype():
+    out = Q.QuantParams(np.float64(1.0), np.int32(0), np.dtype(np.int32))
+    edges = [-(2**31), -1, 0, 1, 2**31 - 1]
+    for dtype in (np.int64, np.float64):
+        assert Q.requantize(np.array(edges, dtype=dtype), 1.0, out).tolist() == edges
+
+
+@pytest.mark.parametrize("make, rule", [
+    (lambda: Q.QuantParams(np.float64(0.0), np.int32(0), np.dtype(np.int8)), "scale=0.0 must be positive"),
+    (lambda: Q.QuantParams(np.float64(-0.1), np.int32(0), np.dtype(np.int8)), r"scale=-0.1 must be positive"),
+    (lambda: Q.QuantParams(np.float64(np.inf), np.int32(0), np.dtype(np.int8)), "scale.*is not finite"),
+    (lambda: Q.QuantParams(np.array([0.1, np.nan]), np.zeros(2, np.int32), np.dtype(np.int8), axis=0),
+     r"scale\[1\]=nan is not finite"),
+    (lambda: Q.QuantParams(np.float64(0.1), np.int32(200), np.dtype(np.int8)),
+     r"zero_point=200 must lie in the int8 range \[-128, 127\]"),
+    (lambda: Q.QuantParams(np.float64(0.1), np.int32(-1), np.dtype(np.uint8)), r"zero_point=-1 must lie in the uint8"),
+    (lambda: Q.QuantParams(np.float64(0.1), 0.5, np.dtype(np.uint8)), "zero_point=0.5 must be a whole number"),
+    (lambda: Q.QuantParams(np.float64(0.1), np.int32(0), np.dtype(np.float32)), "dtype=float32 must be one of"),
+    (lambda: Q.QuantParams(np.ones((2, 2)), np.int32(0), np.dtype(np.int8), axis=0), "must be 1-D"),
+    (lambda: Q.choose_qparams(5, -5), "min_val=5 must be <= max_val=-5"),
+    (lambda: Q.choose_qparams(np.array([0.0, 3.0]), np.array([1.0, 2.0])),
+     r"min_val\[1\]=3.0 must be <= max_val\[1\]=2.0"),
+    (lambda: Q.choose_qparams(np.zeros(2), np.ones(3)), r"min_val.shape=\(2,\) and max_val.shape=\(3,\) must match"),
+    (lambda: Q.choose_qparams(0.0, np.nan), "NaN or Inf"),
+])
+def test_invalid_quantization_parameters_are_refused(make, rule):
+    with pytest.raises(ValueError, match=rule):
+        make()
+
+
+def test_quantize_and_dequantize_check_their_inputs():
+    per_channel = Q.choose_qparams(-np.ones(3), np.ones(3), np.int8, axis=1)
+    with pytest.raises(ValueError, match=r"x.shape=\(4, 5\) must have 3 channels along axis=1"):
+        Q.quantize(np.zeros((4, 5)), per_channel)
+    with pytest.raises(TypeError, match="q.dtype=float64 must be"):
+        Q.dequantize(np.zeros((4, 3)), per_channel)
+    with pytest.raises(TypeError, match="qp is a tuple; it must be QuantParams"):
+        Q.quantize(np.zeros(3), (0.1, 0))
+    with pytest.raises(ValueError, match="calibration data of shape .* is empty"):
+        Q.Calibrator().update(np.zeros(0))
+    with pytest.raises(ValueError, match="bins=0 must be >= 1"):
+        Q.Calibrator("entropy", bins=0)
+    with pytest.raises(ValueError, match=r"hist\[1\]=-1.0 must be a count"):
+        Q.entropy_threshold(np.array([1.0, -1.0]), 0.1)
+

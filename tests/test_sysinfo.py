@@ -1,4 +1,6 @@
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,47 @@ def test_run_mpi_kills_a_hung_job_and_says_so():
 def test_mpiexec_command_validates_rank_count():
     with pytest.raises(ValueError, match="n=0 must be a positive integer"):
         sysinfo.mpiexec_command(0, ["x.py"])
+
+
+def _check_cli(root, tmp_path, **env):
+    full = {k: v for k, v in os.environ.items() if k != "WORKSHOP_DATA"} | env
+    full["PYTHONPATH"] = str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")  # cwd is not the repository
+    return subprocess.run([sys.executable, "-m", "workshop_lib.cli", "check", "--no-mpi"], capture_output=True,
+                          text=True, timeout=300, env=full, cwd=tmp_path)
+
+
+def test_workshop_check_fails_with_what_to_do_when_the_data_folder_is_missing(root, tmp_path):
+    """It used to say "Everything the labs need is working." and exit 0."""
+    proc = _check_cli(root, tmp_path, WORKSHOP_DATA=str(tmp_path / "nowhere"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Everything the labs need is working" not in proc.stdout
+    assert re.search(r"Data\s+not found \(FAILED\)", proc.stdout)
+    assert f"ERROR: course data: data directory not found (looked in {tmp_path / 'nowhere'})" in proc.stderr
+    assert "set WORKSHOP_DATA" in proc.stderr
+
+
+def test_workshop_check_reports_an_invalid_numba_thread_count_instead_of_a_traceback(root, tmp_path):
+    """NUMBA_NUM_THREADS=0 made `import numba` raise inside the check: a raw traceback."""
+    proc = _check_cli(root, tmp_path, NUMBA_NUM_THREADS="0")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "ERROR: numba cannot compile a parallel kernel: `import numba` failed" in proc.stderr
+    assert "NUMBA_NUM_THREADS='0' must be a whole number of threads >= 1" in proc.stderr
+    assert re.search(r"numba\s+\S+, threading layer unavailable", proc.stdout)
+
+
+def test_data_status_names_each_missing_or_corrupted_file(root, tmp_path):
+    assert sysinfo.data_status(root / "data") == {"dir": str(root / "data"), "problems": []}
+    (tmp_path / "mnist").mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(root / "data" / "mnist" / name, tmp_path / "mnist" / name)
+    images = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:-1000])
+    status = sysinfo.data_status(tmp_path)
+    assert status["dir"] == str(tmp_path)
+    assert len(status["problems"]) == 3, status
+    assert f"{images}: not a valid gzip file" in status["problems"][0]
+    assert "mnist_cnn.npz: the trained model is missing" in status["problems"][1]
+    assert "images: the photographs of lab 04 are missing" in status["problems"][2]
+    info = {"numba": {"compiles": True}, "mpiexec": "/x", "mpi_library": "MPICH", "data": status}
+    assert sysinfo.problems(info) == [f"course data: {p}" for p in status["problems"]]

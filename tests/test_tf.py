@@ -441,3 +441,20 @@ def test_updates_wait_for_every_gradient_and_fetched_values_are_copies():
         # Adam's first moment is 0.1 * the gradient it used: w1's must come from w2 = 5 (10), not 4.5 (9)
         np.testing.assert_allclose(sess.run(opt.get_slot(w1, "m")), [1.0], rtol=1e-6)
         np.testing.assert_allclose(sess.run([w1, w2]), [[2.5], [4.5]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("build, rule", [
+    (lambda x, w: tf.nn.conv2d(x, w, [1, 0, 0, 1], "SAME"), r"strides=\[1, 0, 0, 1\] must be a positive integer"),
+    (lambda x, w: tf.nn.conv2d(x, w, [1, -1, 1, 1], "SAME"), r"strides=\[1, -1, 1, 1\] must be a positive integer"),
+    (lambda x, w: tf.nn.conv2d(x, w, [2, 1, 1, 1], "SAME"), "supports no strides over the batch or channel axis"),
+    (lambda x, w: tf.nn.max_pool(x, [1, 0, 0, 1], [1, 1, 1, 1], "VALID"), r"ksize=\[1, 0, 0, 1\] must be a positive integer"),
+    (lambda x, w: tf.nn.avg_pool(x, [1, 2, 2, 1], 0, "VALID"), "strides=0 must be a positive integer"),
+    (lambda x, w: tf.nn.conv2d(x, w, [1, 1, 1, 1], "VALID"), "5x5 window with padding='VALID' .* does not fit the 4x4"),
+    (lambda x, w: tf.nn.max_pool(x, [1, 5, 5, 1], [1, 1, 1, 1], "VALID"), "does not fit the 4x4 input"),
+])
+def test_a_zero_negative_or_oversized_stride_or_window_is_an_error_naming_it(build, rule):
+    """strides=[1, 0, 0, 1] raised a bare ZeroDivisionError while the graph was built; negative ones blamed the kernel."""
+    x = tf.placeholder(tf.float32, [None, 4, 4, 1])
+    w = tf.Variable(tf.zeros([5, 5, 1, 1]))
+    with pytest.raises(ValueError, match=rule):
+        build(x, w)

@@ -154,8 +154,9 @@ def test_arguments_that_would_change_results_raise_and_harmless_ones_are_accepte
         tf.layers.dropout(x, 0.5, seed=3, training=False)
     xb = kernels.to_blocked(np.ones((1, 8, 8, 16), np.float32), "NHWC")
     wb = kernels.weights_to_blocked(np.ones((3, 3, 16, 16), np.float32))
-    with pytest.raises(NotImplementedError, match=r"ksize=\(3, 3\)"):
-        kernels.conv2d_blocked_forward(xb, wb, 1, "SAME", ksize=(3, 3))
+    kernels.conv2d_blocked_forward(xb, wb, 1, "SAME", ksize=(3, 3))  # oneDNN's call shape: ksize checked, not ignored
+    with pytest.raises(ValueError, match=r"ksize=\(5, 5\) must equal wb.shape\[2:4\]=\(3, 3\)"):
+        kernels.conv2d_blocked_forward(xb, wb, 1, "SAME", ksize=(5, 5))
     optimizer = tf.train.GradientDescentOptimizer(0.1)
     for kwargs, text in (({"gradient_predivide_factor": 2.0}, "gradient_predivide_factor=2.0"),
                          ({"groups": [[w]]}, "groups="), ({"num_groups": 2}, "num_groups=2")):

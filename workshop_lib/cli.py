@@ -10,7 +10,11 @@ import sys
 def _check(args) -> int:
     from . import sysinfo
 
-    info = sysinfo.report(mpi_check=not args.no_mpi)
+    try:
+        info = sysinfo.report(mpi_check=not args.no_mpi)
+    except Exception as exc:  # noqa: BLE001 - a diagnosis tool reports what broke, never a traceback
+        print(f"ERROR: workshop check could not finish: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

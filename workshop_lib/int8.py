@@ -28,6 +28,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import _validate as check
 from .kernels import im2col_nhwc
 
 __all__ = [
@@ -51,13 +52,28 @@ PATHS = ("auto", "fast", "portable", "reference")
 
 
 def saturate_s16(value):
-    """Clamp to the signed 16-bit range [-32768, 32767], as vpmaddubsw does."""
-    return np.clip(np.asarray(value, dtype=np.int64), -32768, 32767)
+    """Clamp integers to the signed 16-bit range [-32768, 32767], as vpmaddubsw does; returns int64.
+
+    ``value`` is an integer, an integer array, or a float array of whole numbers; the clamp is exact for any
+    of them (Python integers beyond 64 bits included). NaN, infinity and fractions raise ``ValueError``.
+    """
+    x = np.asarray(value)
+    if x.dtype.kind == "O" and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x.flat):
+        return np.asarray(np.clip(x, -32768, 32767)).astype(np.int64)[()]  # Python ints of any size, exactly
+    if x.dtype.kind == "f":
+        check.finite(x, "value")
+        if (x != np.rint(x)).any():
+            raise ValueError(f"value={value!r} must hold whole numbers (the products and sums of integers)")
+    elif x.dtype.kind not in "iu":
+        raise TypeError(f"value.dtype={x.dtype} must be an integer type")
+    return np.clip(x, -32768, 32767).astype(np.int64)
 
 
 def maddubs_pair(a0, b0, a1, b1):
     """One lane of vpmaddubsw: u8 a0*s8 b0 + u8 a1*s8 b1 with signed 16-bit saturation."""
-    return int(saturate_s16(int(a0) * int(b0) + int(a1) * int(b1)))
+    a0, a1 = check.integer(a0, "a0", 0, 255), check.integer(a1, "a1", 0, 255)
+    b0, b1 = check.integer(b0, "b0", -128, 127), check.integer(b1, "b1", -128, 127)
+    return int(saturate_s16(a0 * b0 + a1 * b1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,17 +243,27 @@ def vnni_isa():
     return None
 
 
+_ISA_LANES = {"avx512_vnni": 16, "avx_vnni": 8}
+
+
 def _lanes(isa):
-    return {"avx512_vnni": 16, "avx_vnni": 8}[isa]
+    return _ISA_LANES[check.option(isa, "isa", tuple(_ISA_LANES))]
 
 
 class PackedWeights:
     """B (K, N) packed once for the fast kernel: groups of K (4 s8 or 2 s16) contiguous for each panel of columns.
 
-    Pack weights once and reuse them for every batch, as inference libraries do.
+    Pack weights once and reuse them for every batch, as inference libraries do. The object carries the
+    dtype it was packed from (``int8`` for :func:`gemm_u8s8s32`, ``int16`` for :func:`gemm_s16s16s32`:
+    the two pack K in groups of different sizes) and its register width ``lanes``; each GEMM checks both.
     """
 
     def __init__(self, b, lanes):
+        if isinstance(b, PackedWeights):
+            raise TypeError("b is already a PackedWeights; pack the int8 or int16 matrix itself")
+        b = _check_matrix(b, "b", (np.int8, np.int16))
+        if lanes not in _ISA_LANES.values():
+            raise ValueError(f"lanes={lanes!r} must be 16 (avx512_vnni) or 8 (avx_vnni)")
         k_size, n_size = b.shape
         per_group = 4 // b.dtype.itemsize  # 4 s8 or 2 s16 fill one 32-bit lane
         cols = _NV * lanes
@@ -264,13 +290,26 @@ def pack_weights(b, isa=None) -> PackedWeights:
 
 
 def _check_matrix(x, name, dtypes):
+    """A 2-D integer matrix of one of ``dtypes``, or :class:`PackedWeights` packed from one of them."""
+    wanted = " or ".join(np.dtype(d).name for d in dtypes)
     if isinstance(x, PackedWeights):
+        if x.dtype not in [np.dtype(d) for d in dtypes]:
+            raise TypeError(f"{name} holds weights packed from {x.dtype}, which must be {wanted}: pack the "
+                            f"{wanted} matrix with pack_weights")
+        lanes = x.data.shape[2] // _NV if x.data.ndim == 3 else None
+        if x.lanes != lanes or x.data.dtype != np.int32 or not x.data.flags.c_contiguous:
+            raise ValueError(f"{name} is not a PackedWeights made by pack_weights (its data is "
+                             f"{x.data.dtype} {x.data.shape}); pack the matrix again")
+        if _ISA_LANES.get(vnni_isa()) is None or (x.lanes == 16 and vnni_isa() != "avx512_vnni"):
+            raise RuntimeError(f"{name} was packed for {x.lanes}-lane VNNI, which this CPU lacks "
+                               f"({vnni_isa() or 'no VNNI'}); pass the {wanted} matrix instead")
         return x
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name}={x!r} must be a 2-D {wanted} array")
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name}.shape={x.shape} must be 2-D")
     if x.dtype not in [np.dtype(d) for d in dtypes]:
-        wanted = " or ".join(np.dtype(d).name for d in dtypes)
         raise TypeError(f"{name}.dtype={x.dtype} must be {wanted}; quantize it first (workshop_lib.quantization)")
     return x
 
@@ -339,6 +378,7 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
     """
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics={semantics!r} must be one of {SEMANTICS}")
+    check.option(path, "path", PATHS)
     a = _check_matrix(a, "a", (np.uint8,))
     b = _check_matrix(b, "b", (np.int8,))
     k_b = b.shape[0]
@@ -368,6 +408,8 @@ def gemm_s16s16s32(a, b, path="auto"):
     b = _check_matrix(b, "b", (np.int16,))
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"a.shape[1]={a.shape[1]} must equal b.shape[0]={b.shape[0]}")
+    if isinstance(b, PackedWeights) and path in ("portable", "reference"):
+        raise ValueError("packed weights are for the fast VNNI path only; pass the int16 matrix instead")
     path, isa = _resolve_path(path)
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
@@ -390,24 +432,28 @@ def conv2d_u8s8s32(x, w, stride=(1, 1), padding="SAME", pad_value=0, path="auto"
     ``pad_value`` is what padded pixels hold: the activations' zero point (0 after a ReLU).
     ``w`` may also be a :class:`PackedWeights` of ``w.reshape(R*S*C, K)`` with ``ksize`` implied by ``x``;
     pass ``(packed, (R, S))`` in that case.
+
+    Raises ``TypeError`` for other dtypes, ``ValueError`` for mismatched shapes, a stride or padding that
+    does not fit, or a ``pad_value`` outside [0, 255].
     """
-    x = np.asarray(x)
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise TypeError(f"x must be uint8 NHWC (N, H, W, C); got dtype={x.dtype}, shape={x.shape}")
+    x = check.array(x, "x", 4, (np.uint8,), "NHWC (N, H, W, C)")
     if isinstance(w, tuple):
-        packed, ksize = w
+        if len(w) != 2 or not isinstance(w[0], PackedWeights):
+            raise TypeError("w as a tuple must be (PackedWeights, (R, S)): weights packed with pack_weights "
+                            "and the kernel size")
+        packed, ksize = _check_matrix(w[0], "w[0]", (np.int8,)), check.positive_pair(w[1], "ksize")
         k_out = packed.shape[1]
         if packed.shape[0] != ksize[0] * ksize[1] * x.shape[3]:
             raise ValueError(f"packed weights have K={packed.shape[0]}, expected R*S*C={ksize[0] * ksize[1] * x.shape[3]}")
         b = packed
     else:
-        w = np.asarray(w)
-        if w.dtype != np.int8 or w.ndim != 4:
-            raise TypeError(f"w must be int8 HWIO (R, S, C, K); got dtype={w.dtype}, shape={w.shape}")
+        if isinstance(w, PackedWeights):
+            raise TypeError("w is a PackedWeights without its kernel size: pass (packed, (R, S))")
+        w = check.array(w, "w", 4, (np.int8,), "HWIO (R, S, C, K)")
         if w.shape[2] != x.shape[3]:
             raise ValueError(f"w.shape[2]={w.shape[2]} (input channels) must equal x.shape[3]={x.shape[3]}")
         ksize, k_out = w.shape[:2], w.shape[3]
         b = w.reshape(-1, k_out)
-    stride = (stride, stride) if isinstance(stride, (int, np.integer)) else tuple(stride)
+    check.option(path, "path", PATHS)
     cols, (out_h, out_w) = im2col_nhwc(x, ksize, stride, padding, pad_value)
     return gemm_u8s8s32(cols, b, "vnni", path).reshape(x.shape[0], out_h, out_w, k_out)

@@ -27,6 +27,9 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from . import _validate as check
+
+
 __all__ = [
     "gemm_reference", "gemm_forward", "gemm_backward",
     "conv2d_forward", "conv2d_backward", "conv2d_output_size", "ConvCache", "conv2d_cache", "hw_pair",
@@ -70,25 +73,40 @@ def keep_freed_memory():
 
 
 def hw_pair(value, name):
-    """(height, width) from an int, [h, w], [h] or TensorFlow's [1, h, w, 1] (NHWC) / [1, 1, h, w] (NCHW).
+    """(height, width) from an int, [h], [h, w] or TensorFlow's [1, h, w, 1] (NHWC) / [1, 1, h, w] (NCHW).
 
     Strides, pooling windows and kernel sizes are all written these ways; ``name`` goes into the error.
     """
-    if isinstance(value, (int, np.integer)):
-        return int(value), int(value)
-    v = tuple(int(t) for t in value)
-    if len(v) == 1:
-        v = (v[0], v[0])
-    elif len(v) == 4:
-        v = (v[1], v[2]) if v[0] == 1 and v[3] == 1 else (v[2], v[3])
-    if len(v) != 2 or min(v) < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int, [h, w] or [1, h, w, 1]")
-    return v
+    return check.positive_pair(value, name)
 
 
 def _check_format(data_format):
     if data_format not in ("NHWC", "NCHW"):
         raise ValueError(f"data_format={data_format!r} must be 'NHWC' or 'NCHW'")
+
+
+def _check_image(x, name, data_format, dtypes):
+    """A 4-D batch of images in ``data_format``, with at least one row, column and channel."""
+    layout = "(N, H, W, C)" if data_format == "NHWC" else "(N, C, H, W)"
+    x = check.array(x, name, 4, dtypes, f"{layout} for data_format={data_format!r}")
+    for axis, letter in zip((1, 2, 3), data_format[1:]):
+        if x.shape[axis] < 1:
+            raise ValueError(f"{name}.shape[{axis}]={x.shape[axis]} ({letter}) must be at least 1")
+    return x
+
+
+def _output_hw(h, w, r, s, stride, pads):
+    """(OH, OW) for resolved pads ((top, bottom), (left, right)): may be < 1, see :func:`_check_output`."""
+    (pt, pb), (pl, pr) = pads
+    return (h + pt + pb - r) // stride[0] + 1, (w + pl + pr - s) // stride[1] + 1
+
+
+def _check_output(out_h, out_w, window, padding, stride, h, w):
+    """An empty output is an error: no path may return an empty array (TF raises the same)."""
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"{window} with padding={padding!r} and stride={stride} does not fit the {h}x{w} input: "
+                         f"the output would be {max(out_h, 0)}x{max(out_w, 0)}; use padding='SAME' or a window "
+                         f"of at most {h}x{w}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +126,20 @@ def _gemm_reference(a, b, c):  # IN a (M, K), b (K, N); OUT c (M, N): the textbo
                 c[i, j] += aik * b[k, j]
 
 
+def _check_gemm(a, b, a_name="a", b_name="b"):
+    a = check.array(a, a_name, 2, check.REALS, "(M, K)")
+    b = check.array(b, b_name, 2, check.REALS, "(K, N)")
+    check.equal(f"{a_name}.shape[1]", a.shape[1], f"{b_name}.shape[0]", b.shape[0], "the inner dimensions")
+    return a, b
+
+
 def gemm_reference(a, b):
-    """C = A @ B with plain numba loops (the reference kernel; BLAS is the optimised one)."""
+    """C = A @ B with plain numba loops (the reference kernel; BLAS is the optimised one).
+
+    ``a`` (M, K) and ``b`` (K, N) are 2-D arrays of integers or float32/float64; raises ``ValueError``
+    if the inner dimensions differ.
+    """
+    a, b = _check_gemm(a, b)
     c = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
     _gemm_reference(np.ascontiguousarray(a), np.ascontiguousarray(b), c)
     return c
@@ -117,22 +147,21 @@ def gemm_reference(a, b):
 
 def gemm_forward(a, b, trans_a=False, trans_b=False, algorithm="blas"):
     """C = op(A) @ op(B), op = transpose where asked. ``algorithm``: "blas" (numpy's BLAS) or "reference"."""
+    check.option(algorithm, "algorithm", ("blas", "reference"))
+    a = check.array(a, "a", 2, check.REALS)
+    b = check.array(b, "b", 2, check.REALS)
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
-    if opa.shape[1] != opb.shape[0]:
-        raise ValueError(f"op(a).shape={opa.shape} and op(b).shape={opb.shape} do not multiply")
-    if algorithm == "blas":
-        c = opa @ opb
-    elif algorithm == "reference":
-        c = gemm_reference(opa, opb)
-    else:
-        raise ValueError(f"algorithm={algorithm!r} must be 'blas' or 'reference'")
+    _check_gemm(opa, opb, "op(a)", "op(b)")
+    c = opa @ opb if algorithm == "blas" else gemm_reference(opa, opb)
     return c, (a, b, trans_a, trans_b)
 
 
 def gemm_backward(dc, cache):
-    """(da, db) for C = op(A) @ op(B)."""
+    """(da, db) for C = op(A) @ op(B); ``dc`` has C's shape (M, N)."""
     a, b, trans_a, trans_b = cache
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
+    dc = check.array(dc, "dc", 2, check.REALS)
+    check.shape(dc, "dc", (opa.shape[0], opb.shape[1]), "the shape of the forward output C")
     d_opa, d_opb = dc @ opb.T, opa.T @ dc
     return (d_opa.T if trans_a else d_opa), (d_opb.T if trans_b else d_opb)
 
@@ -151,9 +180,18 @@ def _conv_padding(padding, h, w, r, s, stride):
             pw = max((out_w - 1) * stride[1] + s - w, 0)
             return (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)
         raise ValueError(f"padding={padding!r} must be 'SAME', 'VALID', an int or ((top, bottom), (left, right))")
-    if isinstance(padding, (int, np.integer)):
+    rule = "must be 'SAME', 'VALID', a non-negative int or ((top, bottom), (left, right)) of them"
+    if isinstance(padding, (int, np.integer)) and not isinstance(padding, (bool, np.bool_)):
+        if padding < 0:
+            raise ValueError(f"padding={padding} {rule}")
         return (int(padding), int(padding)), (int(padding), int(padding))
-    (pt, pb), (pl, pr) = padding
+    try:
+        (pt, pb), (pl, pr) = padding
+    except (TypeError, ValueError):
+        raise ValueError(f"padding={padding!r} {rule}") from None
+    if not all(isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) and p >= 0
+               for p in (pt, pb, pl, pr)):
+        raise ValueError(f"padding={padding!r} {rule}")
     return (int(pt), int(pb)), (int(pl), int(pr))
 
 
@@ -184,22 +222,38 @@ def _im2col_nhwc(x, r_size, s_size, stride_h, stride_w, pad_top, pad_left, out_h
 
 
 def im2col_nhwc(x, ksize, stride=(1, 1), padding="VALID", pad_value=0):
-    """Receptive fields of an NHWC tensor as rows: returns (cols (N*OH*OW, R*S*C), (OH, OW))."""
+    """Receptive fields of an NHWC tensor as rows: returns (cols (N*OH*OW, R*S*C), (OH, OW)).
+
+    ``x`` is (N, H, W, C) of integers (the int8 path's u8 activations) or floats; ``ksize`` and ``stride``
+    are ints or (h, w) pairs; padded cells hold ``pad_value``, which must be representable in ``x.dtype``.
+    """
+    x = _check_image(x, "x", "NHWC", check.REALS)
+    (r, s), stride = hw_pair(ksize, "ksize"), hw_pair(stride, "stride")
     n_size, h, w, c = x.shape
-    r, s = ksize
     (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)
-    out_h = (h + pt + pb - r) // stride[0] + 1
-    out_w = (w + pl + pr - s) // stride[1] + 1
-    if out_h < 1 or out_w < 1:
-        raise ValueError(f"kernel {r}x{s} with padding {padding!r} does not fit the {h}x{w} input")
+    out_h, out_w = _output_hw(h, w, r, s, stride, ((pt, pb), (pl, pr)))
+    _check_output(out_h, out_w, f"ksize={(r, s)}", padding, stride, h, w)
     cols = np.empty((n_size * out_h * out_w, r * s * c), dtype=x.dtype)
-    _im2col_nhwc(x, r, s, stride[0], stride[1], pt, pl, out_h, out_w, x.dtype.type(pad_value), cols)
+    _im2col_nhwc(np.ascontiguousarray(x), r, s, stride[0], stride[1], pt, pl, out_h, out_w,
+                 _pad_value(pad_value, x.dtype), cols)
     return cols, (out_h, out_w)
 
 
+def _pad_value(value, dtype):
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return dtype.type(check.integer(value, "pad_value", int(info.min), int(info.max)))
+    return dtype.type(check.real(value, "pad_value"))
+
+
 def conv2d_output_size(h, w, r, s, stride, padding):
-    (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)
-    return (h + pt + pb - r) // stride[0] + 1, (w + pl + pr - s) // stride[1] + 1
+    """(OH, OW) of an R x S window sliding over an H x W input; raises ``ValueError`` if it would be empty."""
+    h, w = check.integer(h, "h", 1), check.integer(w, "w", 1)
+    r, s = check.integer(r, "r", 1), check.integer(s, "s", 1)
+    stride = hw_pair(stride, "stride")
+    out_h, out_w = _output_hw(h, w, r, s, stride, _conv_padding(padding, h, w, r, s, stride))
+    _check_output(out_h, out_w, f"a {r}x{s} window", padding, stride, h, w)
+    return out_h, out_w
 
 
 @numba.njit(parallel=True, cache=True)
@@ -313,31 +367,40 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     -------
     out : (N, OH, OW, K) or (N, K, OH, OW)
     cache : ConvCache, for :func:`conv2d_backward` (``cache.cols`` is im2col's workspace, None for "direct")
+    Raises
+    ------
+    ValueError
+        On a shape, stride or padding that does not fit, or an empty output (every algorithm alike).
+    TypeError
+        If ``x`` or ``w`` is not float32/float64.
     """
     _check_format(data_format)
+    check.option(algorithm, "algorithm", ("im2col", "direct"))
+    x = _check_image(x, "x", data_format, check.FLOATS)
+    w = check.array(w, "w", 4, check.FLOATS, "(R, S, C, K), HWIO")
+    if min(w.shape) < 1:
+        raise ValueError(f"w.shape={w.shape} (R, S, C, K) must have every dimension at least 1")
     stride = hw_pair(stride, "stride")
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
     r, s, c_w, k = w.shape
-    if c_w != c:
-        raise ValueError(f"w.shape[2]={c_w} (input channels) must equal the input's {c} channels")
+    check.equal("w.shape[2]", c_w, f"x.shape[{3 if data_format == 'NHWC' else 1}]", c, "the input channels")
     (pt, pb), (pl, pr) = _conv_padding(padding, h, wd, r, s, stride)
-    out_h, out_w = conv2d_output_size(h, wd, r, s, stride, padding)
+    out_h, out_w = _output_hw(h, wd, r, s, stride, ((pt, pb), (pl, pr)))
+    _check_output(out_h, out_w, f"the {r}x{s} kernel w", padding, stride, h, wd)
     cols = None
     if algorithm == "im2col":
         cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, ((pt, pb), (pl, pr)))
         out = (cols @ w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
         if data_format == "NCHW":
             out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
-    elif algorithm == "direct":
+    else:
         if data_format == "NHWC":
             out = np.empty((n_size, out_h, out_w, k), dtype=np.result_type(x, w))
             _conv2d_direct_nhwc(np.ascontiguousarray(x), np.ascontiguousarray(w), stride[0], stride[1], pt, pl, out)
         else:
             out = np.empty((n_size, k, out_h, out_w), dtype=np.result_type(x, w))
             _conv2d_direct_nchw(np.ascontiguousarray(x), np.ascontiguousarray(w), stride[0], stride[1], pt, pl, out)
-    else:
-        raise ValueError(f"algorithm={algorithm!r} must be 'im2col' or 'direct'")
     return out, ConvCache(x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
 
 
@@ -349,13 +412,17 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     ``need_dw=False`` likewise for dw;
     ``gemm="reference"`` does the two products with the reference GEMM instead of BLAS.
     """
+    check.option(gemm, "gemm", ("blas", "reference"))
     matmul = (lambda a, b: a @ b) if gemm == "blas" else gemm_reference
     x, w, stride, pads, data_format, cols = cache
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
-    dout_nhwc = dout if data_format == "NHWC" else dout.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
     r, s, _, k = w.shape
-    out_h, out_w = dout_nhwc.shape[1:3]
+    out_h, out_w = _output_hw(h, wd, r, s, stride, pads)
+    dout = check.array(dout, "dout", 4, check.FLOATS)
+    check.shape(dout, "dout", _to_layout((n_size, out_h, out_w, k), data_format),
+                f"the shape of the forward output in {data_format}")
+    dout_nhwc = dout if data_format == "NHWC" else dout.transpose(0, 2, 3, 1)
     d2 = np.ascontiguousarray(dout_nhwc).reshape(-1, k)
     dw = None
     if need_dw:
@@ -456,14 +523,24 @@ def _avgpool_backward_nhwc(dout, kh, kw, sh, sw, pt, pl, counts, dx):
                                     dx[n, ih, iw, c] += dout[n, oh, ow, c] / counts[oh, ow]
 
 
-def _pool_setup(x, ksize, stride, padding, data_format):
+def _pool_setup(x, ksize, stride, padding, data_format, dtypes):
     _check_format(data_format)
+    x = _check_image(x, "x", data_format, dtypes)
     ksize, stride = hw_pair(ksize, "ksize"), hw_pair(stride, "stride")
     x_nhwc = np.ascontiguousarray(x if data_format == "NHWC" else x.transpose(0, 2, 3, 1))
     n_size, h, w, c = x_nhwc.shape
     (pt, pb), (pl, pr) = _conv_padding(padding, h, w, ksize[0], ksize[1], stride)
-    out_h, out_w = conv2d_output_size(h, w, ksize[0], ksize[1], stride, padding)
-    return x_nhwc, ksize, stride, (pt, pl), (n_size, out_h, out_w, c)
+    if max(pt, pb) >= ksize[0] or max(pl, pr) >= ksize[1]:
+        raise ValueError(f"padding={padding!r} must be smaller than ksize={ksize} on every side: a window lying "
+                         "entirely in the padding has nothing to pool")
+    out_h, out_w = _output_hw(h, w, ksize[0], ksize[1], stride, ((pt, pb), (pl, pr)))
+    _check_output(out_h, out_w, f"ksize={ksize}", padding, stride, h, w)
+    return x, x_nhwc, ksize, stride, (pt, pl), (n_size, out_h, out_w, c)
+
+
+def _to_layout(shape_nhwc, data_format):
+    n_size, h, w, c = shape_nhwc
+    return shape_nhwc if data_format == "NHWC" else (n_size, c, h, w)
 
 
 def _to_format(y, data_format):
@@ -474,8 +551,20 @@ def _from_format(y, data_format):
     return np.ascontiguousarray(y if data_format == "NHWC" else y.transpose(0, 2, 3, 1))
 
 
+def _check_pool_grad(dout, out_shape_nhwc, data_format, dtypes):
+    dout = check.array(dout, "dout", 4, dtypes)
+    check.shape(dout, "dout", _to_layout(out_shape_nhwc, data_format),
+                f"the shape of the forward output in {data_format}")
+    return dout
+
+
 def maxpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
-    x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format)
+    """Max pooling of ``x`` (integers or floats) over ``ksize`` windows; returns (out, cache).
+
+    ``ksize`` and ``stride`` are ints or (h, w) pairs (or TF's [1, h, w, 1]), each >= 1; explicit padding
+    must be smaller than the window. Raises ``ValueError`` if the output would be empty.
+    """
+    x, x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format, check.REALS)
     out = np.empty(shape, dtype=x.dtype)
     argmax = np.empty(shape, dtype=np.int64)
     _maxpool_nhwc(x_nhwc, ksize[0], ksize[1], stride[0], stride[1], pt, pl, out, argmax)
@@ -483,14 +572,20 @@ def maxpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
 
 
 def maxpool_backward(dout, cache):
+    """dx of :func:`maxpool_forward`: each output's gradient goes to the input that was the maximum."""
     shape, argmax, data_format = cache
+    dout = _check_pool_grad(dout, argmax.shape, data_format, check.REALS)
     dx = np.zeros(shape, dtype=dout.dtype)
     _maxpool_backward_nhwc(_from_format(dout, data_format), argmax, dx.reshape(-1))
     return _to_format(dx, data_format)
 
 
 def avgpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
-    x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format)
+    """Average pooling of float ``x``; padded cells are not counted (TF's rule).
+
+    Arguments as :func:`maxpool_forward`.
+    """
+    x, x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format, check.FLOATS)
     out = np.empty(shape, dtype=x.dtype)
     counts = np.empty(shape[1:3], dtype=np.int64)
     _avgpool_nhwc(x_nhwc, ksize[0], ksize[1], stride[0], stride[1], pt, pl, out, counts)
@@ -498,7 +593,9 @@ def avgpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
 
 
 def avgpool_backward(dout, cache):
+    """dx of :func:`avgpool_forward`: each output's gradient spread evenly over the cells it averaged."""
     shape, ksize, stride, (pt, pl), counts, data_format = cache
+    dout = _check_pool_grad(dout, (shape[0], *counts.shape, shape[3]), data_format, check.FLOATS)
     dx = np.zeros(shape, dtype=dout.dtype)
     _avgpool_backward_nhwc(_from_format(dout, data_format), ksize[0], ksize[1], stride[0], stride[1], pt, pl,
                            counts, dx)
@@ -509,34 +606,43 @@ def avgpool_backward(dout, cache):
 # Element-wise: activations and bias
 
 
+def _check_elementwise_grad(dout, like):
+    """An element-wise backward pass takes dout of the forward output's shape (never a broadcast)."""
+    dout = check.array(dout, "dout", dtypes=check.REALS)
+    check.shape(dout, "dout", np.shape(like), "the shape of the forward input")
+    return dout
+
+
 def relu_forward(x):
     """max(x, 0); the cache is the output, which is all the gradient needs (so a graph can fuse the op)."""
-    y = np.maximum(x, 0)
+    y = np.maximum(check.array(x, "x", dtypes=check.REALS), 0)
     return y, y
 
 
 def relu_backward(dout, cache):
-    return dout * (cache > 0)  # y > 0 exactly where x > 0
+    return _check_elementwise_grad(dout, cache) * (cache > 0)  # y > 0 exactly where x > 0
 
 
 def tanh_forward(x):
-    y = np.tanh(x)
+    y = np.tanh(check.array(x, "x", dtypes=check.REALS))
     return y, y
 
 
 def tanh_backward(dout, cache):
-    return dout * (1 - cache * cache)
+    return _check_elementwise_grad(dout, cache) * (1 - cache * cache)
 
 
 def elu_forward(x, alpha=1.0):
     """x for x > 0, alpha * (exp(x) - 1) else; the cache holds the output, which the gradient needs (alpha > 0)."""
+    x = check.array(x, "x", dtypes=check.REALS)
+    alpha = check.real(alpha, "alpha")
     y = np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0)))
     return y, (y, alpha)
 
 
 def elu_backward(dout, cache):
     y, alpha = cache
-    return dout * np.where(y > 0, 1, y + alpha)  # for x <= 0 the derivative alpha * exp(x) is y + alpha
+    return _check_elementwise_grad(dout, y) * np.where(y > 0, 1, y + alpha)  # for x <= 0, alpha * exp(x) is y + alpha
 
 
 def _channel_axis(ndim, data_format):
@@ -544,16 +650,23 @@ def _channel_axis(ndim, data_format):
 
 
 def bias_add_forward(x, b, data_format="NHWC"):
+    """x + b along the channel axis (the last one, or axis 1 of 4-D NCHW data); b is (C,)."""
+    _check_format(data_format)
+    x = check.array(x, "x", dtypes=check.REALS)
+    b = check.array(b, "b", 1, check.REALS, "(C,)")
+    if x.ndim < 2:
+        raise ValueError(f"x.shape={x.shape} must have at least 2 dimensions (a batch and channels)")
     axis = _channel_axis(x.ndim, data_format)
-    if b.shape != (x.shape[axis],):
-        raise ValueError(f"bias shape {b.shape} must be ({x.shape[axis]},), the channels of x")
+    check.shape(b, "b", (x.shape[axis],), f"the channels of x (x.shape[{axis}])")
     shape = [1] * x.ndim
     shape[axis] = -1
     return x + b.reshape(shape), (axis, x.ndim)
 
 
 def bias_add_backward(dout, cache):
+    """(dx, db) of :func:`bias_add_forward`: dx is dout, db its sum over every axis but the channels'."""
     axis, ndim = cache
+    dout = check.array(dout, "dout", ndim, check.REALS)
     if axis == ndim - 1 and dout.flags.c_contiguous and dout.dtype in (np.float32, np.float64):
         rows = dout.reshape(-1, dout.shape[-1])  # channels last: a ones-vector GEMV, which BLAS runs at full speed
         return dout, np.ones(rows.shape[0], dtype=dout.dtype) @ rows
@@ -568,8 +681,26 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, training, momen
                       data_format="NHWC"):
     """Batch norm over every axis but the channels'. In training, batch statistics are used and the
     running ones updated in place (``running = momentum * running + (1 - momentum) * batch``, Keras' convention);
-    in inference, the running statistics are used."""
+    in inference, the running statistics are used. ``gamma``, ``beta`` and the running statistics are (C,);
+    in training the running ones must be float arrays (they are updated in place)."""
+    _check_format(data_format)
+    x = check.array(x, "x", dtypes=check.FLOATS)
+    if x.ndim < 2:
+        raise ValueError(f"x.shape={x.shape} must have at least 2 dimensions (a batch and channels)")
     axis = _channel_axis(x.ndim, data_format)
+    channels = (x.shape[axis],)
+    for name, value in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
+                        ("running_var", running_var)):
+        check.shape(check.array(value, name, dtypes=check.REALS), name, channels,
+                    f"the channels of x (x.shape[{axis}])")
+    momentum = check.real(momentum, "momentum", 0, 1)
+    eps = check.real(eps, "eps", 0, low_open=True)
+    if training:
+        for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+            check.in_place(value, name)
+            check.array(value, name, dtypes=check.FLOATS)
+        if x.size == 0:
+            raise ValueError(f"x.shape={x.shape}: batch norm in training needs at least one value per channel")
     axes = tuple(i for i in range(x.ndim) if i != axis)
     shape = [1] * x.ndim
     shape[axis] = -1
@@ -589,8 +720,10 @@ def batchnorm_forward(x, gamma, beta, running_mean, running_var, training, momen
 
 
 def batchnorm_backward(dout, cache):
-    """(dx, dgamma, dbeta)."""
+    """(dx, dgamma, dbeta) of :func:`batchnorm_forward`; ``dout`` has x's shape."""
     x_hat, gamma, inv_std, axes, shape, training = cache
+    dout = check.array(dout, "dout", dtypes=check.FLOATS)
+    check.shape(dout, "dout", x_hat.shape, "the shape of the forward input")
     dgamma = (dout * x_hat).sum(axis=axes)
     dbeta = dout.sum(axis=axes)
     dx_hat = dout * gamma.reshape(shape)
@@ -609,6 +742,10 @@ def batchnorm_backward(dout, cache):
 
 def softmax(logits, axis=-1):
     """Numerically stable: subtract the row maximum before exponentiating."""
+    logits = check.array(logits, "logits", dtypes=check.REALS)
+    axis = check.integer(axis, "axis", -logits.ndim, logits.ndim - 1) if logits.ndim else axis
+    if logits.ndim == 0 or logits.shape[axis] == 0:
+        raise ValueError(f"logits.shape={logits.shape} must have at least one class along axis={axis}")
     z = logits - logits.max(axis=axis, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=axis, keepdims=True)
@@ -621,16 +758,18 @@ def log_softmax(logits, axis=-1):
 
 
 def softmax_xent_forward(logits, labels, reduction="mean"):
-    """Sparse cross-entropy of (N, classes) logits against integer labels (N,).
+    """Sparse cross-entropy of (N, classes) logits against integer labels (N,); N must be at least 1.
 
     ``reduction="mean"`` returns the mean over the batch (a scalar), ``"none"`` the per-example losses (N,),
     as ``tf.nn.sparse_softmax_cross_entropy_with_logits`` does. The cache serves :func:`softmax_xent_backward`.
     """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction={reduction!r} must be 'mean' or 'none'")
-    labels = np.asarray(labels)
-    if labels.shape != logits.shape[:1]:
-        raise ValueError(f"labels.shape={labels.shape} must be ({logits.shape[0]},)")
+    check.option(reduction, "reduction", ("mean", "none"))
+    logits = check.array(logits, "logits", 2, check.FLOATS, "(N, classes)")
+    labels = check.array(labels, "labels", 1, check.INTEGERS, "(N,)")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"logits.shape={logits.shape} must have at least one example and one class "
+                         "(the loss of an empty batch is undefined)")
+    check.shape(labels, "labels", logits.shape[:1], "one label per row of logits")
     if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
         raise ValueError(f"labels must lie in [0, {logits.shape[1]}); got [{labels.min()}, {labels.max()}]")
     log_probs = log_softmax(logits, axis=1)
@@ -643,9 +782,11 @@ def softmax_xent_backward(dloss, cache):
     """dlogits: ``dloss`` is a scalar for ``reduction="mean"``, one value per example (N,) for ``"none"``."""
     probs, labels, reduction = cache
     n = probs.shape[0]
+    dloss = check.array(dloss, "dloss", dtypes=check.REALS)
+    check.shape(dloss, "dloss", () if reduction == "mean" else (n,), f"the shape of the {reduction!r} loss")
     dlogits = probs.copy()
     dlogits[np.arange(n), labels] -= 1
-    return dlogits * (dloss / n) if reduction == "mean" else dlogits * np.asarray(dloss)[:, None]
+    return dlogits * (dloss / n) if reduction == "mean" else dlogits * dloss[:, None]
 
 
 def truncated_standard_normal(rng, shape):
@@ -658,8 +799,10 @@ def truncated_standard_normal(rng, shape):
 
 def dropout_forward(x, keep_prob, training=True, rng=None):
     """Inverted dropout: keep each element with probability ``keep_prob`` and scale it by 1/keep_prob."""
-    if not 0 < keep_prob <= 1:
-        raise ValueError(f"keep_prob={keep_prob} must be in (0, 1]")
+    keep_prob = check.real(keep_prob, "keep_prob", 0, 1, low_open=True)
+    x = check.array(x, "x", dtypes=check.FLOATS)
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng is a {type(rng).__name__}; it must be a numpy.random.Generator (np.random.default_rng)")
     if not training or keep_prob == 1:
         return x, None
     rng = rng if rng is not None else np.random.default_rng()
@@ -668,7 +811,9 @@ def dropout_forward(x, keep_prob, training=True, rng=None):
 
 
 def dropout_backward(dout, cache):
-    return dout if cache is None else dout * cache
+    if cache is None:
+        return dout
+    return _check_elementwise_grad(dout, cache) * cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -693,9 +838,18 @@ def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
     """One Adam step in place, in one pass over memory: m, v <- moments; w -= lr_t * m / (sqrt(v) + eps).
 
     ``lr_t`` already includes the bias corrections (:func:`adam_step_size`), as TensorFlow's ApplyAdam takes it.
+    ``w``, ``m`` and ``v`` are updated in place: writeable C-contiguous float32/float64 arrays of one shape and
+    dtype; ``g`` has their shape.
     """
-    if not (w.flags.c_contiguous and m.flags.c_contiguous and v.flags.c_contiguous):
-        raise ValueError("adam_update works in place on C-contiguous arrays")
+    check.in_place(w, "w")
+    check.array(w, "w", dtypes=check.FLOATS)
+    check.in_place(m, "m", w, "w")
+    check.in_place(v, "v", w, "w")
+    g = check.array(g, "g", dtypes=check.REALS)
+    check.same_shape(g, "g", w, "w")
+    lr_t = check.real(lr_t, "lr_t")
+    beta1, beta2 = check.real(beta1, "beta1", 0, 1, high_open=True), check.real(beta2, "beta2", 0, 1, high_open=True)
+    eps = check.real(eps, "eps", 0, low_open=True)
     _adam_update(w.reshape(-1), np.ascontiguousarray(g, dtype=w.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
                  w.dtype.type(lr_t), w.dtype.type(beta1), w.dtype.type(beta2), w.dtype.type(eps))
 
@@ -705,16 +859,18 @@ def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
 
 
 def nchw_to_nhwc(x):
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    return np.ascontiguousarray(check.array(x, "x", 4, layout="(N, C, H, W)").transpose(0, 2, 3, 1))
 
 
 def nhwc_to_nchw(x):
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    return np.ascontiguousarray(check.array(x, "x", 4, layout="(N, H, W, C)").transpose(0, 3, 1, 2))
 
 
 def to_blocked(x, data_format="NCHW", block=BLOCK):
     """Reorder to nChw16c: (N, ceil(C/16), H, W, 16), channels zero-padded to the block."""
     _check_format(data_format)
+    x = check.array(x, "x", 4, layout=f"in data_format={data_format!r}")
+    block = check.integer(block, "block", 1)
     x_nchw = x if data_format == "NCHW" else x.transpose(0, 3, 1, 2)
     n_size, c, h, w = x_nchw.shape
     cb = -(-c // block)
@@ -726,13 +882,17 @@ def to_blocked(x, data_format="NCHW", block=BLOCK):
 def from_blocked(xb, channels, data_format="NCHW"):
     """Back from nChw16c to NCHW or NHWC, dropping the padded channels."""
     _check_format(data_format)
+    xb = check.array(xb, "xb", 5, layout="(N, Cb, H, W, block): nChw16c from to_blocked")
     n_size, cb, h, w, block = xb.shape
+    check.integer(channels, "channels", 1, cb * block)
     x_nchw = xb.transpose(0, 1, 4, 2, 3).reshape(n_size, cb * block, h, w)[:, :channels]
     return np.ascontiguousarray(x_nchw if data_format == "NCHW" else x_nchw.transpose(0, 2, 3, 1))
 
 
 def weights_to_blocked(w, block=BLOCK):
     """HWIO (R, S, C, K) -> OIhw16i16o (ceil(K/16), ceil(C/16), R, S, 16 in, 16 out), zero-padded."""
+    w = check.array(w, "w", 4, layout="(R, S, C, K), HWIO")
+    block = check.integer(block, "block", 1)
     r, s, c, k = w.shape
     cb, kb = -(-c // block), -(-k // block)
     padded = np.zeros((r, s, cb * block, kb * block), dtype=w.dtype)
@@ -781,21 +941,27 @@ def conv2d_blocked_forward(xb, wb, stride=1, padding="SAME", bias=None, relu=Fal
     """Convolution in the blocked layout, with optional fused bias and ReLU; returns nChw16c.
 
     ``xb`` from :func:`to_blocked`, ``wb`` from :func:`weights_to_blocked`;
-    ``bias`` has the padded K (or fewer: it is zero-extended). The kernel size is the weights' (R, S):
-    ``ksize`` is accepted for oneDNN's call shape only and must stay None.
+    ``bias`` has the padded K (or fewer: it is zero-extended); ``ksize``, if given, must be the (R, S) of ``wb``.
     """
+    xb = check.array(xb, "xb", 5, check.FLOATS, "(N, Cb, H, W, block): nChw16c from to_blocked")
+    wb = check.array(wb, "wb", 6, check.FLOATS, "(Kb, Cb, R, S, block, block) from weights_to_blocked")
     stride = hw_pair(stride, "stride")
     n_size, cb, h, w, blk = xb.shape
-    kb, cb_w, r, s, _, _ = wb.shape
+    kb, cb_w, r, s, blk_in, blk_out = wb.shape
+    check.equal("wb.shape[1]", cb_w, "xb.shape[1]", cb, "the input channel blocks")
+    check.equal("wb.shape[4:]", (blk_in, blk_out), "(xb.shape[4], xb.shape[4])", (blk, blk), "the block size")
+    if min(h, w, r, s, blk) < 1:
+        raise ValueError(f"xb.shape={xb.shape} and wb.shape={wb.shape} must have H, W, R, S and the block >= 1")
     if ksize is not None:
-        raise NotImplementedError(f"ksize={ksize!r}: the blocked convolution takes its kernel size from the "
-                                  f"weights ({r}x{s}); pass ksize=None")
-    if cb_w != cb:
-        raise ValueError(f"weights have {cb_w} input blocks, the input has {cb}")
+        check.equal("ksize", hw_pair(ksize, "ksize"), "wb.shape[2:4]", (r, s), "the kernel size the weights hold")
     (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)
-    out_h, out_w = conv2d_output_size(h, w, r, s, stride, padding)
+    out_h, out_w = _output_hw(h, w, r, s, stride, ((pt, pb), (pl, pr)))
+    _check_output(out_h, out_w, f"the {r}x{s} kernel wb", padding, stride, h, w)
     full_bias = np.zeros(kb * blk, dtype=xb.dtype)
     if bias is not None:
+        bias = check.array(bias, "bias", 1, check.REALS, "(K,)")
+        if len(bias) > kb * blk:
+            raise ValueError(f"bias.shape={bias.shape} must have at most {kb * blk} values (the padded K of wb)")
         full_bias[: len(bias)] = bias
     out = np.empty((n_size, kb, out_h, out_w, blk), dtype=np.result_type(xb, wb))
     _conv2d_blocked(xb, wb, full_bias, stride[0], stride[1], pt, pl, bool(relu), out)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from . import _validate as check
 from . import int8, kernels
 
 __all__ = [
@@ -52,12 +53,43 @@ class QuantParams:
     dtype: np.dtype
     axis: int | None = None
 
+    def __post_init__(self):
+        """Refuse parameters that would quantize to garbage: the scale > 0 and finite, the zero point an
+        integer of ``dtype``'s range, per-channel values 1-D."""
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        qmin, qmax = qrange(self.dtype)
+        scale = check.finite(check.array(self.scale, "scale", dtypes=check.REALS), "scale")
+        _first_bad(scale, scale <= 0, "scale", "must be positive (a step of the quantization grid)")
+        zero_point = check.finite(check.array(self.zero_point, "zero_point", dtypes=check.REALS), "zero_point")
+        _first_bad(zero_point, zero_point != np.rint(zero_point), "zero_point", "must be a whole number")
+        _first_bad(zero_point, (zero_point < qmin) | (zero_point > qmax), "zero_point",
+                   f"must lie in the {self.dtype} range [{qmin}, {qmax}]")
+        if self.axis is not None:
+            check.integer(self.axis, "axis")
+            if scale.ndim != 1 or zero_point.ndim not in (0, 1) or zero_point.size not in (1, scale.size):
+                raise ValueError(f"per-channel (axis={self.axis}) scale.shape={scale.shape} must be 1-D and "
+                                 f"zero_point.shape={zero_point.shape} a scalar or the same shape")
+        elif np.broadcast_shapes(scale.shape, zero_point.shape) != np.broadcast_shapes(scale.shape):
+            raise ValueError(f"zero_point.shape={zero_point.shape} must broadcast to scale.shape={scale.shape}")
+
     def _shape_for(self, x):
         if self.axis is None:
             return self.scale, self.zero_point
+        if not -x.ndim <= self.axis < x.ndim or x.shape[self.axis] != np.size(self.scale):
+            raise ValueError(f"x.shape={x.shape} must have {np.size(self.scale)} channels along axis={self.axis}, "
+                             "one per scale of these per-channel parameters")
         shape = [1] * x.ndim
         shape[self.axis] = -1
         return self.scale.reshape(shape), self.zero_point.reshape(shape)
+
+
+def _first_bad(x, bad, name, rule):
+    """Raise naming the first element of ``x`` where ``bad`` holds."""
+    bad = np.broadcast_to(bad, np.shape(x))
+    if bad.any():
+        where = np.unravel_index(int(np.flatnonzero(bad.ravel())[0]), bad.shape)
+        label = f"{name}[{', '.join(map(str, where))}]" if np.ndim(x) else name
+        raise ValueError(f"{label}={np.asarray(x)[where]} {rule}")
 
 
 def _check_finite(x, name):
@@ -69,6 +101,12 @@ def _check_finite(x, name):
     return x
 
 
+def _check_qparams(qp, name):
+    if not isinstance(qp, QuantParams):
+        raise TypeError(f"{name} is a {type(qp).__name__}; it must be QuantParams (from choose_qparams)")
+    return qp
+
+
 def choose_qparams(min_val, max_val, dtype=np.int8, symmetric=True, axis=None) -> QuantParams:
     """Scale and zero point covering [min_val, max_val] (scalars, or arrays for per-channel).
 
@@ -77,12 +115,23 @@ def choose_qparams(min_val, max_val, dtype=np.int8, symmetric=True, axis=None) -
     is [0, max]. Asymmetric: the range is stretched to include 0 (so that 0 is
     exact, which zero padding needs) and mapped onto [qmin, qmax]. A range of
     zero (a constant-zero tensor) gets scale 1, so it quantizes exactly to the zero point.
+    Raises ``ValueError`` if a bound is not finite or ``min_val`` exceeds ``max_val``.
     """
-    lo = np.minimum(np.asarray(min_val, dtype=np.float64), 0.0)
-    hi = np.maximum(np.asarray(max_val, dtype=np.float64), 0.0)
-    _check_finite(lo, "min_val")
-    _check_finite(hi, "max_val")
     qmin, qmax = qrange(dtype)
+    min_val = _check_finite(check.array(min_val, "min_val", dtypes=check.REALS), "min_val")
+    max_val = _check_finite(check.array(max_val, "max_val", dtypes=check.REALS), "max_val")
+    try:
+        shape = np.broadcast_shapes(min_val.shape, max_val.shape)
+    except ValueError:
+        raise ValueError(f"min_val.shape={min_val.shape} and max_val.shape={max_val.shape} must match") from None
+    inverted = np.broadcast_to(min_val > max_val, shape)
+    if inverted.any():
+        where = np.unravel_index(int(np.flatnonzero(inverted.ravel())[0]), shape)
+        index = f"[{', '.join(map(str, where))}]" if shape else ""
+        raise ValueError(f"min_val{index}={np.broadcast_to(min_val, shape)[where]} must be <= "
+                         f"max_val{index}={np.broadcast_to(max_val, shape)[where]}")
+    lo = np.minimum(min_val.astype(np.float64), 0.0)
+    hi = np.maximum(max_val.astype(np.float64), 0.0)
     if symmetric:
         if np.dtype(dtype) == np.uint8:
             scale = hi / qmax
@@ -100,6 +149,7 @@ def choose_qparams(min_val, max_val, dtype=np.int8, symmetric=True, axis=None) -
 
 def quantize(x, qp: QuantParams):
     """q = saturate(rint(x / scale) + zero_point), rounding half to even."""
+    qp = _check_qparams(qp, "qp")
     x = _check_finite(x, "x")
     scale, zp = qp._shape_for(x)
     qmin, qmax = qrange(qp.dtype)
@@ -107,8 +157,9 @@ def quantize(x, qp: QuantParams):
 
 
 def dequantize(q, qp: QuantParams):
-    """x ~= scale * (q - zero_point), as float32."""
-    q = np.asarray(q)
+    """x ~= scale * (q - zero_point), as float32; ``q`` holds integers (from :func:`quantize`)."""
+    qp = _check_qparams(qp, "qp")
+    q = check.array(q, "q", dtypes=check.INTEGERS)
     scale, zp = qp._shape_for(q)
     return ((q.astype(np.float64) - zp) * scale).astype(np.float32)
 
@@ -132,17 +183,47 @@ def requantize(acc, in_scale, out: QuantParams, bias=None, relu=False):
     scalar or one per output channel along the last axis); ``bias`` is already
     in s32 at that scale; ``relu`` clamps at the zero point (a fused ReLU).
     One fused pass (numba) over the accumulators, as oneDNN's output stage.
+
+    ``acc`` and ``bias`` hold s32 values: any integer dtype (or floats holding whole numbers) whose values lie in
+    [-2**31, 2**31 - 1]; anything else (NaN, infinity, a fraction, an int64 beyond s32) raises ``ValueError``
+    naming the first offending element, rather than wrapping. ``out`` is per-tensor (a scalar zero point).
     """
-    acc = np.ascontiguousarray(acc, dtype=np.int32)
+    out = _check_qparams(out, "out")
+    if np.ndim(out.zero_point) != 0:
+        raise ValueError(f"out.zero_point.shape={np.shape(out.zero_point)} must be a scalar: requantize writes "
+                         "one per-tensor output")
+    acc = _as_s32(acc, "acc")
     channels = acc.shape[-1] if acc.ndim else 1
     rows = acc.reshape(-1, channels)
-    multiplier = np.broadcast_to(np.asarray(in_scale, dtype=np.float64) / out.scale, (channels,)).copy()
-    bias64 = np.zeros(channels, np.int64) if bias is None else np.broadcast_to(
-        np.asarray(bias, dtype=np.int64), (channels,)).copy()
+    in_scale = check.finite(check.array(in_scale, "in_scale", dtypes=check.REALS), "in_scale")
+    _first_bad(in_scale, in_scale <= 0, "in_scale", "must be positive")
+    bias = np.zeros(channels, np.int32) if bias is None else _as_s32(bias, "bias")
+    try:
+        multiplier = np.broadcast_to(in_scale.astype(np.float64) / out.scale, (channels,)).copy()
+        bias64 = np.broadcast_to(bias.astype(np.int64), (channels,)).copy()
+    except ValueError:
+        raise ValueError(f"in_scale.shape={in_scale.shape}, out.scale.shape={np.shape(out.scale)} and "
+                         f"bias.shape={np.shape(bias)} must each be a scalar or ({channels},), one per channel "
+                         f"(the last axis of acc.shape={acc.shape})") from None
     qmin, qmax = qrange(out.dtype)
     result = np.empty(rows.shape, dtype=out.dtype)
     _requantize_rows(rows, bias64, multiplier, float(out.zero_point), float(qmin), float(qmax), bool(relu), result)
     return result.reshape(acc.shape)
+
+
+_S32 = qrange(np.int32)
+
+
+def _as_s32(x, name):
+    """x as a C-contiguous int32 array, exactly, or a ValueError naming the first value that is not an s32."""
+    x = check.array(x, name, dtypes=check.REALS)
+    if x.dtype.kind == "f":
+        check.finite(x, name)
+        _first_bad(x, x != np.rint(x), name, "must be a whole number (an s32 accumulator)")
+    if not np.can_cast(x.dtype, np.int32):  # compared in x's own dtype, so exactly
+        _first_bad(x, (x < _S32[0]) | (x > _S32[1]), name,
+                   f"lies outside the s32 range [{_S32[0]}, {_S32[1]}] of the accumulators")
+    return np.ascontiguousarray(x, dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +248,11 @@ def entropy_threshold(hist, bin_width, levels=128):
     into ``levels`` quantization levels and spread back evenly over P's
     non-empty bins; the threshold with the smallest KL divergence wins.
     """
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = check.finite(check.array(hist, "hist", 1, check.REALS), "hist")
+    _first_bad(hist, hist < 0, "hist", "must be a count (>= 0)")
+    hist = hist.astype(np.float64)
+    bin_width = check.real(bin_width, "bin_width", 0, low_open=True)
+    levels = check.integer(levels, "levels", 1)
     n_bins = len(hist)
     if n_bins <= levels:
         return n_bins * bin_width
@@ -208,13 +293,15 @@ class Calibrator:
     def __init__(self, method="minmax", percentile=99.99, bins=2048):
         if method not in self.METHODS:
             raise ValueError(f"method={method!r} must be one of {self.METHODS}")
-        if not 0 < percentile <= 100:
-            raise ValueError(f"percentile={percentile} must be in (0, 100]")
+        percentile = check.real(percentile, "percentile", 0, 100, low_open=True)
+        bins = check.integer(bins, "bins", 1)
         self.method, self.percentile, self.bins = method, percentile, bins
         self._chunks = []
 
     def update(self, x):
         x = _check_finite(x, "calibration data")
+        if x.size == 0:
+            raise ValueError(f"calibration data of shape {x.shape} is empty")
         self._chunks.append(np.asarray(x, dtype=np.float32).ravel())
         return self
 

@@ -26,6 +26,7 @@ __all__ = [
     "cpu_features",
     "core_counts",
     "numba_info",
+    "data_status",
     "mpi_library_version",
     "package_versions",
     "mpiexec_path",
@@ -128,9 +129,36 @@ def core_counts() -> dict:
     return {"logical": logical, "physical": physical, "usable": usable}
 
 
+def _numba_env_hint() -> str:
+    """What to do about a NUMBA_NUM_THREADS that numba refuses, or '' if it is not the cause."""
+    value = os.environ.get("NUMBA_NUM_THREADS")
+    if value is None:
+        return ""
+    try:
+        if int(value) >= 1:
+            return ""
+    except ValueError:
+        pass
+    usable = core_counts()["usable"]
+    return (f" NUMBA_NUM_THREADS={value!r} must be a whole number of threads >= 1 (this process may use "
+            f"{usable} CPUs): unset it or `export NUMBA_NUM_THREADS={usable}`")
+
+
 def numba_info() -> dict:
-    """numba's version, threading layer and thread count (compiles a tiny parallel kernel)."""
-    import numba
+    """numba's version, threading layer and thread count (compiles a tiny parallel kernel).
+
+    If numba cannot even be imported (a broken install, or a NUMBA_* variable it refuses), the dict says
+    so under ``"error"`` with ``compiles=False`` instead of raising: this is a diagnosis tool.
+    """
+    try:
+        import numba
+    except Exception as exc:  # noqa: BLE001 - numba raises ValueError, ImportError, OSError... at import
+        try:
+            version = metadata.version("numba")
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        return {"version": version, "threads": None, "compiles": False, "threading_layer": "unavailable",
+                "error": f"`import numba` failed: {type(exc).__name__}: {exc}{_numba_env_hint()}"}
     import numpy as np
 
     @numba.njit(parallel=True, cache=False)
@@ -150,6 +178,34 @@ def numba_info() -> dict:
         info["threading_layer"] = "unavailable"
         info["error"] = f"{type(exc).__name__}: {exc}"
     return info
+
+
+def data_status(data_dir=None) -> dict:
+    """Where the course's data folder is, and what in it is missing or corrupted.
+
+    Returns ``{"dir": path or None, "problems": [sentences]}``; the shipped MNIST files are read and checked
+    against their SHA-256 (the same check :func:`workshop_lib.data.load_mnist` makes), and the trained model
+    and photographs the labs open must be present.
+    """
+    from .data import DataError, find_data_dir, load_mnist
+
+    try:
+        folder = find_data_dir(data_dir)
+    except DataError as exc:
+        return {"dir": None, "problems": [str(exc)]}
+    found = []
+    try:
+        load_mnist(folder)
+    except DataError as exc:
+        found.append(f"{exc} (restore {folder / 'mnist'} from the course repository: `git checkout -- data`)")
+    model = folder / "models" / "mnist_cnn.npz"
+    if not model.is_file():
+        found.append(f"{model}: the trained model is missing; restore it with `git checkout -- data` "
+                     "or create it with `workshop train mnist`")
+    images = folder / "images"
+    if not images.is_dir() or not any(images.iterdir()):
+        found.append(f"{images}: the photographs of lab 04 are missing; restore them with `git checkout -- data`")
+    return {"dir": str(folder), "problems": found}
 
 
 def mpiexec_path() -> str | None:
@@ -278,6 +334,7 @@ def report(mpi_check: bool = True) -> dict:
         "cores": core_counts(),
         "features": cpu_features(),
         "numba": numba_info(),
+        "data": data_status(),
         "mpi_library": mpi_library_version(),
         "mpiexec": mpiexec_path(),
         "packages": package_versions(),
@@ -292,6 +349,7 @@ def problems(info: dict) -> list:
     found = []
     if not info["numba"].get("compiles"):
         found.append(f"numba cannot compile a parallel kernel: {info['numba'].get('error', 'unknown error')}")
+    found += [f"course data: {problem}" for problem in info.get("data", {}).get("problems", [])]
     if info["mpiexec"] is None:
         found.append("no mpiexec found: install the MPI runtime with `pip install mpich`")
     if info.get("mpi_smoke"):
@@ -313,10 +371,13 @@ def format_report(info: dict) -> str:
     rows += [(f"  {name}", "yes" if present else "no") for name, present in info["features"].items()]
     nb = info["numba"]
     rows += [
-        ("numba", f"{nb['version']}, threading layer {nb.get('threading_layer')}, {nb['threads']} threads"),
+        ("numba", f"{nb['version']}, threading layer {nb.get('threading_layer')}, {nb['threads'] or '?'} threads"),
         ("MPI library", info["mpi_library"]),
         ("mpiexec", info["mpiexec"] or "not found"),
     ]
+    if "data" in info:
+        data = info["data"]
+        rows.append(("Data", f"{data['dir'] or 'not found'} ({'FAILED' if data['problems'] else 'ok'})"))
     if "mpi_smoke" in info:
         rows.append(("mpiexec -n 2", "ok" if info["mpi_smoke"] is None else "FAILED"))
     rows += [(name, version) for name, version in info["packages"].items()]
