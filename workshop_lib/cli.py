@@ -110,6 +110,34 @@ def _launch(args) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _report(args) -> int:
+    from . import board
+    from .bench import results_path
+
+    out = args.out or f"workshop-report-{args.name or 'me'}.json"
+    try:
+        report = board.write_report(out, learner=args.name)
+    except (ValueError, OSError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(report['figures'])} figure(s) from {results_path()} on {report['cpu']} ({board.group_of(report)}); "
+          f"wrote {out}: hand it to your instructor")
+    return 0
+
+
+def _collect(args) -> int:
+    from . import board
+
+    try:
+        reports = board.collect(args.folder, args.out)
+    except (ValueError, OSError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    groups = sorted({board.group_of(r) for r in reports})
+    print(f"{len(reports)} report(s) in {len(groups)} group(s) ({'; '.join(groups)}); wrote {args.out}")
+    return 0
+
+
 def _version():
     from . import __version__
 
@@ -166,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the line only")
     run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
     run.set_defaults(func=_launch, args=[])
+
+    rep = sub.add_parser("report", help="write your CPU and the figures the labs recorded as one JSON for the class board")
+    rep.add_argument("-o", "--out", default=None, help="output file (default: workshop-report-NAME.json)")
+    rep.add_argument("--name", default=None, help="your name on the board (default: an anonymous id)")
+    rep.set_defaults(func=_report)
+
+    col = sub.add_parser("collect", help="plot the room's spread from a folder of `workshop report` files")
+    col.add_argument("folder", help="folder of report JSON files")
+    col.add_argument("-o", "--out", required=True, help="board.png or board.html")
+    col.set_defaults(func=_collect)
     return parser
 
 
