@@ -205,6 +205,8 @@ class Communicator:
         (None) means no upper limit in that case, ``SHM_MAX_BYTES`` otherwise.
     """
 
+    last_algorithm = None  # the algorithm the last allreduce ran (the timeline shows it)
+
     def __init__(self, comm=None, small_bytes=SMALL_BYTES, segment_bytes=SEGMENT_BYTES, timeout=None,
                  shared_memory=True, shm_block_bytes=SHM_BLOCK_BYTES, shm_min_bytes=SHM_MIN_BYTES,
                  shm_max_bytes=None):
@@ -339,6 +341,7 @@ class Communicator:
         if not out.flags.c_contiguous:
             raise ValueError("allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)")
         flat = out.reshape(-1)
+        self.last_algorithm = "shared_memory" if shm else algorithm if self.size > 1 and flat.size else None
         if shm:  # reads x straight into the window: no copy into out first
             self._window.allreduce(x.reshape(-1), flat, _REDUCE.get(op), (lambda: self._agree(
                 "allreduce", x.size, x.dtype, op, "shared_memory")) if check else None)
