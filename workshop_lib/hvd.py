@@ -84,14 +84,15 @@ def init(comm=None):
     if _state is not None:
         return
     _state = _State(Communicator(comm))
+    path = os.environ.get(timeline.ENV, "").strip()
+    if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective
+        _state.timeline = timeline.Timeline(path, _state.comm.rank, _state.comm.size, _state.comm.comm.Dup())
+        # registered before the exit hooks, so it runs after them: once every rank has ended normally
+        atexit.register(_close_timeline)
     _state.previous_excepthook, _state.previous_exit = sys.excepthook, sys.exit
     sys.excepthook = _abort_on_uncaught_exception
     sys.exit = _exit_recording_status
     atexit.register(_at_exit)
-    path = os.environ.get(timeline.ENV, "").strip()
-    if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective
-        _state.timeline = timeline.Timeline(path, _state.comm.rank, _state.comm.size, _state.comm.comm.Dup())
-        atexit.register(_close_timeline)  # registered last, so it runs before _at_exit
 
 
 def shutdown():
@@ -215,12 +216,14 @@ def _at_exit():
 
 
 def _close_timeline():
-    """Write the timeline (HOROVOD_TIMELINE): every rank its part, rank 0 the merge once all have written."""
+    """Write the timeline (HOROVOD_TIMELINE): every rank its part, rank 0 the merge once all have written.
+
+    At exit it runs after the exit hooks: a failed job has been aborted by then, and otherwise every rank
+    has ended normally, so the wait for the parts is short.
+    """
     state = _state
-    if state is None or state.timeline is None:
-        return
-    failed = state.exit_status not in (None, 0)  # the job is about to be aborted: do not wait for the others
-    state.timeline.close(wait_seconds=60.0, wait_for_peers=not failed)
+    if state is not None and state.timeline is not None:
+        state.timeline.close(wait_seconds=60.0)
 
 
 def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compression=None, step=False):

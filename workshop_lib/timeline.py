@@ -75,7 +75,7 @@ class Timeline:
         return {"traceEvents": meta + events, "displayTimeUnit": "ms",
                 "otherData": {"source": "workshop_lib.timeline", "ranks": self.size}}
 
-    def close(self, wait_seconds=60.0, wait_for_peers=True):
+    def close(self, wait_seconds=60.0):
         """Write this rank's part, then (rank 0, once every rank has written or ``wait_seconds`` passed) the merge."""
         if self.closed:
             return
@@ -85,8 +85,6 @@ class Timeline:
             return
         part = self.path.with_name(f"{self.path.name}.rank{self.rank}")
         _write_json(part, self._document(self.events))
-        if not wait_for_peers:
-            return
         request = self.comm.Ibarrier()
         deadline = time.monotonic() + wait_seconds
         while not request.Test():
