@@ -242,7 +242,7 @@ def executive_summary(results, mode, batch_size, out=print):
         out(f"{mode:10s} {'mnist_cnn':10s} {batch_size:10d} {name:>10s} {value:14.1f}")
 
 
-ALLREDUCE_METHODS = ("mpi", "ours", "ours_unchecked", "ring", "parameter_server")
+ALLREDUCE_METHODS = ("mpi", "ours", "ours_unchecked", "ring", "parameter_server", "hvd")
 
 
 def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
@@ -250,8 +250,9 @@ def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
 
     Methods: ``mpi`` (MPI_Allreduce), ``ours`` (:meth:`Communicator.allreduce` as called by default: shared
     memory on one node, with its cross-rank check), ``ours_unchecked`` (the same without the check), ``ring``
-    (the ring over point-to-point messages, or recursive doubling below ``small_bytes``; checked), and
-    ``parameter_server`` (rank 0 reduces and sends back).
+    (the ring over point-to-point messages, or recursive doubling below ``small_bytes``; checked),
+    ``parameter_server`` (rank 0 reduces and sends back), and ``hvd`` (``hvd.allreduce(x, op=hvd.Sum)``, the eager
+    call users make, out of place like ``mpi``; it calls ``hvd.init()``).
     Each figure is the best of ``repeats`` loops, a loop's time being the slowest rank's; every rank gets it.
     """
     from mpi4py import MPI
@@ -268,6 +269,11 @@ def time_allreduce(nbytes, methods=ALLREDUCE_METHODS, repeats=3, comm=None):
              "ours_unchecked": lambda: ours.allreduce(x, op="sum", out=out, check=False),
              "ring": lambda: ours.allreduce(x, op="sum", out=out, algorithm=message_algorithm),
              "parameter_server": lambda: ours.parameter_server_allreduce(x, op="sum")}
+    if "hvd" in methods:
+        from . import hvd
+
+        hvd.init()
+        calls["hvd"] = lambda: hvd.allreduce(x, op=hvd.Sum)
     unknown = set(methods) - set(calls)
     if unknown:
         raise ValueError(f"methods {sorted(unknown)} unknown; choose from {list(calls)}")

@@ -617,12 +617,15 @@ class Communicator:
     def _fused_batch(self, arrays, batch, results, op, compression):
         dtype = arrays[batch[0]].dtype
         wire = np.dtype(np.float16) if compression == "fp16" and dtype in (np.float32, np.float64) else dtype
+        if len(batch) == 1 and wire == dtype:  # one array: reduced straight into its result, no fusion buffer
+            results[batch[0]] = self.allreduce(np.ascontiguousarray(arrays[batch[0]]), op=op)
+            return
         buffer = np.concatenate([arrays[i].reshape(-1) for i in batch]).astype(wire, copy=False)
         self.allreduce(buffer, op=op, out=buffer)
         offset = 0
-        for i in batch:
+        for i in batch:  # the results are disjoint views of the new buffer (a copy only to undo compression)
             n = arrays[i].size
-            results[i] = buffer[offset : offset + n].astype(dtype).reshape(arrays[i].shape)
+            results[i] = buffer[offset : offset + n].astype(dtype, copy=False).reshape(arrays[i].shape)
             offset += n
 
     def parameter_server_allreduce(self, array, op="average"):
