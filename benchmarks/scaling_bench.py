@@ -30,7 +30,7 @@ def worker(args):
     from workshop_lib.scaling import measure_link
 
     world = MPI.COMM_WORLD
-    sizes, seconds = measure_link(world, repeats=args.repeats * 5)
+    sizes, seconds = measure_link(world, repeats=args.repeats)
     a = np.ones(args.nbytes // 4, dtype=np.float32)
     gamma = best_time(lambda: np.add(a, a, out=a), args.repeats) / a.nbytes
     gamma = world.bcast(gamma, root=0)

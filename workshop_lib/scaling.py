@@ -92,7 +92,7 @@ def measure_link(comm=None, sizes=(8, 1024, 16384, 262144, 4 << 20, 16 << 20), r
     Both ranks send and receive at once (``Sendrecv``), as in every step of the ring and of recursive
     doubling, so the bandwidth is the one each direction gets while the other is busy too. Call it on
     every rank of an MPI job of at least 2 ranks (the others wait). Returns ``(sizes, seconds)`` on every
-    rank, ready for :func:`fit_link`: the best of ``repeats`` exchanges per size.
+    rank, ready for :func:`fit_link`: per size, the best of ``repeats`` loops' mean time per exchange.
     """
     from mpi4py import MPI
 
@@ -106,14 +106,16 @@ def measure_link(comm=None, sizes=(8, 1024, 16384, 262144, 4 << 20, 16 << 20), r
     seconds = []
     for size in sizes:
         send, recv = np.zeros(size, dtype=np.uint8), np.empty(size, dtype=np.uint8)
+        iters = max(3, min(200, int(5e7 // size)))
         best = math.inf
-        for k in range(repeats + 1):
+        for k in range(repeats + 1):  # loops of exchanges, as bench.time_allreduce times allreduces
             comm.Barrier()
             t0 = time.perf_counter()
             if rank < 2:
-                comm.Sendrecv(send, 1 - rank, 41, recv, 1 - rank, 41)
-            if k:  # the first exchange warms up
-                best = min(best, time.perf_counter() - t0)
+                for _ in range(iters):
+                    comm.Sendrecv(send, 1 - rank, 41, recv, 1 - rank, 41)
+            if k:  # the first loop warms up
+                best = min(best, (time.perf_counter() - t0) / iters)
         seconds.append(comm.bcast(best, root=0))
     return sizes, seconds
 
