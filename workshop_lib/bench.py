@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import atomic_write
+
 __all__ = ["RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary",
            "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
@@ -92,9 +94,8 @@ def record(name, value, how, unit=None, path=None):
         figures = load_results(path)
         figures[name] = {"value": float(value), "how": how.strip(), "unit": unit,
                          "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"figures": figures}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        text = json.dumps({"figures": figures}, indent=1, sort_keys=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
 
 

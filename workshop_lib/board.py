@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .bench import load_results
+from .data import atomic_write
 
 __all__ = ["SCHEMA", "FIGURES", "make_report", "write_report", "load_reports", "group_of", "board_table", "collect"]
 
@@ -86,10 +87,8 @@ def make_report(learner=None, figures=None):
 def write_report(path, learner=None, figures=None):
     """Write :func:`make_report` as JSON to ``path`` (atomically); returns the report."""
     report = make_report(learner, figures)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    text = json.dumps(report, indent=1, sort_keys=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return report
 
 

@@ -23,9 +23,10 @@ the job, on each node's clock.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from .data import atomic_write
 
 __all__ = ["ENV", "PHASES", "Timeline", "load", "phase_totals", "draw"]
 
@@ -128,11 +129,8 @@ def _rebased(events):
 
 
 def _write_json(path, document):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document))
-    os.replace(tmp, path)
+    text = json.dumps(document)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def load(path):
