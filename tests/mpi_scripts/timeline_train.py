@@ -4,6 +4,7 @@ Launch:  HOROVOD_TIMELINE=/tmp/timeline.json mpiexec -n 2 python tests/mpi_scrip
 """
 
 import argparse
+import sys
 
 import numpy as np
 
@@ -29,4 +30,5 @@ with tf.Session() as sess:
         sess.run(train_op, {x: rng.standard_normal((32, 64)).astype(np.float32), labels: rng.integers(0, 10, 32)})
 total = hvd.allreduce(np.arange(5, dtype=np.int64), op=hvd.Sum)  # an eager call: wait + allreduce, no step
 assert total.tolist() == [k * hvd.size() for k in range(5)]
-print(f"rank {hvd.rank()}: {args.steps} steps", flush=True)
+sys.stdout.write(f"rank {hvd.rank()}: {args.steps} steps\n")  # one write: ranks' lines never interleave
+sys.stdout.flush()
