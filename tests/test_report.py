@@ -102,6 +102,7 @@ def test_the_three_reports_fall_in_amx_vnni_and_neither_groups(room):
     loaded = board.load_reports(folder)
     assert [r["learner"] for r in loaded] == ["ada", "bob", "cy"]
     assert [board.group_of(r) for r in loaded] == ["AMX, 2 cores", "VNNI, 2 cores", "no VNNI, 4 cores"]
+    assert board.group_of({**loaded[1], "where": "cluster node"}) == "VNNI, 2 cores, cluster node"
     names, groups, cells = board.board_table(loaded)
     assert names[:2] == ["int8_gemm_speedup", "memcopy_GBps"]  # FIGURES' order, then alphabetical
     assert set(names) == {"int8_gemm_speedup", "hvd_speedup_2_ranks", "memcopy_GBps",

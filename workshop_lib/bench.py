@@ -63,6 +63,8 @@ def record(name, value, how, unit=None, path=None):
     path : str or Path, optional
         The results file; default :func:`results_path` (``$WORKSHOP_RESULTS`` or ``~/.workshop/results.json``).
 
+    Under MPI, record on rank 0 only (every rank would write the same file).
+
     Returns
     -------
     Path
