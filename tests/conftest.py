@@ -34,3 +34,17 @@ def mpirun():
         return sysinfo.run_mpi(n, args, timeout=timeout, check=check, threads_per_rank=threads_per_rank, cwd=cwd, env=env)
 
     return run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _results_in_a_temporary_folder(tmp_path_factory):
+    """Figures recorded by tests and notebooks (``workshop_lib.bench.record``) never reach the learner's home."""
+    import os
+
+    previous = os.environ.get("WORKSHOP_RESULTS")
+    os.environ["WORKSHOP_RESULTS"] = str(tmp_path_factory.mktemp("results") / "results.json")
+    yield
+    if previous is None:
+        os.environ.pop("WORKSHOP_RESULTS", None)
+    else:
+        os.environ["WORKSHOP_RESULTS"] = previous

@@ -55,3 +55,37 @@ def test_the_simulated_ring_sums_everything_and_each_rank_sends_2_p_minus_1_over
     assert sent_by_0 == 2 * (p - 1)  # chunks of 1/p of the buffer: 2(p-1)/p in all
     with pytest.raises(ValueError, match="equal sizes"):
         simulate_ring([np.zeros(3), np.zeros(4)])
+
+
+HIERARCHICAL = "tests/mpi_scripts/hierarchical_check.py"
+
+
+def _env(**variables):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORKSHOP_SIMULATE_NODES", "HOROVOD_HIERARCHICAL_ALLREDUCE")}
+    return {**env, **variables}
+
+
+def test_hierarchical_allreduce_on_2_simulated_nodes_x_2_ranks_matches_mpi(mpirun):
+    proc = mpirun(4, [HIERARCHICAL, "correctness"], timeout=300, env=_env(WORKSHOP_SIMULATE_NODES="2"))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank")]
+    assert lines == [f"rank {r}: 321 hierarchical cases match MPI" for r in range(4)], proc.stdout
+
+
+def test_horovod_hierarchical_allreduce_1_forces_it_on_one_node(mpirun):
+    proc = mpirun(2, [HIERARCHICAL, "forced"], timeout=120, env=_env(HOROVOD_HIERARCHICAL_ALLREDUCE="1"))
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("rank")] == \
+        ["rank 0: hierarchical ok", "rank 1: hierarchical ok"], proc.stdout
+
+
+def test_uneven_simulated_nodes_fall_back_to_the_ring_and_refuse_hierarchical_on_every_rank(mpirun):
+    proc = mpirun(3, [HIERARCHICAL, "uneven"], timeout=120, env=_env(WORKSHOP_SIMULATE_NODES="2"))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("rank")]
+    assert len(lines) == 3 and all("auto took ring (ok)" in ln and "[2, 2, 1] ranks" in ln for ln in lines), lines
+
+
+def test_a_bad_simulate_nodes_value_is_an_error_naming_it(mpirun):
+    proc = mpirun(2, [HIERARCHICAL, "forced"], timeout=60, check=False, env=_env(WORKSHOP_SIMULATE_NODES="3"))
+    assert proc.returncode != 0 and "WORKSHOP_SIMULATE_NODES='3' must be a number of nodes from 1 to the 2 ranks" \
+        in proc.stderr

@@ -1,4 +1,5 @@
-"""The ``workshop`` command: ``check``, ``build-labs [--check]``, ``train mnist``, ``bench cnn|int8|kmeans``."""
+"""The ``workshop`` command: ``check``, ``build-labs [--check]``, ``train mnist``, ``bench NAME``, ``launch``,
+``report``, ``collect``, ``--version``."""
 
 from __future__ import annotations
 
@@ -79,8 +80,79 @@ def _bench(args) -> int:
     return 0
 
 
+def _benchmarks_dir():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def bench_names():
+    """The benchmarks ``workshop bench`` runs: every ``benchmarks/NAME_bench.py`` of the course's clone."""
+    found = sorted(p.name[: -len("_bench.py")] for p in _benchmarks_dir().glob("*_bench.py"))
+    return found or ["allreduce", "cnn", "horovod", "int8", "kmeans"]
+
+
+def _launch(args) -> int:
+    import subprocess
+
+    from . import launch
+
+    try:
+        if args.batch:
+            if args.scheduler != "slurm":
+                raise ValueError("--batch writes a Slurm batch script; add --scheduler slurm")
+            nodes, per_node, _, threads = launch.job_layout(args.n, args.nodes, None, args.cpus_per_node)
+            print(launch.batch_script(args.script, nodes, per_node, threads, args.args), end="")
+            return 0
+        cmd = launch.launch_command(args.script, args.n, nodes=args.nodes, hostfile=args.hostfile,
+                                    scheduler=args.scheduler, mpi=args.mpi, args=args.args,
+                                    cpus_per_node=args.cpus_per_node)
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    print(launch.format_command(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.run(cmd).returncode
+
+
+def _report(args) -> int:
+    from . import board
+    from .bench import results_path
+
+    out = args.out or f"workshop-report-{args.name or 'me'}.json"
+    try:
+        report = board.write_report(out, learner=args.name)
+    except (ValueError, OSError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(report['figures'])} figure(s) from {results_path()} on {report['cpu']} ({board.group_of(report)}); "
+          f"wrote {out}: hand it to your instructor")
+    return 0
+
+
+def _collect(args) -> int:
+    from . import board
+
+    try:
+        reports = board.collect(args.folder, args.out)
+    except (ValueError, OSError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    groups = sorted({board.group_of(r) for r in reports})
+    print(f"{len(reports)} report(s) in {len(groups)} group(s) ({'; '.join(groups)}); wrote {args.out}")
+    return 0
+
+
+def _version():
+    from . import __version__
+
+    return f"workshop {__version__}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workshop", description="Deep Learning at Scale: course tools")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="report CPU features, threads and MPI; fail if something essential is broken")
@@ -106,15 +178,50 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
 
-    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/: cnn, int8 or kmeans")
-    bench.add_argument("name", choices=["cnn", "int8", "kmeans"])
+    names = bench_names()
+    bench = sub.add_parser("bench", help=f"run a benchmark of benchmarks/: {', '.join(names)}")
+    bench.add_argument("name", choices=names)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see its --help)")
     bench.set_defaults(func=_bench)
+
+    run = sub.add_parser("launch", help="print (and run) the mpiexec or srun line for a script, threads exported and bound",
+                         description="Print, then run, the launch line of SCRIPT for the MPI found (or named): "
+                                     "thread variables exported the launcher's way (-genv, -x, --export) and "
+                                     "each rank bound to its cores. Arguments after -- go to the script.")
+    run.add_argument("script", help="the Python script every rank runs")
+    run.add_argument("-n", type=int, required=True, help="number of ranks")
+    run.add_argument("--nodes", type=int, default=None, help="number of nodes (default: the hostfile's hosts, else 1)")
+    run.add_argument("--hostfile", default=None, help="host file (Open MPI `host slots=N` or MPICH `host:N`)")
+    run.add_argument("--scheduler", choices=["mpiexec", "slurm"], default="mpiexec")
+    run.add_argument("--mpi", choices=["mpich", "openmpi", "intel"], default=None,
+                     help="the MPI behind mpiexec (default: asked of `mpiexec --version`)")
+    run.add_argument("--cpus-per-node", type=int, default=None,
+                     help="CPUs per node shared by its ranks (default: SLURM_CPUS_ON_NODE, else this machine's)")
+    run.add_argument("--dry-run", action="store_true", help="print the line only")
+    run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
+    run.set_defaults(func=_launch, args=[])
+
+    rep = sub.add_parser("report", help="write your CPU and the figures the labs recorded as one JSON for the class board")
+    rep.add_argument("-o", "--out", default=None, help="output file (default: workshop-report-NAME.json)")
+    rep.add_argument("--name", default=None, help="your name on the board (default: an anonymous id)")
+    rep.set_defaults(func=_report)
+
+    col = sub.add_parser("collect", help="plot the room's spread from a folder of `workshop report` files")
+    col.add_argument("folder", help="folder of report JSON files")
+    col.add_argument("-o", "--out", required=True, help="board.png or board.html")
+    col.set_defaults(func=_collect)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args = []
+    if argv[:1] == ["launch"] and "--" in argv:  # what follows -- belongs to the launched script
+        cut = argv.index("--")
+        argv, script_args = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if args.command == "launch":
+        args.args = script_args
     return args.func(args)
 
 

@@ -18,6 +18,15 @@ slot of the window, reduces its own chunk of that block reading every slot
 directly, and after a barrier copies out every rank's reduced chunk. Two slots
 per rank, used alternately, make one barrier per phase enough.
 
+Across nodes the fourth algorithm, hierarchical (NCCL's and Horovod's
+``HOROVOD_HIERARCHICAL_ALLREDUCE``), keeps most bytes inside each node: a
+reduce-scatter among the ranks of a node, a ring among the ranks that have the
+same local rank on every node (each reduces one chunk, over the network), and
+an allgather inside each node. The node links carry 2(n-1)/n of a 1/L chunk
+instead of the flat ring's 2(p-1)/p of the whole buffer through the slowest link.
+``WORKSHOP_SIMULATE_NODES=k`` splits the ranks into k fake nodes (contiguous
+blocks of ranks), so that all of this runs, and is tested, on one machine.
+
 Shapes: a buffer of n elements is split into p contiguous chunks whose sizes
 differ by at most one (:func:`_chunk_bounds`), so any n works, 0 and n < p included.
 """
@@ -30,7 +39,7 @@ import time
 import numpy as np
 
 __all__ = ["OPS", "DTYPES", "ALGORITHMS", "SMALL_BYTES", "SHM_MIN_BYTES", "SHM_MAX_BYTES", "FUSION_THRESHOLD",
-           "Communicator", "CollectiveTimeout", "ring_schedule", "simulate_ring"]
+           "Communicator", "CollectiveTimeout", "NodeGroups", "ring_schedule", "simulate_ring"]
 
 OPS = ("sum", "average", "min", "max")
 DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, np.int32, np.int64))
@@ -43,7 +52,9 @@ SHM_MIN_BYTES = 8 * 1024  # from this size ...
 SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
-ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory")
+ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory", "hierarchical")
+SIMULATE_NODES_ENV = "WORKSHOP_SIMULATE_NODES"
+HIERARCHICAL_ENV = "HOROVOD_HIERARCHICAL_ALLREDUCE"
 
 
 def _chunk_bounds(n, p):
@@ -177,6 +188,68 @@ class _SharedWindow:
                 dst[start + a : start + b] = chunk
 
 
+def _simulated_nodes(size):
+    """The node count ``WORKSHOP_SIMULATE_NODES`` asks for (None when unset), validated against ``size`` ranks."""
+    value = os.environ.get(SIMULATE_NODES_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= size:
+        raise ValueError(f"{SIMULATE_NODES_ENV}={value!r} must be a number of nodes from 1 to the {size} ranks")
+    return int(value)
+
+
+def _hierarchical_switch():
+    """``HOROVOD_HIERARCHICAL_ALLREDUCE``: True (1: always), False (0: never), None (unset: when ranks span nodes)."""
+    value = os.environ.get(HIERARCHICAL_ENV, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{HIERARCHICAL_ENV}={value!r} must be 1 (always hierarchical) or 0 (never)")
+    return value == "1"
+
+
+class NodeGroups:
+    """Which ranks of ``comm`` share a node: ``local`` (my node's ranks) and ``cross`` (my local rank on every node).
+
+    Nodes are found with ``MPI.COMM_TYPE_SHARED``, or faked by ``WORKSHOP_SIMULATE_NODES=k`` (k contiguous
+    blocks of ranks; then ``simulated`` is True and shared memory is not used across them). Creating it is
+    collective. ``uniform`` says whether every node has the same number of ranks, which the hierarchical
+    allreduce's ring among same-local-rank peers needs.
+    """
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        size, rank = comm.Get_size(), comm.Get_rank()
+        nodes = _simulated_nodes(size)
+        self.simulated = nodes is not None
+        if self.simulated:
+            self.local = comm.Split(rank * nodes // size, key=rank)
+        else:
+            self.local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
+        self.cross = comm.Split(self.local_rank, key=rank)
+        sizes = comm.allgather(self.local_size)
+        self.uniform = len(set(sizes)) == 1
+        self.nodes = round(sum(1 / k for k in sizes))  # the ranks of a node of k ranks count 1/k each
+        self.spans_nodes = self.local_size < size
+        self.switch = _hierarchical_switch()
+        if self.switch and not self.uniform:
+            raise ValueError(f"{HIERARCHICAL_ENV}=1, but the nodes hold different numbers of ranks ({sizes}); "
+                             "the hierarchical allreduce needs the same number on every node")
+
+    @property
+    def hierarchical(self):
+        """True when "auto" takes the hierarchical algorithm for bandwidth-bound messages."""
+        if self.switch is not None:
+            return self.switch
+        return self.spans_nodes and self.uniform
+
+    def free(self):
+        self.local.Free()
+        self.cross.Free()
+
+
 class CollectiveTimeout(TimeoutError):
     """A collective did not complete in time: a peer crashed, is stuck, or never called it."""
 
@@ -196,7 +269,8 @@ class Communicator:
         use the message-based algorithms (a barrier on shared memory cannot time out).
     shared_memory : bool
         Use the shared-memory algorithm when all ranks share a node (default; ``WORKSHOP_COMM_SHM=0`` turns
-        it off). Creating a Communicator is then collective: every rank must create it.
+        it off; so does ``WORKSHOP_SIMULATE_NODES``). Creating a Communicator is collective: every rank must
+        create it (it also finds which ranks share a node, :class:`NodeGroups`).
     shm_min_bytes, shm_max_bytes : int
         "auto" takes the shared-memory algorithm for messages of at least ``shm_min_bytes`` and less than
         ``shm_max_bytes``. Below, one recursive-doubling exchange is quicker than two barriers; above, MPI's
@@ -204,6 +278,8 @@ class Communicator:
         except when there are more ranks than cores: then shared memory wins at every size, and the default
         (None) means no upper limit in that case, ``SHM_MAX_BYTES`` otherwise.
     """
+
+    last_algorithm = None  # the algorithm the last allreduce ran (the timeline shows it)
 
     def __init__(self, comm=None, small_bytes=SMALL_BYTES, segment_bytes=SEGMENT_BYTES, timeout=None,
                  shared_memory=True, shm_block_bytes=SHM_BLOCK_BYTES, shm_min_bytes=SHM_MIN_BYTES,
@@ -217,7 +293,9 @@ class Communicator:
         self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes
         self._meta = np.empty(8, dtype=np.int64)  # the cross-rank check's buffer
         self._window = None
-        if shared_memory and self.size > 1 and os.environ.get("WORKSHOP_COMM_SHM", "1") != "0":
+        self.nodes = NodeGroups(self.comm) if self.size > 1 else None  # collective; faked by WORKSHOP_SIMULATE_NODES
+        if shared_memory and self.size > 1 and os.environ.get("WORKSHOP_COMM_SHM", "1") != "0" \
+                and not self.nodes.simulated:
             self._window = _SharedWindow(self.comm, shm_block_bytes)
             if not self._window.ok:
                 self._window = None
@@ -304,9 +382,11 @@ class Communicator:
             ``"average"`` divides the sum by the number of ranks (integer division for integers).
         out : array, optional
             Where to write (may be ``array`` itself: in place). Default: a new array.
-        algorithm : {"auto", "ring", "recursive_doubling", "shared_memory"}
+        algorithm : {"auto", "ring", "recursive_doubling", "shared_memory", "hierarchical"}
             ``"auto"``: shared memory when the ranks share a node and the message is mid-sized (see
-            ``shm_min_bytes``), else recursive doubling below ``small_bytes`` and the ring above.
+            ``shm_min_bytes``), else recursive doubling below ``small_bytes`` and above it the ring, or,
+            when the ranks span nodes, the hierarchical allreduce. ``HOROVOD_HIERARCHICAL_ALLREDUCE=1``
+            makes "auto" take the hierarchical one for every message, ``=0`` never.
         timeout : float, optional
             Seconds; overrides the communicator's default.
         check : bool
@@ -317,6 +397,11 @@ class Communicator:
             raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        if algorithm == "auto" and self.size > 1 and x.size and self.nodes.switch:  # HOROVOD_HIERARCHICAL_ALLREDUCE=1
+            algorithm = "hierarchical"
+        if algorithm == "hierarchical" and self.size > 1 and not self.nodes.uniform:
+            raise ValueError("algorithm='hierarchical' needs the same number of ranks on every node; the nodes hold "
+                             f"{self.comm.allgather(self.nodes.local_size)} ranks")
         if algorithm == "shared_memory" and self.size > 1 and (self._window is None or deadline is not None):
             raise ValueError("algorithm='shared_memory' needs all ranks on one node and no timeout")
         shm = self._window is not None and deadline is None and x.size > 0 and (
@@ -339,12 +424,15 @@ class Communicator:
         if not out.flags.c_contiguous:
             raise ValueError("allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)")
         flat = out.reshape(-1)
+        self.last_algorithm = "shared_memory" if shm else algorithm if self.size > 1 and flat.size else None
         if shm:  # reads x straight into the window: no copy into out first
             self._window.allreduce(x.reshape(-1), flat, _REDUCE.get(op), (lambda: self._agree(
                 "allreduce", x.size, x.dtype, op, "shared_memory")) if check else None)
         elif self.size > 1 and flat.size:
             if algorithm == "ring":
                 self._ring(flat, _REDUCE[op], deadline)
+            elif algorithm == "hierarchical":
+                self._hierarchical(flat, _REDUCE[op], deadline)
             else:
                 self._recursive_doubling(flat, _REDUCE[op], deadline)
         if op == "average" and self.size > 1:
@@ -356,7 +444,9 @@ class Communicator:
 
     def message_algorithm(self, array):
         """The message-based algorithm "auto" takes for ``array`` off shared memory: latency- or bandwidth-bound."""
-        return "ring" if array.nbytes >= self.small_bytes and array.size >= self.size else "recursive_doubling"
+        if array.nbytes < self.small_bytes or array.size < self.size:
+            return "recursive_doubling"
+        return "hierarchical" if self.nodes is not None and self.nodes.hierarchical else "ring"
 
     def _ring(self, buf, reduce, deadline):
         """Reduce-scatter then allgather around the ring; chunk k ends reduced on rank (k - 1) mod p ... then everywhere."""
@@ -395,6 +485,45 @@ class Communicator:
         for step in range(p - 1):
             send, recv = (chunks[i] for i in _ring_chunks("allgather", step, r, p))
             self._exchange(send, right, recv, left, deadline, "ring allgather")
+
+    def _ring_phase(self, comm, buf, reduce, phase, deadline):
+        """One phase of the ring over ``comm``'s ranks, on ``buf`` in place: "reduce-scatter" (with ``reduce``)
+        leaves chunk (r + 1) mod p of local rank r fully reduced; "allgather" then gives every rank every chunk."""
+        p, r = comm.Get_size(), comm.Get_rank()
+        if p == 1:
+            return
+        right, left = (r + 1) % p, (r - 1) % p
+        bounds = _chunk_bounds(buf.size, p)
+        chunks = [buf[bounds[i] : bounds[i + 1]] for i in range(p)]
+        tmp = np.empty(max(len(c) for c in chunks), dtype=buf.dtype)
+        what = f"hierarchical allreduce ({phase})"
+        for step in range(p - 1):
+            send, recv = (chunks[i] for i in _ring_chunks(phase, step, r, p))
+            incoming = tmp[: len(recv)] if phase == "reduce-scatter" else recv
+            if deadline is None:
+                comm.Sendrecv(send, right, 8, incoming, left, 8)
+            else:
+                self._wait([comm.Irecv(incoming, source=left, tag=8), comm.Isend(send, dest=right, tag=8)],
+                           deadline, what)
+            if phase == "reduce-scatter":
+                reduce(recv, incoming, out=recv)
+
+    def _hierarchical(self, buf, reduce, deadline):
+        """Reduce-scatter inside the node, a ring of my chunk among my same-local-rank peers, allgather in the node.
+
+        Only the middle step crosses nodes, and each rank sends 2(n-1)/n of a 1/L chunk over it (n nodes of
+        L ranks), so the network carries 1/L of what the flat ring sends through each node's link.
+        """
+        local, cross = self.nodes.local, self.nodes.cross
+        self._ring_phase(local, buf, reduce, "reduce-scatter", deadline)
+        size, rank = local.Get_size(), local.Get_rank()
+        bounds = _chunk_bounds(buf.size, size)
+        owned = (rank + 1) % size  # the chunk the reduce-scatter left complete on this rank
+        mine = buf[bounds[owned] : bounds[owned + 1]]
+        if mine.size:
+            self._ring_phase(cross, mine, reduce, "reduce-scatter", deadline)
+            self._ring_phase(cross, mine, None, "allgather", deadline)
+        self._ring_phase(local, buf, None, "allgather", deadline)
 
     def _test_any(self, requests):
         index, done = self.MPI.Request.Testany(requests)
@@ -488,12 +617,15 @@ class Communicator:
     def _fused_batch(self, arrays, batch, results, op, compression):
         dtype = arrays[batch[0]].dtype
         wire = np.dtype(np.float16) if compression == "fp16" and dtype in (np.float32, np.float64) else dtype
+        if len(batch) == 1 and wire == dtype:  # one array: reduced straight into its result, no fusion buffer
+            results[batch[0]] = self.allreduce(np.ascontiguousarray(arrays[batch[0]]), op=op)
+            return
         buffer = np.concatenate([arrays[i].reshape(-1) for i in batch]).astype(wire, copy=False)
         self.allreduce(buffer, op=op, out=buffer)
         offset = 0
-        for i in batch:
+        for i in batch:  # the results are disjoint views of the new buffer (a copy only to undo compression)
             n = arrays[i].size
-            results[i] = buffer[offset : offset + n].astype(dtype).reshape(arrays[i].shape)
+            results[i] = buffer[offset : offset + n].astype(dtype, copy=False).reshape(arrays[i].shape)
             offset += n
 
     def parameter_server_allreduce(self, array, op="average"):

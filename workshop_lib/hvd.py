@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-from . import tf
+from . import tf, timeline
 from .comm import FUSION_THRESHOLD, Communicator
 from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
 
@@ -66,6 +66,7 @@ class _State:
         self.exit_comm = world.Dup()  # for the exit consensus: it must never match a collective of the program
         self.previous_excepthook = self.previous_exit = None
         self.exit_status = None
+        self.timeline = None  # a timeline.Timeline when HOROVOD_TIMELINE is set
 
 
 _state: _State | None = None
@@ -76,12 +77,18 @@ def init(comm=None):
     """Start Horovod: MPI is initialised, ranks are counted, and a crash on any rank will abort the job.
 
     ``comm`` is an mpi4py communicator (default ``MPI.COMM_WORLD``). Calling it again does nothing.
-    The environment variable ``HOROVOD_FUSION_THRESHOLD`` (bytes) sets the tensor-fusion buffer size.
+    The environment variable ``HOROVOD_FUSION_THRESHOLD`` (bytes) sets the tensor-fusion buffer size;
+    ``HOROVOD_TIMELINE=/path/timeline.json`` records a per-rank timeline (see :mod:`workshop_lib.timeline`).
     """
     global _state
     if _state is not None:
         return
     _state = _State(Communicator(comm))
+    path = os.environ.get(timeline.ENV, "").strip()
+    if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective
+        _state.timeline = timeline.Timeline(path, _state.comm.rank, _state.comm.size, _state.comm.comm.Dup())
+        # registered before the exit hooks, so it runs after them: once every rank has ended normally
+        atexit.register(_close_timeline)
     _state.previous_excepthook, _state.previous_exit = sys.excepthook, sys.exit
     sys.excepthook = _abort_on_uncaught_exception
     sys.exit = _exit_recording_status
@@ -98,6 +105,8 @@ def shutdown():
     if sys.exit is _exit_recording_status:
         sys.exit = _state.previous_exit
     atexit.unregister(_at_exit)
+    _close_timeline()
+    atexit.unregister(_close_timeline)
     _state = None
 
 
@@ -204,6 +213,36 @@ def _at_exit():
                            "waiting for this rank in a collective: aborting the whole job (MPI_Abort). Set "
                            "WORKSHOP_HVD_EXIT_TIMEOUT to wait longer."])
         time.sleep(0.002)
+
+
+def _close_timeline():
+    """Write the timeline (HOROVOD_TIMELINE): every rank its part, rank 0 the merge once all have written.
+
+    At exit it runs after the exit hooks: a failed job has been aborted by then, and otherwise every rank
+    has ended normally, so the wait for the parts is short.
+    """
+    state = _state
+    if state is not None and state.timeline is not None:
+        state.timeline.close(wait_seconds=60.0)
+
+
+def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compression=None, step=False):
+    """``comm.fused_allreduce``, and with HOROVOD_TIMELINE its wait, allreduce (and, in a step, compute) spans."""
+    line = state.timeline
+    if line is None:
+        return state.comm.fused_allreduce(values, op=op, threshold_bytes=threshold_bytes, compression=compression)
+    start = time.time_ns() / 1000.0
+    if step and line.last_update_end is not None:
+        line.add("compute", line.last_update_end, start)
+    with line.span("wait"):
+        state.comm.comm.Barrier()
+    t0 = time.time_ns() / 1000.0
+    out = state.comm.fused_allreduce(values, op=op, threshold_bytes=threshold_bytes, compression=compression)
+    wire = sum(np.asarray(v).size * (2 if compression == "fp16" and np.asarray(v).dtype.kind == "f"
+                                     else np.asarray(v).itemsize) for v in values)
+    line.add("allreduce", t0, time.time_ns() / 1000.0, bytes=int(wire), tensors=len(values),
+             algorithm=state.comm.last_algorithm, op=op)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +356,7 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
         value = np.asarray(value)
         if prescale_factor != 1.0:
             value = value * np.asarray(prescale_factor, dtype=value.dtype)
-        out = state.comm.fused_allreduce([value], op=op, compression=compression.wire)[0]  # fp16 on the wire if asked
+        out = _fused_allreduce(state, [value], op, compression=compression.wire)[0]  # fp16 on the wire if asked
         if postscale_factor != 1.0:
             out = out * np.asarray(postscale_factor, dtype=out.dtype)
         return np.asarray(out, dtype=value.dtype)
@@ -498,7 +537,7 @@ class DistributedOptimizer:
                 counter[key] = 0
                 values = [a / passes if average_aggregated else a for a in acc]
             if comm.size > 1:
-                values = comm.fused_allreduce(values, op=op, threshold_bytes=threshold, compression=wire)
+                values = _fused_allreduce(state, values, op, threshold, wire, step=True)
             return (*values, np.bool_(True))
 
         with get_default_graph().name_scope(f"{self._name}_Allreduce"):
@@ -517,7 +556,17 @@ class DistributedOptimizer:
         The gate is the fused allreduce's last output (True on the passes that reduced), given to the wrapped
         optimizer's ``apply_gradients(..., gate=...)``.
         """
-        return self._optimizer.apply_gradients(grads_and_vars, global_step=global_step, name=name, gate=self._ready)
+        update = self._optimizer.apply_gradients(grads_and_vars, global_step=global_step, name=name, gate=self._ready)
+        line = _state.timeline if _state is not None else None
+        if line is not None:  # HOROVOD_TIMELINE: an op after the update closes the step's update span
+            def update_end(ctx):
+                line.mark_update_end()
+                return ()
+
+            with tf.control_dependencies([update]):
+                update = make_op("HorovodTimelineUpdateEnd", [], update_end, [], [], name="HorovodTimelineUpdateEnd",
+                                 stateful=True)
+        return update
 
     def minimize(self, loss, global_step=None, var_list=None, name=None):
         return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)

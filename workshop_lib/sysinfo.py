@@ -33,6 +33,8 @@ __all__ = [
     "mpiexec_command",
     "run_mpi",
     "mpi_cluster",
+    "shm_bytes",
+    "cgroup_cpu_quota",
     "report",
     "format_report",
     "problems",
@@ -304,6 +306,57 @@ def mpi_cluster(n: int = 2, threads_per_engine: int = 1):
     return cluster
 
 
+SHM_ADVISED_BYTES = 512 << 20  # below this, MPI's shared-memory transport can fail (Docker's default is 64 MB)
+
+
+def shm_bytes(path="/dev/shm"):
+    """Size of the shared-memory file system MPI's intra-node transport uses, in bytes (None if there is none)."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return st.f_blocks * st.f_frsize
+
+
+def cgroup_cpu_quota(root="/sys/fs/cgroup", proc_cgroup=None):
+    """CPUs this process's cgroup may use per second (``docker run --cpus``, Slurm's cgroup), or None if unlimited.
+
+    Reads cgroup v2's ``cpu.max`` (``"quota period"`` or ``"max period"``) or v1's ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``, in the process's own cgroup (from ``/proc/self/cgroup``) or at the root, as a
+    container mounts it. A quota is not an affinity: ``os.sched_getaffinity`` may show more CPUs than it allows.
+    """
+    root = Path(root)
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    v2, v1 = [], []
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        rel = path.lstrip("/")
+        if controllers == "":
+            v2.append(root / rel / "cpu.max")
+        elif "cpu" in controllers.split(","):
+            v1 += [root / c / rel for c in (controllers, "cpu", "cpu,cpuacct")]
+    v2.append(root / "cpu.max")
+    v1 += [root / "cpu", root / "cpu,cpuacct"]
+    for candidate in v2:
+        try:
+            quota, period = candidate.read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        return None if quota == "max" else int(quota) / int(period)
+    for folder in v1:
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota < 0 else quota / period
+    return None
+
+
 _HELLO = (
     "from mpi4py import MPI; c = MPI.COMM_WORLD; "
     "s = c.allreduce(c.Get_rank() + 1); "
@@ -338,6 +391,8 @@ def report(mpi_check: bool = True) -> dict:
         "mpi_library": mpi_library_version(),
         "mpiexec": mpiexec_path(),
         "packages": package_versions(),
+        "shm_bytes": shm_bytes(),
+        "cpu_quota": cgroup_cpu_quota(),
     }
     if mpi_check:
         info["mpi_smoke"] = _mpi_smoke(2)
@@ -368,6 +423,10 @@ def format_report(info: dict) -> str:
         ("CPU", info["cpu"]),
         ("Cores", f"{cores['logical']} logical, {cores['physical'] or '?'} physical, {cores['usable']} usable"),
     ]
+    if "cpu_quota" in info:
+        quota = info["cpu_quota"]
+        rows.append(("cgroup CPU quota", "none" if quota is None else f"{quota:g} CPUs"
+                     + (" (fewer than the usable cores: give each rank fewer threads)" if quota < cores["usable"] else "")))
     rows += [(f"  {name}", "yes" if present else "no") for name, present in info["features"].items()]
     nb = info["numba"]
     rows += [
@@ -380,6 +439,10 @@ def format_report(info: dict) -> str:
         rows.append(("Data", f"{data['dir'] or 'not found'} ({'FAILED' if data['problems'] else 'ok'})"))
     if "mpi_smoke" in info:
         rows.append(("mpiexec -n 2", "ok" if info["mpi_smoke"] is None else "FAILED"))
+    if "shm_bytes" in info:
+        shm = info["shm_bytes"]
+        rows.append(("/dev/shm", "not found" if shm is None else f"{shm / 2**20:,.0f} MB" + (
+            " (too small for MPI's shared memory: `docker run --shm-size=1g`)" if shm < SHM_ADVISED_BYTES else "")))
     rows += [(name, version) for name, version in info["packages"].items()]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -1,0 +1,353 @@
+"""workshop_lib.launch and the files of the way to a cluster: launch lines, batch templates, containers, environment.
+
+No container engine, Slurm, Open MPI or Intel MPI is installed here: the generated lines are checked against
+each launcher's documented syntax, the MPICH line is also run, and the Dockerfile and Apptainer definition
+are parsed for the properties they must have (they are not built).
+"""
+
+import re
+import shlex
+import subprocess
+import tomllib
+
+import pytest
+
+from workshop_lib import cli, launch, sysinfo
+
+MPICH_VERSION = "HYDRA build details:\n    Version:                                 4.1.2\n    Release Date: ..."
+OPENMPI_VERSION = "mpiexec (OpenRTE) 4.1.5\n\nReport bugs to http://www.open-mpi.org/community/help/\n"
+OPENMPI5_VERSION = "mpiexec (Open MPI) 5.0.3\n\nReport bugs to https://www.open-mpi.org/community/help/\n"
+INTEL_VERSION = ("Intel(R) MPI Library for Linux* OS, Version 2021.10 Build 20230619 (id: c2e19c2f3e)\n"
+                 "Copyright 2003-2023, Intel Corporation.\n")
+
+
+def line(mpi, n=4, nodes=2, cpus=8, **kw):
+    return launch.launch_command("train.py", n, nodes=nodes, mpi=mpi, cpus_per_node=cpus, args=["--steps", "10"],
+                                 python="python", mpiexec="mpiexec", **kw)
+
+
+def pairs(cmd, flag, width=1):
+    """The values following each occurrence of ``flag`` in ``cmd`` (``width`` of them each)."""
+    return [tuple(cmd[i + 1 : i + 1 + width]) if width > 1 else cmd[i + 1] for i, a in enumerate(cmd) if a == flag]
+
+
+def test_the_flavour_is_read_from_each_mpiexecs_version_text():
+    assert launch.flavour_from_version(MPICH_VERSION) == "mpich"
+    assert launch.flavour_from_version(OPENMPI_VERSION) == "openmpi"
+    assert launch.flavour_from_version(OPENMPI5_VERSION) == "openmpi"
+    assert launch.flavour_from_version(INTEL_VERSION) == "intel"  # a Hydra too, but named first
+    assert launch.flavour_from_version("srun: unknown option") is None
+    assert launch.detect_flavour() == "mpich"  # the mpich wheel of this venv
+
+
+def test_mpich_line_exports_every_thread_variable_with_genv_and_binds_each_rank_to_its_cores():
+    cmd = line("mpich")
+    assert cmd[:5] == ["mpiexec", "-n", "4", "-ppn", "2"]
+    assert sorted(pairs(cmd, "-genv", 2)) == sorted((v, "4") for v in launch.THREAD_VARIABLES)
+    assert pairs(cmd, "-bind-to") == ["core:4"]
+    assert "-x" not in cmd and cmd[-4:] == ["python", "train.py", "--steps", "10"]
+    assert pairs(line("mpich", n=2, nodes=1, cpus=2), "-bind-to") == ["core"]  # one core each: plain `core`
+
+
+def test_openmpi_line_exports_with_x_name_equals_value_and_maps_ranks_per_node_with_cores_each():
+    cmd = line("openmpi", n=8, nodes=2, cpus=32)
+    assert cmd[:3] == ["mpiexec", "-n", "8"]
+    assert sorted(pairs(cmd, "-x")) == sorted(f"{v}=8" for v in launch.THREAD_VARIABLES)
+    assert pairs(cmd, "--map-by") == ["ppr:4:node:PE=8"] and pairs(cmd, "--bind-to") == ["core"]
+    assert "-genv" not in cmd and "-ppn" not in cmd
+
+
+def test_intel_line_exports_with_genv_and_pins_one_domain_of_omp_threads_per_rank():
+    cmd = line("intel", cpus=16)
+    genv = dict(pairs(cmd, "-genv", 2))
+    assert all(genv[v] == "8" for v in launch.THREAD_VARIABLES)
+    assert genv["I_MPI_PIN"] == "1" and genv["I_MPI_PIN_DOMAIN"] == "omp"
+    assert "-bind-to" not in cmd and pairs(cmd, "-ppn") == ["2"]
+
+
+def test_srun_line_exports_all_plus_threads_and_asks_for_cpus_per_task_bound_to_cores():
+    cmd = launch.launch_command("train.py", 8, nodes=2, scheduler="slurm", cpus_per_node=64, python="python")
+    assert cmd[0] == "srun"
+    assert {"--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=16", "--cpu-bind=cores"} <= set(cmd)
+    export = next(a for a in cmd if a.startswith("--export="))
+    assert export.split("=", 1)[1].split(",") == ["ALL"] + [f"{v}=16" for v in launch.THREAD_VARIABLES]
+    with pytest.raises(ValueError, match="hostfile= is for mpiexec"):
+        launch.launch_command("train.py", 2, scheduler="slurm", hostfile="hosts")
+
+
+def test_slurm_cpus_on_node_sets_the_thread_count_when_not_given(monkeypatch):
+    monkeypatch.setenv("SLURM_CPUS_ON_NODE", "24")
+    cmd = launch.launch_command("t.py", 6, nodes=2, scheduler="slurm", python="python")
+    assert "--cpus-per-task=8" in cmd
+
+
+def test_a_hostfile_in_either_syntax_gives_the_node_count(root, tmp_path):
+    assert launch.read_hostfile(root / "cluster" / "hostfile.example") == [("node01", 2), ("node02", 2)]
+    hosts = tmp_path / "hosts"
+    hosts.write_text("a:2\nb:2\n# c:2\nc\n")
+    assert launch.read_hostfile(hosts) == [("a", 2), ("b", 2), ("c", None)]
+    cmd = launch.launch_command("t.py", 6, hostfile=hosts, mpi="mpich", cpus_per_node=6, python="p", mpiexec="m")
+    assert pairs(cmd, "-f") == [str(hosts)] and pairs(cmd, "-ppn") == ["2"] and pairs(cmd, "-bind-to") == ["core:3"]
+    cmd = launch.launch_command("t.py", 6, hostfile=hosts, mpi="openmpi", cpus_per_node=6, python="p", mpiexec="m")
+    assert pairs(cmd, "--hostfile") == [str(hosts)]
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(ValueError, match="names no host"):
+        launch.read_hostfile(tmp_path / "empty")
+    (tmp_path / "bad").write_text("a b c d\n")
+    with pytest.raises(ValueError, match="bad:1"):
+        launch.read_hostfile(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"n": 0}, "n=0 must be a positive integer"),
+    ({"n": 5, "nodes": 2}, "n=5 ranks do not split evenly over nodes=2"),
+    ({"n": 2, "nodes": 4}, "nodes=4 is more than n=2"),
+    ({"n": 2, "mpi": "lam"}, "mpi='lam' must be one of"),
+    ({"n": 2, "scheduler": "pbs"}, "scheduler='pbs' must be one of"),
+    ({"n": 2, "cpus_per_node": 0}, "cpus_per_node=0 must be a positive integer"),
+])
+def test_invalid_arguments_raise_naming_the_argument_and_value(kwargs, words):
+    kwargs.setdefault("mpi", "mpich")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        launch.launch_command("t.py", **kwargs)
+    with pytest.raises(TypeError, match="sequence of arguments"):
+        launch.launch_command("t.py", 2, mpi="mpich", args="--steps 10")
+
+
+def test_workshop_launch_dry_run_prints_a_line_the_shell_reads_back_and_passes_script_arguments(capsys):
+    assert cli.main(["launch", "t.py", "-n", "4", "--nodes", "2", "--mpi", "openmpi", "--cpus-per-node", "4",
+                     "--dry-run", "--", "--steps", "10", "-n", "3"]) == 0
+    cmd = shlex.split(capsys.readouterr().out.strip())
+    assert cmd[-5:] == ["t.py", "--steps", "10", "-n", "3"] and cmd[2] == "4" and "NUMBA_NUM_THREADS=2" in cmd
+    assert cli.main(["launch", "t.py", "-n", "3", "--nodes", "2", "--mpi", "mpich", "--dry-run"]) == 2
+    assert "do not split evenly" in capsys.readouterr().err
+
+
+@pytest.mark.mpi
+def test_the_generated_mpich_line_runs_and_every_rank_sees_its_thread_count_and_one_core(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, sys\nfrom mpi4py import MPI\n"
+                     "sys.stdout.write(f\"rank {MPI.COMM_WORLD.Get_rank()} threads {os.environ['NUMBA_NUM_THREADS']} "
+                     "{os.environ['OPENBLAS_NUM_THREADS']} cpus {len(os.sched_getaffinity(0))}\\n\")\n")
+    cmd = launch.launch_command(probe, 2, cpus_per_node=2)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    found = sorted(re.findall(r"rank \d threads \d+ \d+ cpus \d+", proc.stdout))
+    assert found == ["rank 0 threads 1 1 cpus 1", "rank 1 threads 1 1 cpus 1"], proc.stdout
+
+
+# -- cluster/: batch templates, host file, Apptainer --------------------------------------------------
+
+def _sbatch_values(text):
+    values = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)$", text, re.M))
+    srun = next(ln for ln in text.splitlines() if ln.startswith("srun "))
+    words = shlex.split(srun)
+    script_at = next(i for i, w in enumerate(words) if w.endswith(".py"))
+    return values, words[script_at], words[script_at + 1 :]
+
+
+def test_every_lab_script_has_a_batch_template_equal_to_what_batch_script_writes(root):
+    scripts = sorted(p.stem for p in (root / "solutions" / "scripts").glob("*.py"))
+    templates = sorted(p.stem for p in (root / "cluster").glob("*.sbatch"))
+    assert scripts and templates == scripts
+    for name in scripts:
+        text = (root / "cluster" / f"{name}.sbatch").read_text()
+        values, script, args = _sbatch_values(text)
+        assert script == f"labs/scripts/{name}.py"
+        expected = launch.batch_script(script, int(values["nodes"]), int(values["ntasks-per-node"]),
+                                       int(values["cpus-per-task"]), args, time=values["time"])
+        assert text == expected, f"cluster/{name}.sbatch differs from launch.batch_script's output"
+        assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text
+        for variable in launch.THREAD_VARIABLES:
+            assert f"{variable}=$SLURM_CPUS_PER_TASK" in text
+        assert "--cpu-bind=cores" in text
+        subprocess.run(["bash", "-n", str(root / "cluster" / f"{name}.sbatch")], check=True)
+    with pytest.raises(ValueError, match="time='30'"):
+        launch.batch_script("t.py", 1, 2, 2, time="30")
+
+
+def test_workshop_launch_batch_prints_the_template(root, capsys):
+    assert cli.main(["launch", "labs/scripts/mpi_hello.py", "-n", "4", "--nodes", "2", "--cpus-per-node", "2",
+                     "--scheduler", "slurm", "--batch"]) == 0
+    assert capsys.readouterr().out == (root / "cluster" / "mpi_hello.sbatch").read_text()
+
+
+def _apptainer_sections(text):
+    header = dict(re.findall(r"^(Bootstrap|From):\s*(\S+)", text, re.M))
+    sections, current = {}, None
+    for raw in text.splitlines():
+        if raw.startswith("%"):
+            current = raw[1:].split()[0]
+            sections[current] = []
+        elif current and raw.strip() and not raw.lstrip().startswith("#"):
+            sections[current].append(raw.strip())
+    return header, sections
+
+
+def test_the_apptainer_definition_installs_the_same_pyproject_and_ships_labs_data_benchmarks_not_solutions(root):
+    header, sections = _apptainer_sections((root / "cluster" / "workshop.def").read_text())
+    assert header["Bootstrap"] == "docker" and _pinned(header["From"])
+    copied = {ln.split()[0] for ln in sections["files"]}
+    assert {"pyproject.toml", "workshop_lib", "labs", "data", "benchmarks"} <= copied
+    assert not any("solutions" in ln for ln in sections["files"])
+    assert any(re.search(r"pip install (-e )?/opt/workshop$", ln) for ln in sections["post"])
+    assert all((root / path).exists() for path in copied)
+    assert "runscript" in sections and "workshop" in " ".join(sections["runscript"])
+
+
+# -- Dockerfile ------------------------------------------------------------------------------------
+
+def _pinned(image):
+    """A base image named by an exact version (python:3.11.11-slim-bookworm) or a digest, never latest or 3.11."""
+    if "@sha256:" in image:
+        return True
+    name, _, tag = image.partition(":")
+    return bool(re.match(r"\d+\.\d+\.\d+", tag)) and "latest" not in tag
+
+
+def _dockerfile_stages(text):
+    """[(stage name, base, [(INSTRUCTION, arguments), ...]), ...], continuation lines joined, comments dropped."""
+    logical, pending = [], ""
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("#") or not raw.strip():
+            continue
+        pending += raw.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        logical.append(pending.strip())
+        pending = ""
+    stages = []
+    for ln in logical:
+        instruction, _, rest = ln.partition(" ")
+        if instruction.upper() == "FROM":
+            words = rest.split()
+            stages.append((words[2] if len(words) > 2 and words[1].upper() == "AS" else None, words[0], []))
+        else:
+            stages[-1][2].append((instruction.upper(), rest.strip()))
+    return stages
+
+
+def _stage_chain(stages, name):
+    """The instructions of stage ``name`` and of every stage it is built FROM, base first."""
+    by_name = {s[0]: s for s in stages}
+    chain = []
+    while name in by_name:
+        chain.insert(0, by_name[name])
+        name = by_name[name][1]
+    return [i for s in chain for i in s[2]], name
+
+
+def test_the_dockerfile_pins_its_base_runs_tini_as_pid_1_and_documents_shm_size(root):
+    text = (root / "Dockerfile").read_text()
+    stages = _dockerfile_stages(text)
+    _, base_image = _stage_chain(stages, stages[-1][0])
+    assert _pinned(base_image), base_image
+    assert re.search(r"^#.*docker run .*--shm-size=1g", text, re.M)
+    learner, _ = _stage_chain(stages, stages[-1][0])
+    entrypoint = [a for i, a in learner if i == "ENTRYPOINT"][-1]
+    assert re.fullmatch(r'\["(/usr/bin/)?tini", "--"\]', entrypoint), entrypoint
+    assert any(i == "RUN" and "tini" in a and "apt-get install" in a for i, a in learner)
+
+
+def test_the_default_docker_image_has_labs_data_benchmarks_built_as_the_learner_but_no_solutions(root):
+    stages = _dockerfile_stages((root / "Dockerfile").read_text())
+    learner, _ = _stage_chain(stages, stages[-1][0])  # the default target is the last stage
+    copies = [a for i, a in learner if i in ("COPY", "ADD")]
+    assert not any(re.search(r"(^|\s)\.\s", a + " ") for a in copies), "the whole context is copied"
+    assert not any("solutions" in a for a in copies), copies
+    for folder in ("data", "benchmarks"):
+        assert any(re.search(rf"\s{folder}\s", a) for a in copies), folder
+    labs_copy = [a for a in copies if "/labs" in a and "--from=" in a]
+    assert labs_copy, "labs/ must come from the stage that builds it"
+    builder = re.search(r"--from=(\S+)", labs_copy[0]).group(1)
+    built, _ = _stage_chain(stages, builder)
+    users = [(k, a) for k, (i, a) in enumerate(built) if i == "USER"]
+    build = [k for k, (i, a) in enumerate(built) if i == "RUN" and "workshop build-labs" in a]
+    assert build and users and users[-1][1] == "learner" and users[-1][0] < build[0], "labs built as root"
+    assert [a for i, a in learner if i == "USER"][-1] == "learner"
+    assert all("solutions" not in a for i, a in learner if i == "RUN")
+    instructor, _ = _stage_chain(stages, "instructor")
+    assert any(i == "COPY" and "solutions" in a for i, a in instructor)
+    assert "labs" in (root / ".dockerignore").read_text().split()  # labs/ is generated in the image, not copied
+
+
+# -- the environment files -------------------------------------------------------------------------
+
+_REQ = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*((?:[<>=!~]=?[^,;\s]+,?)*)")
+
+
+def _requirement(text):
+    match = _REQ.match(text.strip())
+    return match.group(1).lower().replace("_", "-"), match.group(2)
+
+
+def _environment_yml(text):
+    """{name: specifier} of environment.yml's conda and pip dependencies (the package itself excluded)."""
+    found = {}
+    for raw in text.splitlines():
+        item = re.match(r"^\s*-\s+(.+?)\s*(#.*)?$", raw)
+        if not item or item.group(1).startswith(("-", ".")) or item.group(1) in ("pip", "pip:", "conda-forge"):
+            continue
+        name, spec = _requirement(item.group(1))
+        if name != "python":
+            found[name] = spec
+    return found
+
+
+def test_environment_yml_lists_every_requirement_of_pyproject_and_its_test_extra_with_the_same_bounds(root):
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    wanted = dict(_requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"])
+    conda = _environment_yml((root / "environment.yml").read_text())
+    missing = sorted(set(wanted) - set(conda))
+    assert not missing, f"environment.yml lacks {missing} (pyproject.toml has them)"
+    differ = {n: (wanted[n], conda[n]) for n in wanted if wanted[n] != conda[n]}
+    assert not differ, f"bounds differ (pyproject, environment.yml): {differ}"
+    extra = sorted(set(conda) - set(wanted))
+    assert not extra, f"environment.yml has {extra}, which pyproject.toml does not"
+    assert {"playwright", "threadpoolctl"} <= set(conda)
+
+
+# -- the workshop command ----------------------------------------------------------------------------
+
+def test_workshop_version_prints_the_package_version(capsys):
+    from workshop_lib import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"workshop {__version__}"
+
+
+def test_workshop_bench_offers_every_script_of_benchmarks(root):
+    scripts = sorted(p.name[: -len("_bench.py")] for p in (root / "benchmarks").glob("*_bench.py"))
+    assert {"allreduce", "horovod"} <= set(scripts)
+    bench = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
+    assert sorted(next(a for a in bench._actions if a.dest == "name").choices) == scripts
+
+
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "cpu.max").write_text("150000 100000\n")
+    assert sysinfo.cgroup_cpu_quota(tmp_path, "0::/job\n") == 1.5
+    (tmp_path / "job" / "cpu.max").write_text("max 100000\n")
+    assert sysinfo.cgroup_cpu_quota(tmp_path, "0::/job\n") is None
+    v1 = tmp_path / "v1" / "cpu,cpuacct" / "slurm"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("400000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert sysinfo.cgroup_cpu_quota(tmp_path / "v1", "4:cpu,cpuacct:/slurm\n1:memory:/x\n") == 4.0
+    assert sysinfo.cgroup_cpu_quota(tmp_path / "nothing", "") is None
+
+
+def test_workshop_check_reports_dev_shm_and_the_cgroup_quota():
+    import os
+
+    measured = sysinfo.report(mpi_check=False)
+    assert measured["shm_bytes"] == sysinfo.shm_bytes() and "cpu_quota" in measured
+    info = {**measured, "shm_bytes": 64 << 20, "cpu_quota": 0.5}
+    st = os.statvfs("/dev/shm")
+    assert sysinfo.shm_bytes() == st.f_blocks * st.f_frsize
+    text = sysinfo.format_report(info)
+    assert re.search(r"/dev/shm\s+64 MB .*--shm-size=1g", text)
+    assert re.search(r"cgroup CPU quota\s+0.5 CPUs", text)
+    assert sysinfo.shm_bytes("/no/such/dir") is None

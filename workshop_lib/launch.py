@@ -1,0 +1,277 @@
+"""Launch lines for MPI jobs: the right ``mpiexec`` or ``srun`` command for the MPI at hand.
+
+Mirrors what HPC centres' user guides (CSC, ENCCS, Horovod's ``horovodrun``) tell people to type. The one
+idea: a rank's environment is not the shell's. Each launcher forwards variables its own way (MPICH and
+Intel MPI: ``-genv NAME VALUE``; Open MPI: ``-x NAME=VALUE``; Slurm: ``--export=ALL,NAME=VALUE``), so a
+thread count set in the shell may never reach a rank on another node, and every rank then starts one
+thread per core: N ranks x all cores, the oversubscription that made a 2-rank training run 10x slower.
+Here the thread count is derived once, ``cores per node // ranks per node``, handed to every runtime
+(OpenMP, numba, OpenBLAS, MKL) through the launcher's own flag, and each rank is bound to that many cores.
+
+Shapes of the job: ``n`` ranks on ``nodes`` nodes, ``ranks_per_node = n // nodes`` on each,
+``threads = cpus_per_node // ranks_per_node`` per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+__all__ = ["FLAVOURS", "SCHEDULERS", "THREAD_VARIABLES", "flavour_from_version", "detect_flavour",
+           "read_hostfile", "job_layout", "threads_per_rank", "thread_environment", "launch_command", "batch_script",
+           "format_command"]
+
+FLAVOURS = ("mpich", "openmpi", "intel")
+SCHEDULERS = ("mpiexec", "slurm")
+# every thread pool a rank of the labs may start: numba's, OpenMP's (numba's layer), numpy's BLAS
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def flavour_from_version(text):
+    """``"mpich"``, ``"openmpi"`` or ``"intel"`` from the output of ``mpiexec --version``, or None.
+
+    Intel MPI's launcher is a Hydra like MPICH's, so it is recognised first by its own name.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str (the output of `mpiexec --version`), got {type(text).__name__}")
+    if re.search(r"Intel\(R\) MPI|Intel MPI", text):
+        return "intel"
+    if re.search(r"Open MPI|OpenRTE|Open RTE|PRRTE", text):
+        return "openmpi"
+    if re.search(r"HYDRA|MPICH", text, re.I):
+        return "mpich"
+    return None
+
+
+def detect_flavour(mpiexec=None, timeout=20):
+    """The flavour of ``mpiexec`` (default: the one next to this Python, see :func:`sysinfo.mpiexec_path`).
+
+    Raises
+    ------
+    RuntimeError
+        When there is no mpiexec, or its ``--version`` names none of :data:`FLAVOURS`: then pass
+        ``mpi=`` (``workshop launch --mpi``) yourself.
+    """
+    from .sysinfo import mpiexec_path
+
+    exe = mpiexec or mpiexec_path()
+    if exe is None:
+        raise RuntimeError("no mpiexec found next to this Python or on PATH; name the MPI with --mpi "
+                           f"{'|'.join(FLAVOURS)} or install one (`pip install mpich`)")
+    try:
+        proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise RuntimeError(f"`{exe} --version` failed ({exc}); name the MPI with --mpi {'|'.join(FLAVOURS)}") from None
+    flavour = flavour_from_version(proc.stdout + proc.stderr)
+    if flavour is None:
+        first = (proc.stdout + proc.stderr).strip().splitlines()[:1]
+        raise RuntimeError(f"cannot tell which MPI `{exe}` is ({first}); name it with --mpi {'|'.join(FLAVOURS)}")
+    return flavour
+
+
+def read_hostfile(path):
+    """``[(host, slots), ...]`` from a host file in Open MPI's (``node01 slots=4``) or MPICH's (``node01:4``) syntax.
+
+    Blank lines and ``#`` comments are skipped; a host without a count has None slots.
+    """
+    text = Path(path).read_text()
+    hosts = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = (re.fullmatch(r"(\S+?)\s+(?:slots|max[-_]slots)\s*=\s*(\d+)(?:\s+.*)?", line)
+                 or re.fullmatch(r"([^\s:]+):(\d+)", line) or re.fullmatch(r"(\S+)", line))
+        if match is None:
+            raise ValueError(f"{path}:{number}: {raw!r} is neither `host slots=N` (Open MPI) nor `host:N` (MPICH)")
+        slots = int(match.group(2)) if match.lastindex and match.lastindex >= 2 else None
+        hosts.append((match.group(1), slots))
+    if not hosts:
+        raise ValueError(f"hostfile {path} names no host")
+    return hosts
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    return value
+
+
+def _local_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(ranks_per_node, cpus_per_node):
+    """Threads each rank may use so that the ranks of a node fill its CPUs and no more: ``cpus // ranks``, >= 1."""
+    _positive_int("ranks_per_node", ranks_per_node)
+    _positive_int("cpus_per_node", cpus_per_node)
+    return max(1, cpus_per_node // ranks_per_node)
+
+
+def thread_environment(threads):
+    """``{NAME: str(threads)}`` for every runtime's thread-count variable (:data:`THREAD_VARIABLES`)."""
+    _positive_int("threads", threads)
+    return {name: str(threads) for name in THREAD_VARIABLES}
+
+
+def job_layout(n, nodes=None, hostfile=None, cpus_per_node=None):
+    """``(nodes, ranks_per_node, cpus_per_node, threads_per_rank)`` of a job of ``n`` ranks, validated.
+
+    ``nodes`` defaults to the hosts of ``hostfile``, else 1; ``cpus_per_node`` to ``SLURM_CPUS_ON_NODE``,
+    else the CPUs this process may use. Raises ValueError when ``n`` does not split evenly over the nodes.
+    """
+    _positive_int("n", n)
+    if hostfile is not None and nodes is None:
+        nodes = len(read_hostfile(hostfile))
+    nodes = 1 if nodes is None else _positive_int("nodes", nodes)
+    if nodes > n:
+        raise ValueError(f"nodes={nodes} is more than n={n} ranks: every node needs at least one rank")
+    if n % nodes:
+        raise ValueError(f"n={n} ranks do not split evenly over nodes={nodes}; use a multiple of {nodes}")
+    per_node = n // nodes
+    if cpus_per_node is None:
+        slurm = os.environ.get("SLURM_CPUS_ON_NODE", "")
+        cpus_per_node = int(slurm) if slurm.isdigit() else _local_cpus()
+    _positive_int("cpus_per_node", cpus_per_node)
+    return nodes, per_node, cpus_per_node, threads_per_rank(per_node, cpus_per_node)
+
+
+def launch_command(script, n, nodes=None, hostfile=None, scheduler="mpiexec", mpi=None, args=(), cpus_per_node=None,
+                   python=None, mpiexec=None):
+    """The command line (a list) that runs ``python script *args`` on ``n`` ranks, threads exported and bound.
+
+    Parameters
+    ----------
+    script : str or Path
+        The Python script every rank runs.
+    n : int
+        Number of ranks.
+    nodes : int, optional
+        Number of nodes (default: the hosts of ``hostfile``, else 1). ``n`` must be a multiple of it.
+    hostfile : str or Path, optional
+        Host file for mpiexec (Open MPI's or MPICH's syntax, see :func:`read_hostfile`).
+    scheduler : {"mpiexec", "slurm"}
+        ``"slurm"`` gives an ``srun`` line (inside an allocation or a batch script), which needs no host file.
+    mpi : {"mpich", "openmpi", "intel"}, optional
+        The MPI behind ``mpiexec``; default: asked of it (:func:`detect_flavour`). Unused by ``srun``.
+    args : sequence of str
+        The script's own arguments.
+    cpus_per_node : int, optional
+        CPUs of a node to share among its ranks; default: ``SLURM_CPUS_ON_NODE`` if set, else the CPUs this
+        process may use (run it on a compute node, or give it).
+    python, mpiexec : str, optional
+        The interpreter (default: this one) and the launcher (default: the one next to this Python, or the
+        flavour's usual name).
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> launch_command("train.py", 4, nodes=2, mpi="openmpi", cpus_per_node=8, python="python", mpiexec="mpiexec")[:6]
+    ['mpiexec', '-n', '4', '--map-by', 'ppr:2:node:PE=4', '--bind-to']
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r} must be one of {SCHEDULERS}")
+    if mpi is not None and mpi not in FLAVOURS:
+        raise ValueError(f"mpi={mpi!r} must be one of {FLAVOURS}")
+    if isinstance(args, str):
+        raise TypeError(f"args={args!r} must be a sequence of arguments, not one string")
+    if scheduler == "slurm" and hostfile is not None:
+        raise ValueError("hostfile= is for mpiexec; srun runs on the nodes of the Slurm allocation")
+    nodes, per_node, _, threads = job_layout(n, nodes, hostfile, cpus_per_node)
+    program = [python or sys.executable, str(script), *map(str, args)]
+    env = thread_environment(threads)
+    if scheduler == "slurm":
+        exports = ",".join(f"{k}={v}" for k, v in env.items())
+        return ["srun", f"--nodes={nodes}", f"--ntasks={n}", f"--ntasks-per-node={per_node}",
+                f"--cpus-per-task={threads}", "--cpu-bind=cores", f"--export=ALL,{exports}", *program]
+    if mpi is None:
+        mpi = detect_flavour(mpiexec)
+    if mpiexec is None:
+        from .sysinfo import mpiexec_path
+
+        mpiexec = mpiexec_path() or "mpiexec"
+    cmd = [mpiexec, "-n", str(n)]
+    if mpi == "openmpi":
+        # ppr: ranks per node; PE: cores per rank, which --bind-to core then binds each rank to
+        cmd += ["--map-by", f"ppr:{per_node}:node:PE={threads}", "--bind-to", "core"]
+        if hostfile is not None:
+            cmd += ["--hostfile", str(hostfile)]
+        for name, value in env.items():
+            cmd += ["-x", f"{name}={value}"]
+        return cmd + program
+    cmd += ["-ppn", str(per_node)]
+    if hostfile is not None:
+        cmd += ["-f", str(hostfile)]
+    for name, value in env.items():
+        cmd += ["-genv", name, value]
+    if mpi == "intel":  # Intel MPI pins each rank to a domain of OMP_NUM_THREADS cores
+        cmd += ["-genv", "I_MPI_PIN", "1", "-genv", "I_MPI_PIN_DOMAIN", "omp"]
+    else:  # MPICH's Hydra: each rank bound to `threads` cores
+        cmd += ["-bind-to", f"core:{threads}" if threads > 1 else "core"]
+    return cmd + program
+
+
+def format_command(cmd):
+    """A command list as one line a shell reads back the same (quoted where needed)."""
+    return " ".join(shlex.quote(str(part)) for part in cmd)
+
+
+def batch_script(script, nodes, ntasks_per_node, cpus_per_task, args=(), time="00:30:00", job_name=None,
+                 python="python"):
+    """A Slurm batch script that runs ``script`` on ``nodes x ntasks_per_node`` ranks of ``cpus_per_task`` threads.
+
+    The thread counts are derived from ``SLURM_CPUS_PER_TASK`` inside the job, so editing the ``#SBATCH``
+    lines is enough; ``SRUN_CPUS_PER_TASK`` is exported because since Slurm 22.05 ``srun`` no longer
+    inherits ``--cpus-per-task`` from ``sbatch``, and without it each rank would get one CPU.
+
+    Returns
+    -------
+    str
+        The script's text (``sbatch`` it from the course's root directory).
+    """
+    for name, value in (("nodes", nodes), ("ntasks_per_node", ntasks_per_node), ("cpus_per_task", cpus_per_task)):
+        _positive_int(name, value)
+    if not re.fullmatch(r"(\d+-)?\d{1,2}:\d{2}:\d{2}", str(time)):
+        raise ValueError(f"time={time!r} must be Slurm's [days-]hours:minutes:seconds, e.g. '00:30:00'")
+    name = job_name or Path(str(script)).stem
+    n = nodes * ntasks_per_node
+    exports = " ".join(f"{v}=$SLURM_CPUS_PER_TASK" for v in THREAD_VARIABLES)
+    line = " ".join(shlex.quote(str(a)) for a in (python, script, *args))
+    return "\n".join([
+        "#!/bin/bash",
+        f"# {script} on {nodes} node(s) x {ntasks_per_node} rank(s), {cpus_per_task} thread(s) per rank.",
+        "# Submit from the course's root directory:  sbatch cluster/" + f"{name}.sbatch",
+        f"# The same line by hand: workshop launch {script} -n {n} --nodes {nodes} --scheduler slurm"
+        + (f" -- {' '.join(shlex.quote(str(a)) for a in args)}" if args else ""),
+        "# Edit the #SBATCH lines for your site (account, partition, time); the rest follows from them.",
+        f"#SBATCH --job-name={name}",
+        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --ntasks-per-node={ntasks_per_node}",
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+        f"#SBATCH --time={time}",
+        "#SBATCH --output=%x-%j.out",
+        "##SBATCH --account=project_XXXX",
+        "##SBATCH --partition=small",
+        "",
+        "set -euo pipefail",
+        "# module load <the MPI your mpi4py was built against>; source .venv/bin/activate",
+        "",
+        "# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): pass it on explicitly",
+        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
+        "# one thread per CPU Slurm gave the rank, for every thread pool in the process",
+        f"export {exports}",
+        "export OMP_PROC_BIND=close OMP_PLACES=cores",
+        "",
+        f"srun --cpu-bind=cores --export=ALL {line}",
+        "",
+    ])
