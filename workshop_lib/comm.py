@@ -24,13 +24,17 @@ differ by at most one (:func:`_chunk_bounds`), so any n works, 0 and n < p inclu
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import time
+import traceback
 
 import numpy as np
 
 __all__ = ["OPS", "DTYPES", "ALGORITHMS", "SMALL_BYTES", "SHM_MIN_BYTES", "SHM_MAX_BYTES", "FUSION_THRESHOLD",
-           "Communicator", "CollectiveTimeout", "ring_schedule", "simulate_ring"]
+           "Communicator", "CollectiveTimeout", "ring_schedule", "simulate_ring", "JobGuard", "guard_job",
+           "release_job"]
 
 OPS = ("sum", "average", "min", "max")
 DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, np.int32, np.int64))
@@ -42,8 +46,14 @@ SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this
 SHM_MIN_BYTES = 8 * 1024  # from this size ...
 SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
+_META_FIELDS = 6  # the cross-rank check compares count, dtype, op, algorithm, ndim and a code of the shape
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory")
+
+
+def _shape_code(shape):
+    """A 62-bit code of a shape tuple, the same in every process (a tuple of ints hashes without a random seed)."""
+    return hash(shape) & ((1 << 62) - 1)
 
 
 def _chunk_bounds(n, p):
@@ -215,7 +225,7 @@ class Communicator:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.small_bytes, self.segment_bytes, self.timeout = small_bytes, segment_bytes, timeout
         self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes
-        self._meta = np.empty(8, dtype=np.int64)  # the cross-rank check's buffer
+        self._meta = np.empty(2 * _META_FIELDS, dtype=np.int64)  # the cross-rank check's buffer
         self._window = None
         if shared_memory and self.size > 1 and os.environ.get("WORKSHOP_COMM_SHM", "1") != "0":
             self._window = _SharedWindow(self.comm, shm_block_bytes)
@@ -237,27 +247,35 @@ class Communicator:
             self._window = None
 
     # -- safety ---------------------------------------------------------------------------------
-    def _agree(self, name, count, dtype, op, algorithm=None):
-        """Every rank learns whether all ranks called ``name`` with the same count, dtype, op and algorithm.
+    def _agree(self, name, count, dtype, op, algorithm=None, shape=None, deadline=None):
+        """Every rank learns whether all ranks called ``name`` with the same shape, dtype, op and algorithm.
 
         One tiny Allreduce of (x, -x) pairs under MAX gives both the maximum and the minimum of every
         field: if they differ anywhere, every rank raises the same error (never a hang, never garbage).
+        With a ``deadline`` it is non-blocking and raises :class:`CollectiveTimeout` when it passes.
         """
+        shape = (int(count),) if shape is None else tuple(int(s) for s in shape)
         dtype_code = _DTYPE_CODES.get(dtype, -1)
         op_code = OPS.index(op) if op in OPS else -1
         algorithm_code = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else 0
         meta = self._meta
-        meta[0], meta[1], meta[2], meta[3] = count, dtype_code, op_code, algorithm_code
-        np.negative(meta[:4], out=meta[4:])
-        self.comm.Allreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)
-        if (meta[:4] == -meta[4:]).all() and dtype_code >= 0 and op_code >= 0:
+        meta[:_META_FIELDS] = (count, dtype_code, op_code, algorithm_code, len(shape), _shape_code(shape))
+        np.negative(meta[:_META_FIELDS], out=meta[_META_FIELDS:])
+        if deadline is None:
+            self.comm.Allreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)
+        else:
+            self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)], deadline,
+                       f"{name}'s cross-rank check", cancel=False)
+        if (meta[:_META_FIELDS] == -meta[_META_FIELDS:]).all() and dtype_code >= 0 and op_code >= 0:
             return
-        calls = self.comm.allgather((int(count), str(dtype), op, algorithm))
-        listing = "; ".join(f"rank {r}: {n} x {d}, op={o}" + (f", algorithm={a}" if a else "")
-                            for r, (n, d, o, a) in enumerate(calls))
+        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, shape))
+        listing = "; ".join(f"rank {r}: {n} x {d} of shape {s}, op={o}" + (f", algorithm={a}" if a else "")
+                            for r, (n, d, o, a, s) in enumerate(calls))
         problems = []
         if len({c[0] for c in calls}) > 1:
             problems.append("sizes differ")
+        elif len({c[4] for c in calls}) > 1:
+            problems.append("shapes differ")
         if len({c[1] for c in calls}) > 1:
             problems.append("dtypes differ")
         if len({c[2] for c in calls}) > 1:
@@ -270,14 +288,18 @@ class Communicator:
             problems.append(f"op must be one of {OPS}")
         raise ValueError(f"{name}: {', '.join(problems)} across ranks ({listing})")
 
-    def _wait(self, requests, deadline, what):
-        """Wait for MPI requests, or raise CollectiveTimeout when the deadline passes."""
+    def _wait(self, requests, deadline, what, cancel=True):
+        """Wait for MPI requests, or raise CollectiveTimeout when the deadline passes.
+
+        Point-to-point requests are cancelled then; ``cancel=False`` for a non-blocking collective's (MPI
+        forbids cancelling those).
+        """
         if deadline is None:
             self.MPI.Request.Waitall(requests)
             return
         while not self.MPI.Request.Testall(requests):
             if time.monotonic() > deadline:
-                for request in requests:
+                for request in requests if cancel else ():
                     try:
                         request.Cancel()
                     except Exception:  # noqa: BLE001 - best effort; the job is in trouble anyway
@@ -310,7 +332,8 @@ class Communicator:
         timeout : float, optional
             Seconds; overrides the communicator's default.
         check : bool
-            Verify first that every rank passed the same size, dtype and op (one tiny allreduce).
+            Verify first that every rank passed the same shape, dtype and op (one tiny allreduce, within
+            the timeout).
         """
         x = np.asarray(array)
         if algorithm not in ALGORITHMS:
@@ -326,7 +349,7 @@ class Communicator:
         if not shm and self.size > 1 and x.size and algorithm in ("auto", "shared_memory"):
             algorithm = self.message_algorithm(x)
         if check and not shm:
-            self._agree("allreduce", x.size, x.dtype, op, algorithm)
+            self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline)
         elif not check and (x.dtype not in DTYPES or op not in OPS):
             raise ValueError(f"allreduce: dtype {x.dtype} / op {op!r} not supported")
         if out is None:
@@ -341,7 +364,7 @@ class Communicator:
         flat = out.reshape(-1)
         if shm:  # reads x straight into the window: no copy into out first
             self._window.allreduce(x.reshape(-1), flat, _REDUCE.get(op), (lambda: self._agree(
-                "allreduce", x.size, x.dtype, op, "shared_memory")) if check else None)
+                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None)
         elif self.size > 1 and flat.size:
             if algorithm == "ring":
                 self._ring(flat, _REDUCE[op], deadline)
@@ -442,7 +465,7 @@ class Communicator:
     def broadcast(self, array, root=0):
         """``array`` on every rank becomes root's (in place; MPI's Bcast). Shapes and dtypes must agree."""
         x = np.asarray(array)
-        self._agree("broadcast", x.size, x.dtype, "sum")
+        self._agree("broadcast", x.size, x.dtype, "sum", shape=x.shape)
         if not 0 <= root < self.size:
             raise ValueError(f"root={root} must be a rank in [0, {self.size})")
         self.comm.Bcast(x, root=root)
@@ -502,7 +525,7 @@ class Communicator:
         Rank 0's links carry (p-1) full buffers each way: its time grows with p, the ring's does not.
         """
         x = np.ascontiguousarray(array)
-        self._agree("parameter_server_allreduce", x.size, x.dtype, op)
+        self._agree("parameter_server_allreduce", x.size, x.dtype, op, shape=x.shape)
         out = x.copy()
         flat = out.reshape(-1)
         if self.rank == 0:
@@ -521,3 +544,163 @@ class Communicator:
             self.comm.Send(flat, dest=0, tag=21)
             self.comm.Recv(flat, source=0, tag=22)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Keeping a job from hanging: the guard that hvd.init() and d4p.daalinit() hold
+
+ENDED = -1  # a rank's note when it has ended (left Python); any other note is the number of a collective it reached
+_NOTE_TAG = 31
+_SYS_EXIT = sys.exit
+_guard: JobGuard | None = None
+
+
+class JobGuard:
+    """Process-wide guard of an MPI job: no rank is left waiting for a peer that has failed or ended.
+
+    While a client holds it (:func:`guard_job`; ``hvd.init()`` and ``d4p.daalinit()`` do): an uncaught
+    exception, or ``sys.exit`` with a failure status, on any rank prints that rank's message and aborts the
+    whole job (``MPI_Abort``); a rank that ends normally waits at exit until every rank has ended, and aborts
+    the job if they have not within ``WORKSHOP_HVD_EXIT_TIMEOUT`` seconds (default 300), since they may be
+    waiting for it. (A rank killed by a signal ends the job through ``mpiexec`` itself.)
+
+    Ranks also send each other small notes on a communicator of their own: the number of the collective
+    a rank has reached (:meth:`arrive`), and ``ENDED`` when it leaves. :meth:`poll` reads them, so a rank
+    waiting for a collective knows which peers have not arrived and which have already ended: that is
+    ``hvd``'s stall inspector.
+    """
+
+    def __init__(self, world):
+        self.world = world
+        self.comm = world.Dup()  # its notes never match a message or collective of the program
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.reached = np.zeros(self.size, dtype=np.int64)  # the last note of every rank
+        self.users = set()
+        self.previous_excepthook = self.previous_exit = None
+        self.exit_status = None
+        self._inbox = np.zeros((self.size, 1), dtype=np.int64)
+        self._recvs = {peer: self._listen(peer) for peer in range(self.size) if peer != self.rank}
+        self._sends = []
+        self._ended = False
+        atexit.register(self._at_exit)
+
+    # -- notes ----------------------------------------------------------------------------------
+    def _listen(self, peer):
+        return self.comm.Irecv(self._inbox[peer], source=peer, tag=_NOTE_TAG)
+
+    def _note(self, value):
+        for peer in self._recvs:
+            buf = np.array([value], dtype=np.int64)
+            self._sends.append((buf, self.comm.Isend(buf, dest=peer, tag=_NOTE_TAG)))
+        self.reached[self.rank] = value
+
+    def arrive(self, collective):
+        """Tell every peer that this rank has reached collective number ``collective`` (1, 2, ...)."""
+        self._note(collective)
+
+    def poll(self):
+        """Read the notes that have arrived; returns ``reached``, each rank's last note (``ENDED`` once it has ended)."""
+        for peer in list(self._recvs):
+            while self._recvs[peer].Test():  # notes from one peer arrive in order (MPI's non-overtaking rule)
+                self.reached[peer] = self._inbox[peer, 0]
+                self._recvs[peer] = self._listen(peer)
+        if self._sends:
+            self._sends = [(buf, request) for buf, request in self._sends if not request.Test()]
+        return self.reached
+
+    def say(self, lines):
+        """Write ``lines`` to stderr, each tagged with this rank."""
+        sys.stderr.write("".join(f"[rank {self.rank}] {line}\n" for line in lines))
+        sys.stderr.flush()
+
+    def abort(self, lines, status=1):
+        """Print ``lines`` (tagged with the rank) and end the whole job with ``MPI_Abort``."""
+        self.say(lines)
+        sys.stdout.flush()
+        # mpiexec's I/O forwarder reads our pipes asynchronously, and MPI_Abort tears the job down at once:
+        # give it a moment so that the message reaches the user
+        time.sleep(0.5)
+        self.world.Abort(status)
+
+    # -- the hooks ------------------------------------------------------------------------------
+    def hold(self, user):
+        """Install the hooks (on the first hold) on behalf of ``user`` (a name)."""
+        if not self.users:
+            self.previous_excepthook, self.previous_exit = sys.excepthook, sys.exit
+            sys.excepthook = self._abort_on_uncaught_exception
+            sys.exit = self._exit_recording_status
+        self.users.add(user)
+
+    def release(self, user):
+        """``user`` lets go; when nobody holds the guard, the hooks are restored (notes still flow)."""
+        self.users.discard(user)
+        if self.users:
+            return
+        if sys.excepthook == self._abort_on_uncaught_exception:
+            sys.excepthook = self.previous_excepthook
+        if sys.exit == self._exit_recording_status:
+            sys.exit = self.previous_exit
+
+    def _abort_on_uncaught_exception(self, exc_type, exc, tb):
+        """sys.excepthook while held: print the traceback tagged with the rank, then abort every rank."""
+        if self.size == 1:
+            (self.previous_excepthook or sys.__excepthook__)(exc_type, exc, tb)
+            return
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        self.abort(text.rstrip().splitlines() + [
+            f"uncaught {exc_type.__name__} on rank {self.rank} of {self.size}: aborting the whole job "
+            "(MPI_Abort) so that no rank waits for ever"])
+
+    def _exit_recording_status(self, status=None):
+        """sys.exit while held: remembers the status, so that the exit handler knows a failure from a normal end."""
+        self.exit_status = status
+        (self.previous_exit or _SYS_EXIT)(status)
+
+    def _at_exit(self):
+        """Tell the peers this rank has ended; while held, first abort on a failure status, then wait for them."""
+        if self._ended:
+            return
+        self._ended = True
+        r, n, status = self.rank, self.size, self.exit_status
+        held = bool(self.users) and n > 1
+        if held and status not in (None, 0):
+            self.abort([f"sys.exit({status!r}) on rank {r} of {n}: aborting the whole job (MPI_Abort) so that no "
+                        "rank waits for ever"], status if isinstance(status, int) else 1)
+        self._note(ENDED)
+        if held:
+            timeout = float(os.environ.get("WORKSHOP_HVD_EXIT_TIMEOUT", "300"))
+            deadline = time.monotonic() + timeout
+            while (self.poll() != ENDED).any():
+                if time.monotonic() > deadline:
+                    self.abort([f"rank {r} of {n} has ended, but not every rank has ended within {timeout:g} s; they "
+                                "may be waiting for this rank in a collective: aborting the whole job (MPI_Abort). "
+                                "Set WORKSHOP_HVD_EXIT_TIMEOUT to wait longer."])
+                time.sleep(0.002)
+        deadline = time.monotonic() + 1.0  # the last notes are tiny (sent eagerly): they leave at once
+        while self._sends and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.001)
+        for request in self._recvs.values():  # MPI_Finalize wants no pending receive
+            request.Cancel()
+            request.Wait()
+
+
+def guard_job(user, comm=None):
+    """Hold the process-wide :class:`JobGuard` for ``user``, creating it on ``comm`` (default ``MPI.COMM_WORLD``).
+
+    Creating it is collective (every rank calls this at the same point, as ``hvd.init()``); later calls return
+    the same guard, on the communicator of the first call.
+    """
+    global _guard
+    if _guard is None:
+        from mpi4py import MPI
+
+        _guard = JobGuard(comm if comm is not None else MPI.COMM_WORLD)
+    _guard.hold(user)
+    return _guard
+
+
+def release_job(user):
+    """``user`` no longer holds the guard (see :meth:`JobGuard.release`)."""
+    if _guard is not None:
+        _guard.release(user)
