@@ -203,3 +203,31 @@ def test_session_functions_outside_mpiexec():
     d4p.daalfini()
     with pytest.raises(ValueError, match="nthreads=0"):
         d4p.daalinit(0)
+
+
+@pytest.mark.parametrize("fptype, scale", [("double", 1e170), ("float", 1e20)])
+def test_data_whose_squared_distances_overflow_raises_naming_the_magnitude(fptype, scale):
+    X = _blobs() * scale
+    for call in (lambda: d4p.kmeans_init(4, method="plusPlusDense", fptype=fptype).compute(X),
+                 lambda: d4p.kmeans(4, 5, fptype=fptype).compute(X, X[:4])):
+        with pytest.raises(ValueError, match=f"squared distances would overflow {np.dtype(d4p.FPTYPES[fptype]).name}"):
+            call()
+    small = _blobs()
+    with pytest.raises(ValueError, match="centroids has values up to"):
+        d4p.kmeans(4, 5, fptype=fptype).compute(small, small[:4] * scale)
+    with pytest.raises(ValueError, match="would underflow"):
+        d4p.kmeans(4, 5).compute(small * 1e-160, small[:4] * 1e-160)
+
+
+def test_large_magnitudes_below_the_limit_give_the_exactly_scaled_result():
+    # scaling by a power of two is exact in floating point: the result must be the unscaled one, scaled
+    X = _blobs()
+    scale = 2.0**400  # about 2.6e120
+    init = d4p.kmeans_init(5, method="plusPlusDense", engine=d4p.engines_mt19937(seed=5))
+    np.testing.assert_array_equal(init.compute(X * scale).centroids, init.compute(X).centroids * scale)
+    ref = d4p.kmeans(5, 20).compute(X, X[:5])
+    big = d4p.kmeans(5, 20).compute(X * scale, X[:5] * scale)
+    assert np.isfinite(big.objectiveFunction).all()
+    np.testing.assert_array_equal(big.centroids, ref.centroids * scale)
+    np.testing.assert_array_equal(big.assignments, ref.assignments)
+    np.testing.assert_array_equal(big.objectiveFunction, ref.objectiveFunction * scale**2)
