@@ -231,3 +231,22 @@ def test_large_magnitudes_below_the_limit_give_the_exactly_scaled_result():
     np.testing.assert_array_equal(big.centroids, ref.centroids * scale)
     np.testing.assert_array_equal(big.assignments, ref.assignments)
     np.testing.assert_array_equal(big.objectiveFunction, ref.objectiveFunction * scale**2)
+
+
+def test_daalinit_and_hvd_init_hold_one_shared_job_guard_and_the_last_release_restores_the_hooks():
+    import sys
+
+    from workshop_lib import comm, hvd
+
+    before = (sys.excepthook, sys.exit)
+    d4p.daalinit()
+    guard = comm._guard
+    assert sys.excepthook == guard._abort_on_uncaught_exception and sys.exit == guard._exit_recording_status
+    hvd.init()
+    try:
+        assert hvd._state.guard is guard and guard.users == {"d4p", "hvd"}
+        d4p.daalfini()
+        assert sys.excepthook == guard._abort_on_uncaught_exception  # hvd still holds it
+    finally:
+        hvd.shutdown()
+    assert (sys.excepthook, sys.exit) == before and not guard.users
