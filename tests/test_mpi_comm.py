@@ -18,12 +18,13 @@ def test_allreduce_matches_mpi_on_every_size_dtype_op_and_algorithm(mpirun, n):
     assert lines == ["rank 0: 560 allreduce cases checked"], proc.stdout
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_a_mismatch_across_ranks_raises_on_every_rank(mpirun, n):
     proc = mpirun(n, [SCRIPT, "mismatch"], timeout=120)
     for label, words in (("size", "sizes differ"), ("dtype", "dtypes differ"), ("op", "ops differ"),
                          ("algorithm", "algorithms differ"), ("path", "sizes differ"), ("shape", "shapes differ"),
-                         ("shape_ring", "shapes differ")):
+                         ("shape_ring", "shapes differ"), ("out", "rank 1: out has shape (11,)"),
+                         ("collective", "collectives differ")):
         lines = [line for line in proc.stdout.splitlines() if f" {label}: " in line]
         assert len(lines) == n, proc.stdout
         assert all("ValueError" in line and words in line and "rank 1:" in line for line in lines), lines

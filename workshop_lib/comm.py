@@ -20,6 +20,12 @@ per rank, used alternately, make one barrier per phase enough.
 
 Shapes: a buffer of n elements is split into p contiguous chunks whose sizes
 differ by at most one (:func:`_chunk_bounds`), so any n works, 0 and n < p included.
+
+Safety: by default every collective first checks that all ranks called it alike
+(shape, dtype, op, algorithm); a mismatch raises the same ValueError on every
+rank instead of a hang or garbage, and a timeout covers the check too.
+:class:`JobGuard` (held by ``hvd.init()`` and ``d4p.daalinit()``) ends the job
+when a rank fails, and carries the notes of Horovod's stall inspector.
 """
 
 from __future__ import annotations
@@ -46,7 +52,11 @@ SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this
 SHM_MIN_BYTES = 8 * 1024  # from this size ...
 SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
-_META_FIELDS = 6  # the cross-rank check compares count, dtype, op, algorithm, ndim and a code of the shape
+_COLLECTIVES = ("allreduce", "broadcast", "parameter_server_allreduce")
+_HEADER_FIELDS = 8  # the check compares collective, count, dtype, op, algorithm, ndim, a code of the shape, an error
+_HEADER_BYTES = 2 * _HEADER_FIELDS * 8  # (x, -x) pairs of int64
+FOLD_BYTES = 64 * 1024  # an allreduce by recursive doubling up to this size travels inside its check's messages
+_TAG_CHECK, _TAG_FOLD_IN, _TAG_FOLD_OUT = 41, 42, 43
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory")
 
@@ -54,6 +64,17 @@ ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory")
 def _shape_code(shape):
     """A 62-bit code of a shape tuple, the same in every process (a tuple of ints hashes without a random seed)."""
     return hash(shape) & ((1 << 62) - 1)
+
+
+def _header(name, shape, dtype, op, algorithm):
+    """The cross-rank check's header for a call: int64 (x, -x) pairs of its fields, the same as bytes, and
+    whether the call is valid (a supported dtype and op)."""
+    shape = tuple(int(s) for s in shape)
+    fields = np.array([_COLLECTIVES.index(name), int(np.prod(shape, dtype=np.int64)), _DTYPE_CODES.get(dtype, -1),
+                       OPS.index(op) if op in OPS else -1, ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else 0,
+                       len(shape), _shape_code(shape), 0], dtype=np.int64)
+    pairs = np.concatenate([fields, -fields])
+    return pairs, pairs.tobytes(), bool(fields[2] >= 0 and fields[3] >= 0)
 
 
 def _chunk_bounds(n, p):
@@ -225,7 +246,6 @@ class Communicator:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.small_bytes, self.segment_bytes, self.timeout = small_bytes, segment_bytes, timeout
         self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes
-        self._meta = np.empty(2 * _META_FIELDS, dtype=np.int64)  # the cross-rank check's buffer
         self._window = None
         if shared_memory and self.size > 1 and os.environ.get("WORKSHOP_COMM_SHM", "1") != "0":
             self._window = _SharedWindow(self.comm, shm_block_bytes)
@@ -234,6 +254,13 @@ class Communicator:
         if shm_max_bytes is None:
             oversubscribed = self._window is not None and self._window.oversubscribed
             self.shm_max_bytes = float("inf") if oversubscribed else SHM_MAX_BYTES
+        # the cross-rank check's messages: a header, then (small allreduces) the data; no message is longer
+        self._check_send = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
+        self._check_recv = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
+        self._send_header = self._check_send[:_HEADER_BYTES].view(np.int64)
+        self._recv_header = self._check_recv[:_HEADER_BYTES].view(np.int64)
+        self._check_status = MPI.Status()
+        self._headers, self._check_plans, self._header_sent = {}, {}, None
 
     @property
     def shared_memory(self):
@@ -247,40 +274,60 @@ class Communicator:
             self._window = None
 
     # -- safety ---------------------------------------------------------------------------------
-    def _agree(self, name, count, dtype, op, algorithm=None, shape=None, deadline=None):
+    def _agree(self, name, count, dtype, op, algorithm=None, shape=None, deadline=None, payload=None, reduce=None,
+               error=None, source=None):
         """Every rank learns whether all ranks called ``name`` with the same shape, dtype, op and algorithm.
 
-        One tiny Allreduce of (x, -x) pairs under MAX gives both the maximum and the minimum of every
-        field: if they differ anywhere, every rank raises the same error (never a hang, never garbage).
-        With a ``deadline`` it is non-blocking and raises :class:`CollectiveTimeout` when it passes.
+        The check is recursive doubling over small messages, each starting with a header of (x, -x) pairs of
+        the call's fields merged under max: after log2 p exchanges every rank holds the maximum and the
+        minimum of every field, and if they differ anywhere every rank raises the same error (never a hang,
+        never garbage). Every rank sends the same pattern of messages whatever it was called with, and
+        receives into a buffer larger than any message, so a mismatch can neither hang nor truncate.
+        ``payload`` (a flat array of at most ``FOLD_BYTES``) travels behind the header and is reduced with
+        ``reduce`` on the way while the headers agree (starting from ``source``'s values, default the payload's
+        own): a small allreduce and its check are one exchange,
+        as NCCL and Horovod's response cache avoid a separate negotiation. With a ``deadline`` the exchange
+        is non-blocking and raises :class:`CollectiveTimeout` when it passes. A rank that found an ``error``
+        in its own arguments sends it flagged, and every rank raises it. Returns True when the payload holds
+        the reduction.
         """
-        shape = (int(count),) if shape is None else tuple(int(s) for s in shape)
-        dtype_code = _DTYPE_CODES.get(dtype, -1)
-        op_code = OPS.index(op) if op in OPS else -1
-        algorithm_code = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else 0
-        meta = self._meta
-        meta[:_META_FIELDS] = (count, dtype_code, op_code, algorithm_code, len(shape), _shape_code(shape))
-        np.negative(meta[:_META_FIELDS], out=meta[_META_FIELDS:])
-        if deadline is None:
-            self.comm.Allreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)
-        else:
-            self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)], deadline,
-                       f"{name}'s cross-rank check", cancel=False)
-        if (meta[:_META_FIELDS] == -meta[_META_FIELDS:]).all() and dtype_code >= 0 and op_code >= 0:
-            return
-        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, shape))
-        listing = "; ".join(f"rank {r}: {n} x {d} of shape {s}, op={o}" + (f", algorithm={a}" if a else "")
-                            for r, (n, d, o, a, s) in enumerate(calls))
+        key = (name, (int(count),) if shape is None else shape, dtype, op, algorithm)
+        header = self._headers.get(key)
+        if header is None:
+            if len(self._headers) > 256:
+                self._headers.clear()
+            header = self._headers[key] = _header(*key)
+        if error is not None:
+            fields = header[0].copy()
+            fields[_HEADER_FIELDS - 1], fields[-1] = 1, -1
+            header = (fields, fields.tobytes(), False)
+        valid = header[2]
+        if not valid or payload is None or payload.nbytes > FOLD_BYTES:
+            payload = None
+        agreed = self.size == 1 or self._check_exchange(header, payload, reduce, deadline, name,
+                                                        payload if source is None else source)
+        if agreed and valid:
+            return payload is not None
+        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, key[1], name, error))
+        errors = [(r, c[6]) for r, c in enumerate(calls) if c[6]]
+        if errors:
+            raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
+        calls = [c[:6] for c in calls]
+        names = len({c[5] for c in calls}) > 1
+        listing = "; ".join(f"rank {r}: " + (f"{c} of " if names else "") + f"{n} x {d} of shape {s}, op={o}"
+                            + (f", algorithm={a}" if a else "") for r, (n, d, o, a, s, c) in enumerate(calls))
         problems = []
+        if names:
+            problems.append("collectives differ")
         if len({c[0] for c in calls}) > 1:
             problems.append("sizes differ")
         elif len({c[4] for c in calls}) > 1:
             problems.append("shapes differ")
         if len({c[1] for c in calls}) > 1:
             problems.append("dtypes differ")
-        if len({c[2] for c in calls}) > 1:
+        if len({c[2] for c in calls}) > 1 and not names:
             problems.append("ops differ")
-        if len({c[3] for c in calls}) > 1 and len({c[0] for c in calls}) == 1:
+        if len({c[3] for c in calls}) > 1 and len({c[0] for c in calls}) == 1 and not names:
             problems.append("algorithms differ")
         if any(np.dtype(c[1]) not in DTYPES for c in calls):
             problems.append(f"dtypes must be one of {[d.name for d in DTYPES]}")
@@ -288,16 +335,116 @@ class Communicator:
             problems.append(f"op must be one of {OPS}")
         raise ValueError(f"{name}: {', '.join(problems)} across ranks ({listing})")
 
-    def _wait(self, requests, deadline, what, cancel=True):
-        """Wait for MPI requests, or raise CollectiveTimeout when the deadline passes.
+    def _check_exchange(self, header, payload, reduce, deadline, name, source):
+        """The messages of :meth:`_agree` (recursive doubling, ranks beyond a power of two folded in first).
+
+        Returns whether every header this rank saw equalled its own (then ``payload``, if any, holds the
+        reduction of every rank's ``source``).
+        """
+        p, r = self.size, self.rank
+        fields, header_bytes, _ = header
+        n = 0 if payload is None else payload.nbytes
+        plan = self._check_plans.get((n, None if payload is None else payload.dtype.char))
+        if plan is None:
+            plan = self._check_plan(payload, n)
+        message, send_payload, recv_payload = plan
+        if self._header_sent is not header_bytes:  # repeated calls leave the header in place
+            self._send_header[:] = fields
+            self._header_sent = header_bytes
+        if payload is not None:
+            np.copyto(send_payload, source)
+        length = _HEADER_BYTES + n
+        agreed, current = True, source  # current: this rank's values so far (source, then payload)
+        pof2 = 1 << (p.bit_length() - 1)
+        rem = p - pof2
+        if r < 2 * rem and r % 2 == 0:  # fold into the odd neighbour, then wait for its result
+            self._check_transfer(message, r + 1, None, _TAG_FOLD_IN, deadline, name)
+            count = self._check_transfer(None, None, r + 1, _TAG_FOLD_OUT, deadline, name)
+            agreed = count == length and self._check_recv[:_HEADER_BYTES].tobytes() == header_bytes
+            if agreed and payload is not None:
+                np.copyto(payload, recv_payload)
+            return agreed
+        if r < 2 * rem:
+            count = self._check_transfer(None, None, r - 1, _TAG_FOLD_IN, deadline, name)
+            agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
+                                       True)
+            current = payload
+        new_rank = r // 2 if r < 2 * rem else r - rem
+        mask = 1
+        while mask < pof2:
+            partner_new = new_rank ^ mask
+            partner = partner_new * 2 + 1 if partner_new < rem else partner_new + rem
+            if agreed and payload is not None and (mask > 1 or r < 2 * rem):
+                np.copyto(send_payload, payload)  # send what is reduced so far
+            count = self._check_transfer(message, partner, partner, _TAG_CHECK, deadline, name)
+            agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
+                                       partner < r)
+            current = payload
+            mask <<= 1
+        if r < 2 * rem:
+            if agreed and payload is not None:
+                np.copyto(send_payload, payload)
+            self._check_transfer(message, r - 1, None, _TAG_FOLD_OUT, deadline, name)
+        return agreed
+
+    def _check_merge(self, agreed, count, length, header_bytes, current, payload, recv_payload, reduce, lower):
+        """After receiving ``count`` bytes: payload = received op current while every header agrees, else merge
+        the headers."""
+        if agreed and count == length and self._check_recv[:_HEADER_BYTES].tobytes() == header_bytes:
+            if payload is not None and lower:  # lower rank's values op higher rank's, on both sides
+                reduce(recv_payload, current, out=payload)
+            elif payload is not None:
+                reduce(current, recv_payload, out=payload)
+            return True
+        # from now on only the headers matter: merge them (max of the (x, -x) pairs)
+        np.maximum(self._send_header, self._recv_header, out=self._send_header)
+        self._header_sent = None
+        if self._send_header.tobytes() == header_bytes:  # (cannot happen) keep "merged differs from mine"
+            self._send_header[0] = 1 << 40
+        return False
+
+    def _check_plan(self, payload, n):
+        """(the message to send, its payload as ``payload``'s dtype, the received payload likewise), cached."""
+        message = self._check_send[: _HEADER_BYTES + n]
+        plan = (message, None, None) if payload is None else (
+            message, self._check_send[_HEADER_BYTES : _HEADER_BYTES + n].view(payload.dtype),
+            self._check_recv[_HEADER_BYTES : _HEADER_BYTES + n].view(payload.dtype))
+        if len(self._check_plans) > 256:
+            self._check_plans.clear()
+        self._check_plans[(n, None if payload is None else payload.dtype.char)] = plan
+        return plan
+
+    def _recv_header_bytes(self):
+        return self._check_recv[:_HEADER_BYTES].tobytes()
+
+    def _check_transfer(self, message, dest, source, tag, deadline, name):
+        """Send ``message`` to ``dest`` and/or receive from ``source`` into the check's buffer; the bytes received."""
+        recv, status = self._check_recv, self._check_status
+        if deadline is None:
+            if dest is not None and source is not None:
+                self.comm.Sendrecv(message, dest, tag, recv, source, tag, status)
+            elif dest is not None:
+                self.comm.Send(message, dest, tag)
+                return 0
+            else:
+                self.comm.Recv(recv, source, tag, status)
+            return status.Get_count(self.MPI.BYTE)
+        requests = ([self.comm.Irecv(recv, source=source, tag=tag)] if source is not None else []) + (
+            [self.comm.Isend(message, dest=dest, tag=tag)] if dest is not None else [])
+        statuses = [self.MPI.Status() for _ in requests]
+        self._wait(requests, deadline, f"{name}'s cross-rank check", statuses=statuses)
+        return statuses[0].Get_count(self.MPI.BYTE) if source is not None else 0
+
+    def _wait(self, requests, deadline, what, cancel=True, statuses=None):
+        """Wait for MPI requests (filling ``statuses``), or raise CollectiveTimeout when the deadline passes.
 
         Point-to-point requests are cancelled then; ``cancel=False`` for a non-blocking collective's (MPI
         forbids cancelling those).
         """
         if deadline is None:
-            self.MPI.Request.Waitall(requests)
+            self.MPI.Request.Waitall(requests, statuses)
             return
-        while not self.MPI.Request.Testall(requests):
+        while not self.MPI.Request.Testall(requests, statuses):
             if time.monotonic() > deadline:
                 for request in requests if cancel else ():
                     try:
@@ -332,44 +479,55 @@ class Communicator:
         timeout : float, optional
             Seconds; overrides the communicator's default.
         check : bool
-            Verify first that every rank passed the same shape, dtype and op (one tiny allreduce, within
-            the timeout).
+            Verify that every rank passed the same shape, dtype, op and algorithm, and raise on every rank
+            if not (also when one rank's own arguments are wrong). The check is a recursive doubling of
+            small messages within the timeout; below ``FOLD_BYTES`` a recursive-doubling allreduce
+            travels inside those messages, so the check costs no extra round trip.
         """
         x = np.asarray(array)
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        if algorithm == "shared_memory" and self.size > 1 and (self._window is None or deadline is not None):
-            raise ValueError("algorithm='shared_memory' needs all ranks on one node and no timeout")
+        error = None  # a local error is raised after the check, so that every rank raises (never a hang)
+        if algorithm not in ALGORITHMS:
+            error = f"algorithm={algorithm!r} must be one of {ALGORITHMS}"
+        elif algorithm == "shared_memory" and self.size > 1 and (self._window is None or deadline is not None):
+            error = "algorithm='shared_memory' needs all ranks on one node and no timeout"
+        elif out is not None and out is not x and (out.shape != x.shape or out.dtype != x.dtype):
+            error = f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}"
+        elif out is not None and not out.flags.c_contiguous:
+            error = "allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)"
+        if error is not None:
+            if check:
+                self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error)
+            raise ValueError(error)
         shm = self._window is not None and deadline is None and x.size > 0 and (
             algorithm == "shared_memory" or (algorithm == "auto" and self.shm_min_bytes <= x.nbytes < self.shm_max_bytes))
-        # The shared-memory algorithm does the check in its first synchronisation: on every rank the first
-        # collective call is then the same tiny Allreduce, whichever algorithm each rank chose.
+        # Whichever algorithm each rank chose, the check's messages come first and follow one pattern (the
+        # shared-memory algorithm sends them as its first synchronisation), so a mismatch always surfaces.
         if not shm and self.size > 1 and x.size and algorithm in ("auto", "shared_memory"):
             algorithm = self.message_algorithm(x)
-        if check and not shm:
-            self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline)
-        elif not check and (x.dtype not in DTYPES or op not in OPS):
+        if not check and (x.dtype not in DTYPES or op not in OPS):
             raise ValueError(f"allreduce: dtype {x.dtype} / op {op!r} not supported")
+        # a small recursive-doubling allreduce travels inside its check's messages, straight from x
+        fold = check and algorithm == "recursive_doubling" and self.size > 1 and x.nbytes <= FOLD_BYTES
         if out is None:
-            out = np.empty(x.shape, dtype=x.dtype) if shm else np.array(x, copy=True, order="C")
-        elif out is not x:
-            if out.shape != x.shape or out.dtype != x.dtype:
-                raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}")
-            if not shm:
-                np.copyto(out, x)
-        if not out.flags.c_contiguous:
-            raise ValueError("allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)")
+            out = np.empty(x.shape, dtype=x.dtype) if shm or fold else np.array(x, copy=True, order="C")
+        elif out is not x and not shm and not fold:
+            np.copyto(out, x)
         flat = out.reshape(-1)
+        reduce = _REDUCE.get(op)
+        done = False
+        if check and not shm:
+            done = self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline,
+                               payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None)
         if shm:  # reads x straight into the window: no copy into out first
-            self._window.allreduce(x.reshape(-1), flat, _REDUCE.get(op), (lambda: self._agree(
+            self._window.allreduce(x.reshape(-1), flat, reduce, (lambda: self._agree(
                 "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None)
-        elif self.size > 1 and flat.size:
+        elif self.size > 1 and flat.size and not done:
             if algorithm == "ring":
-                self._ring(flat, _REDUCE[op], deadline)
+                self._ring(flat, reduce, deadline)
             else:
-                self._recursive_doubling(flat, _REDUCE[op], deadline)
+                self._recursive_doubling(flat, reduce, deadline)
         if op == "average" and self.size > 1:
             if np.issubdtype(flat.dtype, np.integer):
                 np.floor_divide(flat, self.size, out=flat)

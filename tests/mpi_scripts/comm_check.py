@@ -98,6 +98,15 @@ elif mode == "mismatch":
             outcomes.append(f"rank {rank} {label}: no error")
         except ValueError as exc:
             outcomes.append(f"rank {rank} {label}: ValueError: {exc}")
+    # a local error on one rank (a bad out=) is raised on every rank; so is a different collective
+    x = np.zeros(10)
+    for label, call in (("out", lambda: comm.allreduce(x, out=np.zeros(11) if rank == 1 else None)),
+                        ("collective", lambda: comm.broadcast(x) if rank == 1 else comm.allreduce(x, algorithm="ring"))):
+        try:
+            call()
+            outcomes.append(f"rank {rank} {label}: no error")
+        except ValueError as exc:
+            outcomes.append(f"rank {rank} {label}: ValueError: {exc}")
     report(outcomes)
 
 elif mode == "timeout_checked":  # the default check=True, on the communicator's own timeout
