@@ -224,3 +224,50 @@ def test_row_range_covers_every_row_once_in_bands_that_differ_by_at_most_one():
 def test_row_range_rejects_bad_arguments_naming_them(args, error, message):
     with pytest.raises(error, match=message):
         d4p.row_range(*args)
+
+
+@pytest.mark.parametrize("fptype, scale", [("double", 1e170), ("float", 1e20)])
+def test_data_whose_squared_distances_overflow_raises_naming_the_magnitude(fptype, scale):
+    X = _blobs() * scale
+    for call in (lambda: d4p.kmeans_init(4, method="plusPlusDense", fptype=fptype).compute(X),
+                 lambda: d4p.kmeans(4, 5, fptype=fptype).compute(X, X[:4])):
+        with pytest.raises(ValueError, match=f"squared distances would overflow {np.dtype(d4p.FPTYPES[fptype]).name}"):
+            call()
+    small = _blobs()
+    with pytest.raises(ValueError, match="centroids has values up to"):
+        d4p.kmeans(4, 5, fptype=fptype).compute(small, small[:4] * scale)
+    with pytest.raises(ValueError, match="would underflow"):
+        d4p.kmeans(4, 5).compute(small * 1e-160, small[:4] * 1e-160)
+
+
+def test_large_magnitudes_below_the_limit_give_the_exactly_scaled_result():
+    # scaling by a power of two is exact in floating point: the result must be the unscaled one, scaled
+    X = _blobs()
+    scale = 2.0**400  # about 2.6e120
+    init = d4p.kmeans_init(5, method="plusPlusDense", engine=d4p.engines_mt19937(seed=5))
+    np.testing.assert_array_equal(init.compute(X * scale).centroids, init.compute(X).centroids * scale)
+    ref = d4p.kmeans(5, 20).compute(X, X[:5])
+    big = d4p.kmeans(5, 20).compute(X * scale, X[:5] * scale)
+    assert np.isfinite(big.objectiveFunction).all()
+    np.testing.assert_array_equal(big.centroids, ref.centroids * scale)
+    np.testing.assert_array_equal(big.assignments, ref.assignments)
+    np.testing.assert_array_equal(big.objectiveFunction, ref.objectiveFunction * scale**2)
+
+
+def test_daalinit_and_hvd_init_hold_one_shared_job_guard_and_the_last_release_restores_the_hooks():
+    import sys
+
+    from workshop_lib import comm, hvd
+
+    before = (sys.excepthook, sys.exit)
+    d4p.daalinit()
+    guard = comm._guard
+    assert sys.excepthook == guard._abort_on_uncaught_exception and sys.exit == guard._exit_recording_status
+    hvd.init()
+    try:
+        assert hvd._state.guard is guard and guard.users == {"d4p", "hvd"}
+        d4p.daalfini()
+        assert sys.excepthook == guard._abort_on_uncaught_exception  # hvd still holds it
+    finally:
+        hvd.shutdown()
+    assert (sys.excepthook, sys.exit) == before and not guard.users

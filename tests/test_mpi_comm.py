@@ -18,20 +18,34 @@ def test_allreduce_matches_mpi_on_every_size_dtype_op_and_algorithm(mpirun, n):
     assert lines == ["rank 0: 560 allreduce cases checked"], proc.stdout
 
 
-@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("n", [2, 3, 4])
 def test_a_mismatch_across_ranks_raises_on_every_rank(mpirun, n):
     proc = mpirun(n, [SCRIPT, "mismatch"], timeout=120)
     for label, words in (("size", "sizes differ"), ("dtype", "dtypes differ"), ("op", "ops differ"),
-                         ("algorithm", "algorithms differ"), ("path", "sizes differ")):
+                         ("algorithm", "algorithms differ"), ("path", "sizes differ"), ("shape", "shapes differ"),
+                         ("shape_ring", "shapes differ"), ("out", "rank 1: out has shape (11,)"),
+                         ("collective", "collectives differ")):
         lines = [line for line in proc.stdout.splitlines() if f" {label}: " in line]
         assert len(lines) == n, proc.stdout
         assert all("ValueError" in line and words in line and "rank 1:" in line for line in lines), lines
+    shapes = [line for line in proc.stdout.splitlines() if " shape: " in line]
+    assert all("rank 0: 1000 x float64 of shape (10, 100)" in line and "rank 1: 1000 x float64 of shape (100, 10)"
+               in line for line in shapes), shapes
 
 
 def test_a_collective_that_a_peer_never_joins_times_out(mpirun):
     t0 = time.monotonic()
     proc = mpirun(2, [SCRIPT, "timeout"], timeout=60, check=False)
     assert "rank 0: CollectiveTimeout" in proc.stdout and "did not complete in time" in proc.stdout
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30
+
+
+def test_the_timeout_covers_the_cross_rank_check_of_the_default_call(mpirun):
+    t0 = time.monotonic()
+    proc = mpirun(2, [SCRIPT, "timeout_checked"], timeout=60, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank 0: n=")]
+    assert len(lines) == 2 and all("CollectiveTimeout" in line and "cross-rank check" in line for line in lines), \
+        proc.stdout
     assert proc.returncode != 0 and time.monotonic() - t0 < 30
 
 

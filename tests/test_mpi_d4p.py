@@ -61,6 +61,67 @@ def test_bad_input_on_one_rank_raises_on_every_rank(mpirun, dataset, tmp_path, n
     assert all(f"rank {n - 1}: " in line and expected in line for line in lines), lines
 
 
+@pytest.mark.parametrize("n, param, values", [
+    (2, "nClusters", "nClusters (rank 0: 6, rank 1: 7)"),
+    (3, "nClusters", "nClusters (rank 0: 6, rank 1: 7, rank 2: 8)"),
+    (3, "method", "method (rank 0: 'defaultDense', rank 1: 'randomDense', rank 2: 'plusPlusDense')"),
+    (2, "seed", "engine seed (rank 0: 777, rank 1: 778)"),
+    (2, "fptype", "fptype (rank 0: 'double', rank 1: 'float')"),
+    (2, "fptype_lloyd", "fptype (rank 0: 'double', rank 1: 'float')"),
+    (2, "maxIterations", "maxIterations (rank 0: 5, rank 1: 6)"),
+    (2, "algorithm", "algorithm (rank 0: 'kmeans', rank 1: 'kmeans_init')"),
+])
+def test_ranks_that_disagree_on_a_parameter_raise_on_every_rank_naming_it(mpirun, dataset, tmp_path, n, param, values):
+    _, data = dataset
+    proc = mpirun(n, ["tests/mpi_scripts/kmeans_spmd.py", data, tmp_path / "o.npz", "--k", K, "--disagree", param],
+                  timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if "raised ValueError" in line]
+    assert sorted(int(line.split()[1]) for line in lines) == list(range(n)), proc.stdout
+    assert all("the ranks passed different parameters" in line and values in line for line in lines), lines
+
+
+def test_data_that_would_overflow_on_one_rank_raises_on_every_rank(mpirun, dataset, tmp_path):
+    _, data = dataset
+    proc = mpirun(2, ["tests/mpi_scripts/kmeans_spmd.py", data, tmp_path / "o.npz", "--k", K, "--huge-on-rank", "1"],
+                  timeout=60)
+    lines = [line for line in proc.stdout.splitlines() if "raised ValueError" in line]
+    assert len(lines) == 2 and all("squared distances would overflow float64" in line for line in lines), proc.stdout
+
+
+def test_a_rank_that_fails_outside_a_d4p_call_ends_the_job_quickly_with_its_message(mpirun, dataset, tmp_path):
+    import time
+
+    _, data = dataset
+    for n in (2, 3):
+        t0 = time.monotonic()
+        proc = mpirun(n, ["tests/mpi_scripts/kmeans_spmd.py", data, tmp_path / "o.npz", "--raise-on-rank", n - 1],
+                      timeout=60, check=False)
+        assert proc.returncode != 0 and time.monotonic() - t0 < 30, proc.stderr
+        assert f"[rank {n - 1}] MemoryError: rank {n - 1} ran out of memory on purpose" in proc.stderr, proc.stderr
+        assert "aborting the whole job" in proc.stderr and "unreachable" not in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "q.pgn"], "--out q.pgn: .pgn is not an image format PIL can write"),
+    (["--out", "q.xbm"], "--out q.xbm: XBM cannot hold an RGB image"),
+    (["--out", "no_such_folder/q.png"], "does not exist or is not writable"),
+    (["--colors", "0"], "--colors 0 must be between 1 and 256"),
+    (["--max-iter", "-1"], "--max-iter -1 must be >= 0"),
+    (["--image", "README.md"], "--image README.md: not a readable image"),
+])
+def test_quantize_script_rejects_bad_arguments_on_every_rank_before_any_work(mpirun, tmp_path, args, message):
+    import time
+
+    base = ["labs/scripts/kmeans_quantize.py", "--image", "data/images/hubble_deep_field.jpg", "--out",
+            str(tmp_path / "q.png")]
+    t0 = time.monotonic()
+    proc = mpirun(2, base + args, timeout=60, check=False)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30, (proc.returncode, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("kmeans_quantize.py: error: ")]
+    assert len(errors) == 2 and all(message in line for line in errors), proc.stderr  # one per rank
+    assert "Lloyd iterations" not in proc.stdout and not list(tmp_path.iterdir())
+
+
 def test_quantize_script_runs_as_documented_and_matches_one_rank(mpirun, root, tmp_path):
     import subprocess
     import sys

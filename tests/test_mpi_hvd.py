@@ -91,13 +91,52 @@ def test_a_rank_that_exits_early_never_leaves_the_others_waiting(mpirun):
     assert proc.returncode == 3 and time.monotonic() - t0 < 30, proc.stderr
     assert "[rank 1] sys.exit(3) on rank 1 of 2: aborting the whole job" in proc.stderr
     t0 = time.monotonic()
-    proc = mpirun(2, [CHECK, "exit", "--how", "raise"], timeout=60, check=False, env=env)
+    proc = mpirun(2, [CHECK, "exit", "--how", "plain"], timeout=60, check=False, env=env)
     assert proc.returncode != 0 and time.monotonic() - t0 < 30, proc.stderr
     assert "rank 1 of 2 has ended, but not every rank has ended within 5 s" in proc.stderr
     assert "unreachable" not in proc.stdout
     # a normal early end is not a failure: the last rank waits at its exit until rank 0 is done
     proc = mpirun(2, [CHECK, "exit", "--how", "early"], timeout=60, env=env)
     assert "rank 0: finished after the last rank" in proc.stdout
+
+
+def test_a_peer_that_has_ended_is_noticed_by_a_rank_waiting_in_a_collective_within_seconds(mpirun):
+    import os
+
+    env = dict(os.environ)  # WORKSHOP_HVD_EXIT_TIMEOUT's 300 s and the stall inspector's defaults
+    for n in (2, 3):
+        t0 = time.monotonic()
+        proc = mpirun(n, [CHECK, "exit", "--how", "raise"], timeout=60, check=False, env=env)
+        assert proc.returncode != 0 and time.monotonic() - t0 < 30, proc.stderr
+        assert f"[rank 0] rank(s) [{n - 1}] of {n} ended while rank 0 waits for them in collective #1 " \
+               "'HorovodAllreduce'" in proc.stderr, proc.stderr
+        assert "unreachable" not in proc.stdout
+
+
+@pytest.mark.parametrize("how, tensor", [("eager", "weights"), ("graph", "grads")])
+def test_the_stall_inspector_warns_naming_the_missing_rank_and_the_tensor_then_aborts(mpirun, how, tensor):
+    import os
+
+    env = dict(os.environ, HOROVOD_STALL_CHECK_TIME_SECONDS="1", HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="4")
+    t0 = time.monotonic()
+    proc = mpirun(3, [CHECK, "stall", "--how", how], timeout=60, check=False, env=env)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode != 0 and elapsed < 30, (proc.returncode, elapsed, proc.stderr)
+    for r in (0, 1):  # every waiting rank warns (every second), then one aborts the job
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith(f"[rank {r}] Missing ranks: 2: ")]
+        assert warnings and all(f"[{tensor}]" in line for line in warnings), proc.stderr
+    assert "waiting for the remainder of ranks for more than 1 seconds" in proc.stderr
+    assert "longer than HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=4: aborting the whole job" in proc.stderr
+    assert "unreachable" not in proc.stdout
+
+
+def test_stall_variables_are_validated():
+    import os
+
+    env = dict(os.environ, HOROVOD_STALL_CHECK_TIME_SECONDS="soon")
+    proc = subprocess.run([sys.executable, CHECK, "api"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode != 0 and "HOROVOD_STALL_CHECK_TIME_SECONDS='soon' must be a number of seconds" in proc.stderr
 
 
 def test_the_horovod_mnist_script_trains_checkpoints_on_rank_0_and_resumes(mpirun, tmp_path):

@@ -29,17 +29,27 @@ blocks of ranks), so that all of this runs, and is tested, on one machine.
 
 Shapes: a buffer of n elements is split into p contiguous chunks whose sizes
 differ by at most one (:func:`_chunk_bounds`), so any n works, 0 and n < p included.
+
+Safety: by default every collective first checks that all ranks called it alike
+(shape, dtype, op, algorithm); a mismatch raises the same ValueError on every
+rank instead of a hang or garbage, and a timeout covers the check too.
+:class:`JobGuard` (held by ``hvd.init()`` and ``d4p.daalinit()``) ends the job
+when a rank fails, and carries the notes of Horovod's stall inspector.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import time
+import traceback
 
 import numpy as np
 
 __all__ = ["OPS", "DTYPES", "ALGORITHMS", "SMALL_BYTES", "SHM_MIN_BYTES", "SHM_MAX_BYTES", "FUSION_THRESHOLD",
-           "Communicator", "CollectiveTimeout", "NodeGroups", "ring_schedule", "simulate_ring"]
+           "Communicator", "CollectiveTimeout", "NodeGroups", "ring_schedule", "simulate_ring", "JobGuard", "guard_job",
+           "release_job"]
 
 OPS = ("sum", "average", "min", "max")
 DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, np.int32, np.int64))
@@ -51,10 +61,31 @@ SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this
 SHM_MIN_BYTES = 8 * 1024  # from this size ...
 SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
+_COLLECTIVES = ("allreduce", "broadcast", "parameter_server_allreduce")
+_HEADER_FIELDS = 8  # the check compares collective, count, dtype, op, algorithm, ndim, a code of the shape, an error
+_HEADER_BYTES = 2 * _HEADER_FIELDS * 8  # (x, -x) pairs of int64
+FOLD_BYTES = 64 * 1024  # an allreduce by recursive doubling up to this size travels inside its check's messages
+_TAG_CHECK, _TAG_FOLD_IN, _TAG_FOLD_OUT = 41, 42, 43
 _REDUCE = {"sum": np.add, "average": np.add, "min": np.minimum, "max": np.maximum}
 ALGORITHMS = ("auto", "ring", "recursive_doubling", "shared_memory", "hierarchical")
 SIMULATE_NODES_ENV = "WORKSHOP_SIMULATE_NODES"
 HIERARCHICAL_ENV = "HOROVOD_HIERARCHICAL_ALLREDUCE"
+
+
+def _shape_code(shape):
+    """A 62-bit code of a shape tuple, the same in every process (a tuple of ints hashes without a random seed)."""
+    return hash(shape) & ((1 << 62) - 1)
+
+
+def _header(name, shape, dtype, op, algorithm):
+    """The cross-rank check's header for a call: int64 (x, -x) pairs of its fields, the same as bytes, and
+    whether the call is valid (a supported dtype and op)."""
+    shape = tuple(int(s) for s in shape)
+    fields = np.array([_COLLECTIVES.index(name), int(np.prod(shape, dtype=np.int64)), _DTYPE_CODES.get(dtype, -1),
+                       OPS.index(op) if op in OPS else -1, ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else 0,
+                       len(shape), _shape_code(shape), 0], dtype=np.int64)
+    pairs = np.concatenate([fields, -fields])
+    return pairs, pairs.tobytes(), bool(fields[2] >= 0 and fields[3] >= 0)
 
 
 def _chunk_bounds(n, p):
@@ -229,7 +260,7 @@ class NodeGroups:
             self.local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
         self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
         self.cross = comm.Split(self.local_rank, key=rank)
-        sizes = comm.allgather(self.local_size)
+        self.sizes = sizes = comm.allgather(self.local_size)  # the ranks of each rank's node
         self.uniform = len(set(sizes)) == 1
         self.nodes = round(sum(1 / k for k in sizes))  # the ranks of a node of k ranks count 1/k each
         self.spans_nodes = self.local_size < size
@@ -291,7 +322,6 @@ class Communicator:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.small_bytes, self.segment_bytes, self.timeout = small_bytes, segment_bytes, timeout
         self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes
-        self._meta = np.empty(8, dtype=np.int64)  # the cross-rank check's buffer
         self._window = None
         self.nodes = NodeGroups(self.comm) if self.size > 1 else None  # collective; faked by WORKSHOP_SIMULATE_NODES
         if shared_memory and self.size > 1 and os.environ.get("WORKSHOP_COMM_SHM", "1") != "0" \
@@ -302,6 +332,13 @@ class Communicator:
         if shm_max_bytes is None:
             oversubscribed = self._window is not None and self._window.oversubscribed
             self.shm_max_bytes = float("inf") if oversubscribed else SHM_MAX_BYTES
+        # the cross-rank check's messages: a header, then (small allreduces) the data; no message is longer
+        self._check_send = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
+        self._check_recv = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
+        self._send_header = self._check_send[:_HEADER_BYTES].view(np.int64)
+        self._recv_header = self._check_recv[:_HEADER_BYTES].view(np.int64)
+        self._check_status = MPI.Status()
+        self._headers, self._check_plans, self._header_sent = {}, {}, None
 
     @property
     def shared_memory(self):
@@ -315,32 +352,60 @@ class Communicator:
             self._window = None
 
     # -- safety ---------------------------------------------------------------------------------
-    def _agree(self, name, count, dtype, op, algorithm=None):
-        """Every rank learns whether all ranks called ``name`` with the same count, dtype, op and algorithm.
+    def _agree(self, name, count, dtype, op, algorithm=None, shape=None, deadline=None, payload=None, reduce=None,
+               error=None, source=None):
+        """Every rank learns whether all ranks called ``name`` with the same shape, dtype, op and algorithm.
 
-        One tiny Allreduce of (x, -x) pairs under MAX gives both the maximum and the minimum of every
-        field: if they differ anywhere, every rank raises the same error (never a hang, never garbage).
+        The check is recursive doubling over small messages, each starting with a header of (x, -x) pairs of
+        the call's fields merged under max: after log2 p exchanges every rank holds the maximum and the
+        minimum of every field, and if they differ anywhere every rank raises the same error (never a hang,
+        never garbage). Every rank sends the same pattern of messages whatever it was called with, and
+        receives into a buffer larger than any message, so a mismatch can neither hang nor truncate.
+        ``payload`` (a flat array of at most ``FOLD_BYTES``) travels behind the header and is reduced with
+        ``reduce`` on the way while the headers agree (starting from ``source``'s values, default the payload's
+        own): a small allreduce and its check are one exchange,
+        as NCCL and Horovod's response cache avoid a separate negotiation. With a ``deadline`` the exchange
+        is non-blocking and raises :class:`CollectiveTimeout` when it passes. A rank that found an ``error``
+        in its own arguments sends it flagged, and every rank raises it. Returns True when the payload holds
+        the reduction.
         """
-        dtype_code = _DTYPE_CODES.get(dtype, -1)
-        op_code = OPS.index(op) if op in OPS else -1
-        algorithm_code = ALGORITHMS.index(algorithm) if algorithm in ALGORITHMS else 0
-        meta = self._meta
-        meta[0], meta[1], meta[2], meta[3] = count, dtype_code, op_code, algorithm_code
-        np.negative(meta[:4], out=meta[4:])
-        self.comm.Allreduce(self.MPI.IN_PLACE, meta, op=self.MPI.MAX)
-        if (meta[:4] == -meta[4:]).all() and dtype_code >= 0 and op_code >= 0:
-            return
-        calls = self.comm.allgather((int(count), str(dtype), op, algorithm))
-        listing = "; ".join(f"rank {r}: {n} x {d}, op={o}" + (f", algorithm={a}" if a else "")
-                            for r, (n, d, o, a) in enumerate(calls))
+        key = (name, (int(count),) if shape is None else shape, dtype, op, algorithm)
+        header = self._headers.get(key)
+        if header is None:
+            if len(self._headers) > 256:
+                self._headers.clear()
+            header = self._headers[key] = _header(*key)
+        if error is not None:
+            fields = header[0].copy()
+            fields[_HEADER_FIELDS - 1], fields[-1] = 1, -1
+            header = (fields, fields.tobytes(), False)
+        valid = header[2]
+        if not valid or payload is None or payload.nbytes > FOLD_BYTES:
+            payload = None
+        agreed = self.size == 1 or self._check_exchange(header, payload, reduce, deadline, name,
+                                                        payload if source is None else source)
+        if agreed and valid:
+            return payload is not None
+        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, key[1], name, error))
+        errors = [(r, c[6]) for r, c in enumerate(calls) if c[6]]
+        if errors:
+            raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
+        calls = [c[:6] for c in calls]
+        names = len({c[5] for c in calls}) > 1
+        listing = "; ".join(f"rank {r}: " + (f"{c} of " if names else "") + f"{n} x {d} of shape {s}, op={o}"
+                            + (f", algorithm={a}" if a else "") for r, (n, d, o, a, s, c) in enumerate(calls))
         problems = []
+        if names:
+            problems.append("collectives differ")
         if len({c[0] for c in calls}) > 1:
             problems.append("sizes differ")
+        elif len({c[4] for c in calls}) > 1:
+            problems.append("shapes differ")
         if len({c[1] for c in calls}) > 1:
             problems.append("dtypes differ")
-        if len({c[2] for c in calls}) > 1:
+        if len({c[2] for c in calls}) > 1 and not names:
             problems.append("ops differ")
-        if len({c[3] for c in calls}) > 1 and len({c[0] for c in calls}) == 1:
+        if len({c[3] for c in calls}) > 1 and len({c[0] for c in calls}) == 1 and not names:
             problems.append("algorithms differ")
         if any(np.dtype(c[1]) not in DTYPES for c in calls):
             problems.append(f"dtypes must be one of {[d.name for d in DTYPES]}")
@@ -348,14 +413,118 @@ class Communicator:
             problems.append(f"op must be one of {OPS}")
         raise ValueError(f"{name}: {', '.join(problems)} across ranks ({listing})")
 
-    def _wait(self, requests, deadline, what):
-        """Wait for MPI requests, or raise CollectiveTimeout when the deadline passes."""
+    def _check_exchange(self, header, payload, reduce, deadline, name, source):
+        """The messages of :meth:`_agree` (recursive doubling, ranks beyond a power of two folded in first).
+
+        Returns whether every header this rank saw equalled its own (then ``payload``, if any, holds the
+        reduction of every rank's ``source``).
+        """
+        p, r = self.size, self.rank
+        fields, header_bytes, _ = header
+        n = 0 if payload is None else payload.nbytes
+        plan = self._check_plans.get((n, None if payload is None else payload.dtype.char))
+        if plan is None:
+            plan = self._check_plan(payload, n)
+        message, send_payload, recv_payload = plan
+        if self._header_sent is not header_bytes:  # repeated calls leave the header in place
+            self._send_header[:] = fields
+            self._header_sent = header_bytes
+        if payload is not None:
+            np.copyto(send_payload, source)
+        length = _HEADER_BYTES + n
+        agreed, current = True, source  # current: this rank's values so far (source, then payload)
+        pof2 = 1 << (p.bit_length() - 1)
+        rem = p - pof2
+        if r < 2 * rem and r % 2 == 0:  # fold into the odd neighbour, then wait for its result
+            self._check_transfer(message, r + 1, None, _TAG_FOLD_IN, deadline, name)
+            count = self._check_transfer(None, None, r + 1, _TAG_FOLD_OUT, deadline, name)
+            agreed = count == length and self._check_recv[:_HEADER_BYTES].tobytes() == header_bytes
+            if agreed and payload is not None:
+                np.copyto(payload, recv_payload)
+            return agreed
+        if r < 2 * rem:
+            count = self._check_transfer(None, None, r - 1, _TAG_FOLD_IN, deadline, name)
+            agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
+                                       True)
+            current = payload
+        new_rank = r // 2 if r < 2 * rem else r - rem
+        mask = 1
+        while mask < pof2:
+            partner_new = new_rank ^ mask
+            partner = partner_new * 2 + 1 if partner_new < rem else partner_new + rem
+            if agreed and payload is not None and (mask > 1 or r < 2 * rem):
+                np.copyto(send_payload, payload)  # send what is reduced so far
+            count = self._check_transfer(message, partner, partner, _TAG_CHECK, deadline, name)
+            agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
+                                       partner < r)
+            current = payload
+            mask <<= 1
+        if r < 2 * rem:
+            if agreed and payload is not None:
+                np.copyto(send_payload, payload)
+            self._check_transfer(message, r - 1, None, _TAG_FOLD_OUT, deadline, name)
+        return agreed
+
+    def _check_merge(self, agreed, count, length, header_bytes, current, payload, recv_payload, reduce, lower):
+        """After receiving ``count`` bytes: payload = received op current while every header agrees, else merge
+        the headers."""
+        if agreed and count == length and self._check_recv[:_HEADER_BYTES].tobytes() == header_bytes:
+            if payload is not None and lower:  # lower rank's values op higher rank's, on both sides
+                reduce(recv_payload, current, out=payload)
+            elif payload is not None:
+                reduce(current, recv_payload, out=payload)
+            return True
+        # from now on only the headers matter: merge them (max of the (x, -x) pairs)
+        np.maximum(self._send_header, self._recv_header, out=self._send_header)
+        self._header_sent = None
+        if self._send_header.tobytes() == header_bytes:  # (cannot happen) keep "merged differs from mine"
+            self._send_header[0] = 1 << 40
+        return False
+
+    def _check_plan(self, payload, n):
+        """(the message to send, its payload as ``payload``'s dtype, the received payload likewise), cached."""
+        message = self._check_send[: _HEADER_BYTES + n]
+        plan = (message, None, None) if payload is None else (
+            message, self._check_send[_HEADER_BYTES : _HEADER_BYTES + n].view(payload.dtype),
+            self._check_recv[_HEADER_BYTES : _HEADER_BYTES + n].view(payload.dtype))
+        if len(self._check_plans) > 256:
+            self._check_plans.clear()
+        self._check_plans[(n, None if payload is None else payload.dtype.char)] = plan
+        return plan
+
+    def _recv_header_bytes(self):
+        return self._check_recv[:_HEADER_BYTES].tobytes()
+
+    def _check_transfer(self, message, dest, source, tag, deadline, name):
+        """Send ``message`` to ``dest`` and/or receive from ``source`` into the check's buffer; the bytes received."""
+        recv, status = self._check_recv, self._check_status
         if deadline is None:
-            self.MPI.Request.Waitall(requests)
+            if dest is not None and source is not None:
+                self.comm.Sendrecv(message, dest, tag, recv, source, tag, status)
+            elif dest is not None:
+                self.comm.Send(message, dest, tag)
+                return 0
+            else:
+                self.comm.Recv(recv, source, tag, status)
+            return status.Get_count(self.MPI.BYTE)
+        requests = ([self.comm.Irecv(recv, source=source, tag=tag)] if source is not None else []) + (
+            [self.comm.Isend(message, dest=dest, tag=tag)] if dest is not None else [])
+        statuses = [self.MPI.Status() for _ in requests]
+        self._wait(requests, deadline, f"{name}'s cross-rank check", statuses=statuses)
+        return statuses[0].Get_count(self.MPI.BYTE) if source is not None else 0
+
+    def _wait(self, requests, deadline, what, cancel=True, statuses=None):
+        """Wait for MPI requests (filling ``statuses``), or raise CollectiveTimeout when the deadline passes.
+
+        Point-to-point requests are cancelled then; ``cancel=False`` for a non-blocking collective's (MPI
+        forbids cancelling those).
+        """
+        if deadline is None:
+            self.MPI.Request.Waitall(requests, statuses)
             return
-        while not self.MPI.Request.Testall(requests):
+        while not self.MPI.Request.Testall(requests, statuses):
             if time.monotonic() > deadline:
-                for request in requests:
+                for request in requests if cancel else ():
                     try:
                         request.Cancel()
                     except Exception:  # noqa: BLE001 - best effort; the job is in trouble anyway
@@ -390,51 +559,63 @@ class Communicator:
         timeout : float, optional
             Seconds; overrides the communicator's default.
         check : bool
-            Verify first that every rank passed the same size, dtype and op (one tiny allreduce).
+            Verify that every rank passed the same shape, dtype, op and algorithm, and raise on every rank
+            if not (also when one rank's own arguments are wrong). The check is a recursive doubling of
+            small messages within the timeout; below ``FOLD_BYTES`` a recursive-doubling allreduce
+            travels inside those messages, so the check costs no extra round trip.
         """
         x = np.asarray(array)
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         if algorithm == "auto" and self.size > 1 and x.size and self.nodes.switch:  # HOROVOD_HIERARCHICAL_ALLREDUCE=1
             algorithm = "hierarchical"
-        if algorithm == "hierarchical" and self.size > 1 and not self.nodes.uniform:
-            raise ValueError("algorithm='hierarchical' needs the same number of ranks on every node; the nodes hold "
-                             f"{self.comm.allgather(self.nodes.local_size)} ranks")
-        if algorithm == "shared_memory" and self.size > 1 and (self._window is None or deadline is not None):
-            raise ValueError("algorithm='shared_memory' needs all ranks on one node and no timeout")
+        error = None  # a local error is raised after the check, so that every rank raises (never a hang)
+        if algorithm not in ALGORITHMS:
+            error = f"algorithm={algorithm!r} must be one of {ALGORITHMS}"
+        elif algorithm == "hierarchical" and self.size > 1 and not self.nodes.uniform:
+            error = ("algorithm='hierarchical' needs the same number of ranks on every node; the nodes hold "
+                     f"{self.nodes.sizes} ranks")
+        elif algorithm == "shared_memory" and self.size > 1 and (self._window is None or deadline is not None):
+            error = "algorithm='shared_memory' needs all ranks on one node and no timeout"
+        elif out is not None and out is not x and (out.shape != x.shape or out.dtype != x.dtype):
+            error = f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}"
+        elif out is not None and not out.flags.c_contiguous:
+            error = "allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)"
+        if error is not None:
+            if check:
+                self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error)
+            raise ValueError(error)
         shm = self._window is not None and deadline is None and x.size > 0 and (
             algorithm == "shared_memory" or (algorithm == "auto" and self.shm_min_bytes <= x.nbytes < self.shm_max_bytes))
-        # The shared-memory algorithm does the check in its first synchronisation: on every rank the first
-        # collective call is then the same tiny Allreduce, whichever algorithm each rank chose.
+        # Whichever algorithm each rank chose, the check's messages come first and follow one pattern (the
+        # shared-memory algorithm sends them as its first synchronisation), so a mismatch always surfaces.
         if not shm and self.size > 1 and x.size and algorithm in ("auto", "shared_memory"):
             algorithm = self.message_algorithm(x)
-        if check and not shm:
-            self._agree("allreduce", x.size, x.dtype, op, algorithm)
-        elif not check and (x.dtype not in DTYPES or op not in OPS):
+        if not check and (x.dtype not in DTYPES or op not in OPS):
             raise ValueError(f"allreduce: dtype {x.dtype} / op {op!r} not supported")
+        # a small recursive-doubling allreduce travels inside its check's messages, straight from x
+        fold = check and algorithm == "recursive_doubling" and self.size > 1 and x.nbytes <= FOLD_BYTES
         if out is None:
-            out = np.empty(x.shape, dtype=x.dtype) if shm else np.array(x, copy=True, order="C")
-        elif out is not x:
-            if out.shape != x.shape or out.dtype != x.dtype:
-                raise ValueError(f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}")
-            if not shm:
-                np.copyto(out, x)
-        if not out.flags.c_contiguous:
-            raise ValueError("allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)")
+            out = np.empty(x.shape, dtype=x.dtype) if shm or fold else np.array(x, copy=True, order="C")
+        elif out is not x and not shm and not fold:
+            np.copyto(out, x)
         flat = out.reshape(-1)
         self.last_algorithm = "shared_memory" if shm else algorithm if self.size > 1 and flat.size else None
+        reduce = _REDUCE.get(op)
+        done = False
+        if check and not shm:
+            done = self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline,
+                               payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None)
         if shm:  # reads x straight into the window: no copy into out first
-            self._window.allreduce(x.reshape(-1), flat, _REDUCE.get(op), (lambda: self._agree(
-                "allreduce", x.size, x.dtype, op, "shared_memory")) if check else None)
-        elif self.size > 1 and flat.size:
+            self._window.allreduce(x.reshape(-1), flat, reduce, (lambda: self._agree(
+                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None)
+        elif self.size > 1 and flat.size and not done:
             if algorithm == "ring":
-                self._ring(flat, _REDUCE[op], deadline)
+                self._ring(flat, reduce, deadline)
             elif algorithm == "hierarchical":
-                self._hierarchical(flat, _REDUCE[op], deadline)
+                self._hierarchical(flat, reduce, deadline)
             else:
-                self._recursive_doubling(flat, _REDUCE[op], deadline)
+                self._recursive_doubling(flat, reduce, deadline)
         if op == "average" and self.size > 1:
             if np.issubdtype(flat.dtype, np.integer):
                 np.floor_divide(flat, self.size, out=flat)
@@ -571,7 +752,7 @@ class Communicator:
     def broadcast(self, array, root=0):
         """``array`` on every rank becomes root's (in place; MPI's Bcast). Shapes and dtypes must agree."""
         x = np.asarray(array)
-        self._agree("broadcast", x.size, x.dtype, "sum")
+        self._agree("broadcast", x.size, x.dtype, "sum", shape=x.shape)
         if not 0 <= root < self.size:
             raise ValueError(f"root={root} must be a rank in [0, {self.size})")
         self.comm.Bcast(x, root=root)
@@ -634,7 +815,7 @@ class Communicator:
         Rank 0's links carry (p-1) full buffers each way: its time grows with p, the ring's does not.
         """
         x = np.ascontiguousarray(array)
-        self._agree("parameter_server_allreduce", x.size, x.dtype, op)
+        self._agree("parameter_server_allreduce", x.size, x.dtype, op, shape=x.shape)
         out = x.copy()
         flat = out.reshape(-1)
         if self.rank == 0:
@@ -653,3 +834,163 @@ class Communicator:
             self.comm.Send(flat, dest=0, tag=21)
             self.comm.Recv(flat, source=0, tag=22)
         return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Keeping a job from hanging: the guard that hvd.init() and d4p.daalinit() hold
+
+ENDED = -1  # a rank's note when it has ended (left Python); any other note is the number of a collective it reached
+_NOTE_TAG = 31
+_SYS_EXIT = sys.exit
+_guard: JobGuard | None = None
+
+
+class JobGuard:
+    """Process-wide guard of an MPI job: no rank is left waiting for a peer that has failed or ended.
+
+    While a client holds it (:func:`guard_job`; ``hvd.init()`` and ``d4p.daalinit()`` do): an uncaught
+    exception, or ``sys.exit`` with a failure status, on any rank prints that rank's message and aborts the
+    whole job (``MPI_Abort``); a rank that ends normally waits at exit until every rank has ended, and aborts
+    the job if they have not within ``WORKSHOP_HVD_EXIT_TIMEOUT`` seconds (default 300), since they may be
+    waiting for it. (A rank killed by a signal ends the job through ``mpiexec`` itself.)
+
+    Ranks also send each other small notes on a communicator of their own: the number of the collective
+    a rank has reached (:meth:`arrive`), and ``ENDED`` when it leaves. :meth:`poll` reads them, so a rank
+    waiting for a collective knows which peers have not arrived and which have already ended: that is
+    ``hvd``'s stall inspector.
+    """
+
+    def __init__(self, world):
+        self.world = world
+        self.comm = world.Dup()  # its notes never match a message or collective of the program
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.reached = np.zeros(self.size, dtype=np.int64)  # the last note of every rank
+        self.users = set()
+        self.previous_excepthook = self.previous_exit = None
+        self.exit_status = None
+        self._inbox = np.zeros((self.size, 1), dtype=np.int64)
+        self._recvs = {peer: self._listen(peer) for peer in range(self.size) if peer != self.rank}
+        self._sends = []
+        self._ended = False
+        atexit.register(self._at_exit)
+
+    # -- notes ----------------------------------------------------------------------------------
+    def _listen(self, peer):
+        return self.comm.Irecv(self._inbox[peer], source=peer, tag=_NOTE_TAG)
+
+    def _note(self, value):
+        for peer in self._recvs:
+            buf = np.array([value], dtype=np.int64)
+            self._sends.append((buf, self.comm.Isend(buf, dest=peer, tag=_NOTE_TAG)))
+        self.reached[self.rank] = value
+
+    def arrive(self, collective):
+        """Tell every peer that this rank has reached collective number ``collective`` (1, 2, ...)."""
+        self._note(collective)
+
+    def poll(self):
+        """Read the notes that have arrived; returns ``reached``, each rank's last note (``ENDED`` once it has ended)."""
+        for peer in list(self._recvs):
+            while self._recvs[peer].Test():  # notes from one peer arrive in order (MPI's non-overtaking rule)
+                self.reached[peer] = self._inbox[peer, 0]
+                self._recvs[peer] = self._listen(peer)
+        if self._sends:
+            self._sends = [(buf, request) for buf, request in self._sends if not request.Test()]
+        return self.reached
+
+    def say(self, lines):
+        """Write ``lines`` to stderr, each tagged with this rank."""
+        sys.stderr.write("".join(f"[rank {self.rank}] {line}\n" for line in lines))
+        sys.stderr.flush()
+
+    def abort(self, lines, status=1):
+        """Print ``lines`` (tagged with the rank) and end the whole job with ``MPI_Abort``."""
+        self.say(lines)
+        sys.stdout.flush()
+        # mpiexec's I/O forwarder reads our pipes asynchronously, and MPI_Abort tears the job down at once:
+        # give it a moment so that the message reaches the user
+        time.sleep(0.5)
+        self.world.Abort(status)
+
+    # -- the hooks ------------------------------------------------------------------------------
+    def hold(self, user):
+        """Install the hooks (on the first hold) on behalf of ``user`` (a name)."""
+        if not self.users:
+            self.previous_excepthook, self.previous_exit = sys.excepthook, sys.exit
+            sys.excepthook = self._abort_on_uncaught_exception
+            sys.exit = self._exit_recording_status
+        self.users.add(user)
+
+    def release(self, user):
+        """``user`` lets go; when nobody holds the guard, the hooks are restored (notes still flow)."""
+        self.users.discard(user)
+        if self.users:
+            return
+        if sys.excepthook == self._abort_on_uncaught_exception:
+            sys.excepthook = self.previous_excepthook
+        if sys.exit == self._exit_recording_status:
+            sys.exit = self.previous_exit
+
+    def _abort_on_uncaught_exception(self, exc_type, exc, tb):
+        """sys.excepthook while held: print the traceback tagged with the rank, then abort every rank."""
+        if self.size == 1:
+            (self.previous_excepthook or sys.__excepthook__)(exc_type, exc, tb)
+            return
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        self.abort(text.rstrip().splitlines() + [
+            f"uncaught {exc_type.__name__} on rank {self.rank} of {self.size}: aborting the whole job "
+            "(MPI_Abort) so that no rank waits for ever"])
+
+    def _exit_recording_status(self, status=None):
+        """sys.exit while held: remembers the status, so that the exit handler knows a failure from a normal end."""
+        self.exit_status = status
+        (self.previous_exit or _SYS_EXIT)(status)
+
+    def _at_exit(self):
+        """Tell the peers this rank has ended; while held, first abort on a failure status, then wait for them."""
+        if self._ended:
+            return
+        self._ended = True
+        r, n, status = self.rank, self.size, self.exit_status
+        held = bool(self.users) and n > 1
+        if held and status not in (None, 0):
+            self.abort([f"sys.exit({status!r}) on rank {r} of {n}: aborting the whole job (MPI_Abort) so that no "
+                        "rank waits for ever"], status if isinstance(status, int) else 1)
+        self._note(ENDED)
+        if held:
+            timeout = float(os.environ.get("WORKSHOP_HVD_EXIT_TIMEOUT", "300"))
+            deadline = time.monotonic() + timeout
+            while (self.poll() != ENDED).any():
+                if time.monotonic() > deadline:
+                    self.abort([f"rank {r} of {n} has ended, but not every rank has ended within {timeout:g} s; they "
+                                "may be waiting for this rank in a collective: aborting the whole job (MPI_Abort). "
+                                "Set WORKSHOP_HVD_EXIT_TIMEOUT to wait longer."])
+                time.sleep(0.002)
+        deadline = time.monotonic() + 1.0  # the last notes are tiny (sent eagerly): they leave at once
+        while self._sends and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.001)
+        for request in self._recvs.values():  # MPI_Finalize wants no pending receive
+            request.Cancel()
+            request.Wait()
+
+
+def guard_job(user, comm=None):
+    """Hold the process-wide :class:`JobGuard` for ``user``, creating it on ``comm`` (default ``MPI.COMM_WORLD``).
+
+    Creating it is collective (every rank calls this at the same point, as ``hvd.init()``); later calls return
+    the same guard, on the communicator of the first call.
+    """
+    global _guard
+    if _guard is None:
+        from mpi4py import MPI
+
+        _guard = JobGuard(comm if comm is not None else MPI.COMM_WORLD)
+    _guard.hold(user)
+    return _guard
+
+
+def release_job(user):
+    """``user`` no longer holds the guard (see :meth:`JobGuard.release`)."""
+    if _guard is not None:
+        _guard.release(user)

@@ -20,6 +20,16 @@ Empty clusters: when a cluster receives no point, it is re-seeded with the point
 farthest from its own centroid (over all ranks; ties go to the lowest global row
 index), the next empty cluster with the next-farthest point, as daal4py does.
 
+Agreement: every rank must call a distributed algorithm with the same
+parameters (only the data differ). The call's parameters travel in the one
+small allgather that validates the chunks, so a rank that passes another
+``nClusters``, ``method``, ``fptype``, ``maxIterations`` or engine seed makes
+every rank raise a ValueError naming the parameter and each rank's value,
+instead of a hang or different results per rank.
+
+``daalinit()`` guards the job as ``hvd.init()`` does (:func:`workshop_lib.comm.guard_job`):
+an uncaught exception or a failing ``sys.exit`` on any rank aborts the whole
+job with its message, so no rank waits for ever in a collective.
 ``daalfini()`` ends the distributed session but leaves ``MPI_Finalize`` to
 mpi4py at exit, so a notebook can call ``daalinit()`` again.
 """
@@ -59,6 +69,7 @@ class _State:
     def __init__(self):
         self.comm = None  # mpi4py communicator once MPI is in use
         self.collectives = None  # workshop_lib.comm.Communicator on it, created by the first distributed call
+        self.initialized = False  # daalinit() has installed the job guard (abort on a failing rank)
 
     def mpi(self):
         if self.comm is None:
@@ -94,12 +105,22 @@ def daalinit(nthreads=None):
             raise ValueError(f"nthreads={nthreads!r} must be an integer between 1 and NUMBA_NUM_THREADS={limit}")
         numba.set_num_threads(int(nthreads))
     _state.mpi()
+    if not _state.initialized:
+        from .comm import guard_job
+
+        guard_job("d4p", _state.comm)  # a failing rank aborts the job, as after hvd.init()
+    _state.initialized = True
 
 
 def daalfini():
-    """End the distributed session: wait for every rank (a barrier)."""
+    """End the distributed session: wait for every rank (a barrier), then restore the hooks of ``daalinit()``."""
     if _state.comm is not None:
         _state.comm.Barrier()
+    if _state.initialized:
+        from .comm import release_job
+
+        release_job("d4p")
+    _state.initialized = False
 
 
 def num_procs() -> int:
@@ -204,12 +225,18 @@ class kmeans_result:  # noqa: N801
 # lower-case methods, numpy buffers through the upper-case ones.
 
 
+def _raise_first(errors, size):
+    """Raise the first rank's error (the same on every rank, since every rank holds the same list)."""
+    for rank, message in enumerate(errors):
+        if message:
+            raise ValueError(message if size == 1 else f"rank {rank}: {message}")
+
+
 class _Serial:
     rank, size = 0, 1
 
     def agree(self, error):
-        if error:
-            raise ValueError(error)
+        _raise_first([error], 1)
 
     def allgather(self, obj):
         return [obj]
@@ -233,10 +260,7 @@ class _Distributed:
 
     def agree(self, error):
         """Raise the same error on every rank if any rank found one; never leave a rank waiting."""
-        errors = self.comm.allgather(error)
-        for rank, message in enumerate(errors):
-            if message:
-                raise ValueError(message if self.size == 1 else f"rank {rank}: {message}")
+        _raise_first(self.comm.allgather(error), self.size)
 
     def allgather(self, obj):
         return self.comm.allgather(obj)
@@ -286,11 +310,58 @@ def _local_data_error(data, dtype, name="data"):
     return None, arr
 
 
-def _prepare(comm, data, nClusters, dtype):
-    """Validate every rank's chunk together; return (chunk, n_total, global offset of this chunk)."""
+def _disagreement(calls):
+    """The parameters on which the ranks' calls differ, with every rank's value; None if they all agree.
+
+    ``calls`` holds one ``((name, value), ...)`` per rank: the algorithm and the parameters that steer its
+    collectives and its result.
+    """
+    tables = [dict(call) for call in calls]
+    names = list(dict.fromkeys(name for call in calls for name, _ in call))
+    differing = [name for name in names if len({repr(t.get(name)) for t in tables}) > 1]
+    if not differing:
+        return None
+    listing = "; ".join(f"{name} (" + ", ".join(f"rank {r}: {t.get(name, '-')!r}" for r, t in enumerate(tables)) + ")"
+                        for name in differing)
+    return (f"{tables[0].get('algorithm', 'd4p')}: the ranks passed different parameters: {listing}; every rank "
+            "must call a distributed algorithm with the same parameters (only the data differ)")
+
+
+def _magnitude_error(name, largest, n_total, d, dtype):
+    """Why values up to ``largest`` would overflow (data: or underflow) the squared distances, or None.
+
+    The kernels form squared distances (at most d (2M)^2 for values up to M) in the working precision, and
+    the objective and the k-means++ weights sum n_total of them in float64.
+    """
+    limit = min(math.sqrt(np.finfo(dtype).max / (4 * d)), math.sqrt(np.finfo(np.float64).max / (4 * d * max(n_total, 1))))
+    if largest >= limit:
+        return (f"{name} has values up to {largest:.3g} in magnitude: their squared distances would overflow "
+                f"{np.dtype(dtype).name} (the objective would be inf and every point fall in one cluster); "
+                f"with n={n_total} rows of d={d} features, values must stay below {limit:.3g}: scale the data "
+                "(e.g. divide by its largest magnitude)")
+    smallest = math.sqrt(np.finfo(dtype).tiny)
+    if name == "data" and 0 < largest < smallest:
+        return (f"{name} has values only up to {largest:.3g} in magnitude: their squared distances would underflow "
+                f"{np.dtype(dtype).name} to zero; values must reach at least {smallest:.3g}: scale the data up")
+    return None
+
+
+def _largest(arr):
+    return float(np.abs(arr).max()) if arr is not None and arr.size else 0.0
+
+
+def _prepare(comm, data, nClusters, dtype, call):
+    """Validate every rank's chunk and parameters together (one allgather); return (chunk, n_total, offset, counts).
+
+    ``call`` is this rank's ``((name, value), ...)`` (see :func:`_disagreement`).
+    """
     error, arr = _local_data_error(data, dtype)
-    shape_info = comm.allgather(None if arr is None else arr.shape)
-    comm.agree(error)
+    info = comm.allgather((call, error, None if arr is None else arr.shape, _largest(arr)))
+    disagreement = _disagreement([i[0] for i in info])
+    if disagreement:
+        raise ValueError(disagreement)
+    _raise_first([i[1] for i in info], comm.size)
+    shape_info = [i[2] for i in info]
     features = {s[1] for s in shape_info}
     if len(features) != 1:
         comm.agree(f"ranks hold different numbers of features: {[s[1] for s in shape_info]}")
@@ -298,6 +369,9 @@ def _prepare(comm, data, nClusters, dtype):
     n_total = sum(counts)
     if nClusters > n_total:
         comm.agree(f"nClusters={nClusters} is larger than the number of rows in total ({n_total})")
+    magnitude = _magnitude_error("data", max(i[3] for i in info), n_total, arr.shape[1], dtype)
+    if magnitude:
+        raise ValueError(magnitude)
     return arr, n_total, sum(counts[: comm.rank]), counts
 
 
@@ -696,7 +770,10 @@ class kmeans_init:  # noqa: N801 - daal4py's name
 
     def compute(self, data) -> kmeans_init_result:
         comm = _communicator(self.distributed)
-        x, n_total, offset, counts = _prepare(comm, data, self.nClusters, FPTYPES[self.fptype])
+        call = (("algorithm", "kmeans_init"), ("nClusters", self.nClusters), ("method", self.method),
+                ("nTrials", self.nTrials), ("oversamplingFactor", self.oversamplingFactor), ("nRounds", self.nRounds),
+                ("engine seed", self.engine.seed), ("fptype", self.fptype))
+        x, n_total, offset, counts = _prepare(comm, data, self.nClusters, FPTYPES[self.fptype], call)
         k, rng = self.nClusters, self.engine.generator()
         if self.method == "defaultDense":
             centroids = np.array([_row(comm, x, counts, i) for i in range(k)], dtype=x.dtype)
@@ -761,10 +838,14 @@ class kmeans:  # noqa: N801 - daal4py's name
     def compute(self, data, centroids) -> kmeans_result:
         comm = _communicator(self.distributed)
         dtype = FPTYPES[self.fptype]
-        x, n_total, offset, counts = _prepare(comm, data, self.nClusters, dtype)
+        call = (("algorithm", "kmeans"), ("nClusters", self.nClusters), ("maxIterations", self.maxIterations),
+                ("accuracyThreshold", self.accuracyThreshold), ("fptype", self.fptype))
+        x, n_total, offset, counts = _prepare(comm, data, self.nClusters, dtype, call)
         error, c = _local_data_error(centroids, dtype, name="centroids")
         if error is None and c.shape != (self.nClusters, x.shape[1]):
             error = f"centroids.shape={c.shape} must be (nClusters, n_features) = ({self.nClusters}, {x.shape[1]})"
+        if error is None:
+            error = _magnitude_error("centroids", _largest(c), n_total, x.shape[1], dtype)
         comm.agree(error)
 
         k, d, n = self.nClusters, x.shape[1], x.shape[0]

@@ -20,6 +20,17 @@ whole job (``MPI_Abort``); a rank that ends normally waits at exit until every
 rank has ended, and aborts the job if they have not within
 ``WORKSHOP_HVD_EXIT_TIMEOUT`` seconds (default 300), since they may be waiting
 for it. (A rank killed by a signal ends the job through ``mpiexec`` itself.)
+These hooks are :func:`workshop_lib.comm.guard_job`'s, shared with ``d4p.daalinit()``.
+
+Horovod's stall inspector, with Horovod's variables: every collective first waits
+until every rank has entered it (each rank sends its peers a note with the
+number of the collective it reached). A rank that waits longer than
+``HOROVOD_STALL_CHECK_TIME_SECONDS`` (default 60) prints a warning naming the
+ranks that have not arrived and the tensor, again every as many seconds; after
+``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (Horovod's default is never, 0; ours
+300, since a class cannot wait for ever) it aborts the job. A peer that has
+already ended is noticed at once and the job aborted, within seconds.
+``HOROVOD_STALL_CHECK_DISABLE=1`` turns the inspector off.
 
 Collective ops in a graph run in the same order on every rank (the session
 chains them), as Horovod's coordinator guarantees.
@@ -27,17 +38,14 @@ chains them), as Horovod's coordinator guarantees.
 
 from __future__ import annotations
 
-import atexit
 import os
-import sys
 import time
-import traceback
 import weakref
 
 import numpy as np
 
 from . import tf, timeline
-from .comm import FUSION_THRESHOLD, Communicator
+from .comm import ENDED, FUSION_THRESHOLD, Communicator, guard_job, release_job
 from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
 
 __all__ = [
@@ -63,14 +71,13 @@ class _State:
         self.cross_rank, self.cross_size = cross.Get_rank(), cross.Get_size()
         local.Free()
         cross.Free()
-        self.exit_comm = world.Dup()  # for the exit consensus: it must never match a collective of the program
-        self.previous_excepthook = self.previous_exit = None
-        self.exit_status = None
+        self.guard = None  # workshop_lib.comm's JobGuard: the abort hooks, and the notes the stall inspector reads
+        self.stall = _stall_settings()  # (check, shutdown) seconds, or None when disabled
+        self.collectives = 0  # collectives this rank has entered (the stall inspector's counter)
         self.timeline = None  # a timeline.Timeline when HOROVOD_TIMELINE is set
 
 
 _state: _State | None = None
-_SYS_EXIT = sys.exit
 
 
 def init(comm=None):
@@ -79,6 +86,8 @@ def init(comm=None):
     ``comm`` is an mpi4py communicator (default ``MPI.COMM_WORLD``). Calling it again does nothing.
     The environment variable ``HOROVOD_FUSION_THRESHOLD`` (bytes) sets the tensor-fusion buffer size;
     ``HOROVOD_TIMELINE=/path/timeline.json`` records a per-rank timeline (see :mod:`workshop_lib.timeline`).
+    ``HOROVOD_STALL_CHECK_TIME_SECONDS``, ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` and
+    ``HOROVOD_STALL_CHECK_DISABLE`` set the stall inspector (see the module's docstring).
     """
     global _state
     if _state is not None:
@@ -87,12 +96,9 @@ def init(comm=None):
     path = os.environ.get(timeline.ENV, "").strip()
     if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective
         _state.timeline = timeline.Timeline(path, _state.comm.rank, _state.comm.size, _state.comm.comm.Dup())
-        # registered before the exit hooks, so it runs after them: once every rank has ended normally
+        # registered before the guard's exit hooks, so it runs after them: once every rank has ended normally
         atexit.register(_close_timeline)
-    _state.previous_excepthook, _state.previous_exit = sys.excepthook, sys.exit
-    sys.excepthook = _abort_on_uncaught_exception
-    sys.exit = _exit_recording_status
-    atexit.register(_at_exit)
+    _state.guard = guard_job("hvd", _state.comm.comm)
 
 
 def shutdown():
@@ -100,11 +106,7 @@ def shutdown():
     global _state
     if _state is None:
         return
-    if sys.excepthook is _abort_on_uncaught_exception:
-        sys.excepthook = _state.previous_excepthook
-    if sys.exit is _exit_recording_status:
-        sys.exit = _state.previous_exit
-    atexit.unregister(_at_exit)
+    release_job("hvd")
     _close_timeline()
     atexit.unregister(_close_timeline)
     _state = None
@@ -163,56 +165,72 @@ def mpi_threads_supported():
     return MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
-def _abort_on_uncaught_exception(exc_type, exc, tb):
-    """sys.excepthook after init(): print the traceback tagged with the rank, then abort every rank."""
-    state = _state
-    if state is None or state.comm.size == 1:
-        (state.previous_excepthook if state is not None and state.previous_excepthook else sys.__excepthook__)(
-            exc_type, exc, tb)
+# ----------------------------------------------------------------------------------------------
+# the stall inspector (Horovod's horovod/common/stall_inspector.cc, with its variables)
+
+
+def _env_seconds(name, default):
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return float(default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
+    return seconds
+
+
+def _stall_settings():
+    """(warn after, abort after) in seconds from Horovod's variables (0: never), or None if the inspector is off."""
+    if os.environ.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0"):
+        return None
+    return (_env_seconds("HOROVOD_STALL_CHECK_TIME_SECONDS", 60),
+            _env_seconds("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 300))
+
+
+def _wait_for_peers(state, name):
+    """Enter collective ``name``: tell every peer, and wait until every rank has entered it (the stall inspector).
+
+    While waiting: a peer that has ended aborts the job at once (it will never come); after
+    ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (and again every as many seconds) a warning names the ranks that have
+    not arrived and the tensor; after ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` the job is aborted. Then the
+    collective itself runs with every rank present.
+    """
+    if state.stall is None or state.comm.size == 1:
         return
-    text = "".join(traceback.format_exception(exc_type, exc, tb))
-    _abort(state, text.rstrip().splitlines() + [
-        f"uncaught {exc_type.__name__} on rank {state.comm.rank} of {state.comm.size}: aborting the whole job "
-        "(MPI_Abort) so that no rank waits for ever"])
-
-
-def _exit_recording_status(status=None):
-    """sys.exit after init(): remembers the status, so that the exit handler knows a failure from a normal end."""
-    if _state is not None:
-        _state.exit_status = status
-    (_state.previous_exit if _state is not None else _SYS_EXIT)(status)
-
-
-def _abort(state, lines, status=1):
-    r = state.comm.rank
-    sys.stderr.write("".join(f"[rank {r}] {line}\n" for line in lines))
-    sys.stderr.flush()
-    sys.stdout.flush()
-    # mpiexec's I/O forwarder reads our pipes asynchronously, and MPI_Abort tears the job down at once:
-    # give it a moment so that the message reaches the user
-    time.sleep(0.5)
-    state.comm.comm.Abort(status)
-
-
-def _at_exit():
-    """At exit, with more than one rank: abort on a failure status; else wait for every rank to end (bounded)."""
-    state = _state
-    if state is None or state.comm.size == 1:
-        return
-    r, n, status = state.comm.rank, state.comm.size, state.exit_status
-    if status not in (None, 0):
-        code = status if isinstance(status, int) else 1
-        _abort(state, [f"sys.exit({status!r}) on rank {r} of {n}: aborting the whole job (MPI_Abort) so that no "
-                       "rank waits for ever"], code)
-    timeout = float(os.environ.get("WORKSHOP_HVD_EXIT_TIMEOUT", "300"))
-    request = state.exit_comm.Ibarrier()
-    deadline = time.monotonic() + timeout
-    while not request.Test():
-        if time.monotonic() > deadline:
-            _abort(state, [f"rank {r} of {n} has ended, but not every rank has ended within {timeout:g} s; they may be "
-                           "waiting for this rank in a collective: aborting the whole job (MPI_Abort). Set "
-                           "WORKSHOP_HVD_EXIT_TIMEOUT to wait longer."])
-        time.sleep(0.002)
+    guard, check, shutdown = state.guard, *state.stall
+    state.collectives += 1
+    number = state.collectives
+    guard.arrive(number)
+    start, next_warning, spins = time.monotonic(), check, 0
+    while True:
+        reached = guard.poll()
+        missing = [int(p) for p in np.flatnonzero(reached < number)]
+        if not missing:
+            return
+        r, n = state.comm.rank, state.comm.size
+        ended = [p for p in missing if reached[p] == ENDED]
+        if ended:
+            guard.abort([f"rank(s) {ended} of {n} ended while rank {r} waits for them in collective #{number} "
+                         f"{name!r}: they will never join it, so the whole job is aborted (MPI_Abort)"])
+        waited = time.monotonic() - start
+        listing = "; ".join(f"{p}: [{name}] (" + (f"it last reached collective #{reached[p]})" if reached[p] else
+                                                   "it has reached no collective yet)") for p in missing)
+        if shutdown and waited >= shutdown:
+            guard.abort([f"collective #{number} {name!r} has waited {waited:.1f} s for ranks {missing}, longer than "
+                         f"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS={shutdown:g}: aborting the whole job (MPI_Abort).",
+                         f"Missing ranks: {listing}"])
+        if check and waited >= next_warning:
+            guard.say([f"One or more tensors were submitted to be reduced, gathered or broadcasted by a subset of "
+                       f"ranks and are waiting for the remainder of ranks for more than {check:g} seconds. This may "
+                       "indicate that different ranks are trying to submit different tensors or that only a subset "
+                       "of ranks is submitting tensors, which will cause deadlock.",
+                       f"Missing ranks: {listing}"])
+            next_warning += check
+        spins += 1
+        time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
 
 
 def _close_timeline():
@@ -226,16 +244,25 @@ def _close_timeline():
         state.timeline.close(wait_seconds=60.0)
 
 
-def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compression=None, step=False):
-    """``comm.fused_allreduce``, and with HOROVOD_TIMELINE its wait, allreduce (and, in a step, compute) spans."""
+def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compression=None, step=False, name=None):
+    """``comm.fused_allreduce``; with HOROVOD_TIMELINE also the wait, allreduce (and, in a step, compute) spans.
+
+    ``name`` is the tensor the stall inspector names while it waits for every rank first; None when the caller
+    has already waited (an eager call or a collective op).
+    """
     line = state.timeline
     if line is None:
+        if name is not None:
+            _wait_for_peers(state, name)
         return state.comm.fused_allreduce(values, op=op, threshold_bytes=threshold_bytes, compression=compression)
     start = time.time_ns() / 1000.0
     if step and line.last_update_end is not None:
         line.add("compute", line.last_update_end, start)
-    with line.span("wait"):
-        state.comm.comm.Barrier()
+    with line.span("wait"):  # the stall inspector's wait for every rank, or a barrier when it is off
+        if name is None or state.stall is None:
+            state.comm.comm.Barrier()
+        else:
+            _wait_for_peers(state, name)
     t0 = time.time_ns() / 1000.0
     out = state.comm.fused_allreduce(values, op=op, threshold_bytes=threshold_bytes, compression=compression)
     wire = sum(np.asarray(v).size * (2 if compression == "fp16" and np.asarray(v).dtype.kind == "f"
@@ -333,8 +360,15 @@ def _is_graph_value(x):
 
 def _collective(op_type, inputs, compute, dtypes, shapes, grad=None, name=None):
     """A stateful graph op marked as a collective (the session runs collectives in the same order on every rank)."""
-    return make_op(op_type, inputs, lambda ctx, *values: compute(*values), dtypes, shapes, grad=grad, name=name,
-                   attrs={"collective": True}, stateful=True)
+    named = {}
+
+    def run(ctx, *values):
+        _wait_for_peers(_require(), named["op"].name)
+        return compute(*values)
+
+    named["op"] = make_op(op_type, inputs, run, dtypes, shapes, grad=grad, name=name, attrs={"collective": True},
+                          stateful=True)
+    return named["op"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +396,7 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
         return np.asarray(out, dtype=value.dtype)
 
     if not _is_graph_value(tensor):
+        _wait_for_peers(state, name or "HorovodAllreduce")
         return reduce(tensor)
     t = convert_to_tensor(tensor)
 
@@ -376,6 +411,7 @@ def allgather(tensor, name=None):
     """Concatenate every rank's ``tensor`` along the first axis (first dimensions may differ between ranks)."""
     state = _require()
     if not _is_graph_value(tensor):
+        _wait_for_peers(state, name or "HorovodAllgather")
         return state.comm.allgather(np.asarray(tensor))
     t = convert_to_tensor(tensor)
     shape = t.shape.as_list() if t.shape.ndims is not None else None
@@ -401,6 +437,7 @@ def broadcast(tensor, root_rank, name=None):
     state = _require()
     _check_root(root_rank, state)
     if not _is_graph_value(tensor):
+        _wait_for_peers(state, name or "HorovodBroadcast")
         return state.comm.broadcast(np.array(tensor, copy=True), root=root_rank)
     t = convert_to_tensor(tensor)
 
@@ -438,6 +475,7 @@ def broadcast_variables(variables, root_rank):
     names = [v.name for v in variables]
 
     def compute(ctx):
+        _wait_for_peers(state, "broadcast_global_variables")
         listing = state.comm.comm.allgather(names)
         if any(other != names for other in listing):
             mine = set(names)
@@ -537,13 +575,14 @@ class DistributedOptimizer:
                 counter[key] = 0
                 values = [a / passes if average_aggregated else a for a in acc]
             if comm.size > 1:
-                values = _fused_allreduce(state, values, op, threshold, wire, step=True)
+                values = _fused_allreduce(state, values, op, threshold, wire, step=True, name=fused_name)
             return (*values, np.bool_(True))
 
         with get_default_graph().name_scope(f"{self._name}_Allreduce"):
             fused = make_op("HorovodFusedAllreduce", grads, reduce, [g.dtype for g in grads] + [tf.bool],
                             [g.shape for g in grads] + [[]], name="HorovodFusedAllreduce",
                             attrs={"collective": True}, stateful=True)
+        fused_name = fused.name
         reduced = list(pairs)
         for (i, _), t in zip(present, fused.outputs):
             reduced[i] = (t, pairs[i][1])

@@ -11,7 +11,9 @@ runs without mpiexec, as a single rank.
 """
 
 import argparse
+import io
 import json
+import os
 import time
 
 import numpy as np
@@ -30,7 +32,50 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=777, help="random seed of the initialisation")
     parser.add_argument("--threads", type=int, default=None, help="threads per rank (default: numba's)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    problem = argument_problem(args)
+    if problem:
+        parser.error(problem)  # on every rank (each parses the same line), before any collective
+    return args
+
+
+MAX_COLORS = 256  # a palette, as PNG's and GIF's
+
+
+def argument_problem(args):
+    """What is wrong with the arguments (checked before the fit, so no rank is left waiting), or None."""
+    import numba
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(args.image) as im:  # reads the header only
+            n_pixels = im.size[0] * im.size[1]
+    except (FileNotFoundError, IsADirectoryError):
+        return f"--image {args.image}: no such file"
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return f"--image {args.image}: not a readable image ({exc})"
+    if not 1 <= args.colors <= min(MAX_COLORS, n_pixels):
+        return f"--colors {args.colors} must be between 1 and {min(MAX_COLORS, n_pixels)}"
+    if args.max_iter < 0:
+        return f"--max-iter {args.max_iter} must be >= 0"
+    if args.seed < 0:
+        return f"--seed {args.seed} must be >= 0"
+    limit = numba.config.NUMBA_NUM_THREADS
+    if args.threads is not None and not 1 <= args.threads <= limit:
+        return f"--threads {args.threads} must be between 1 and NUMBA_NUM_THREADS={limit}"
+    extension = os.path.splitext(args.out)[1].lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None or image_format not in Image.SAVE:
+        return (f"--out {args.out}: {extension or 'no extension'} is not an image format PIL can write; "
+                "use .png (lossless), .jpg, .bmp, .tif or .webp")
+    try:
+        Image.new("RGB", (2, 2)).save(io.BytesIO(), format=image_format)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"--out {args.out}: {image_format} cannot hold an RGB image ({exc}); use .png or .jpg"
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        return f"--out {args.out}: the folder {folder} does not exist or is not writable"
+    return None
 
 
 def main(argv=None):

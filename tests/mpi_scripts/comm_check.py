@@ -1,6 +1,6 @@
 """SPMD worker for tests/test_mpi_comm.py: workshop_lib.comm against MPI's own collectives.
 
-Launch:  mpiexec -n 3 python tests/mpi_scripts/comm_check.py {correctness|mismatch|timeout}
+Launch:  mpiexec -n 3 python tests/mpi_scripts/comm_check.py {correctness|mismatch|timeout|timeout_checked}
 """
 
 import sys
@@ -90,13 +90,40 @@ elif mode == "mismatch":
             ("dtype", np.zeros(10, dtype=np.float32 if rank == 0 else np.float64), "sum", "auto"),
             ("op", np.zeros(10), "sum" if rank else "max", "auto"),
             ("algorithm", np.zeros(10), "sum", "ring" if rank == 0 else "shared_memory"),
-            ("path", np.zeros(10 if rank == 0 else 5000), "sum", "auto")):  # recursive doubling vs shared memory
+            ("path", np.zeros(10 if rank == 0 else 5000), "sum", "auto"),  # recursive doubling vs shared memory
+            ("shape", np.zeros((10, 100) if rank == 0 else (100, 10)), "sum", "auto"),
+            ("shape_ring", np.zeros((100, 1000) if rank == 0 else (1000, 100)), "sum", "ring")):
         try:
             comm.allreduce(x, op=op, algorithm=algorithm)
             outcomes.append(f"rank {rank} {label}: no error")
         except ValueError as exc:
             outcomes.append(f"rank {rank} {label}: ValueError: {exc}")
+    # a local error on one rank (a bad out=) is raised on every rank; so is a different collective
+    x = np.zeros(10)
+    for label, call in (("out", lambda: comm.allreduce(x, out=np.zeros(11) if rank == 1 else None)),
+                        ("collective", lambda: comm.broadcast(x) if rank == 1 else comm.allreduce(x, algorithm="ring"))):
+        try:
+            call()
+            outcomes.append(f"rank {rank} {label}: no error")
+        except ValueError as exc:
+            outcomes.append(f"rank {rank} {label}: ValueError: {exc}")
     report(outcomes)
+
+elif mode == "timeout_checked":  # the default check=True, on the communicator's own timeout
+    if rank == 0:
+        late = Communicator(comm=world.Dup(), timeout=2.0)
+        for n in (10, 100_000):  # recursive doubling and the ring: the check itself must time out
+            t0 = time.monotonic()
+            try:
+                late.allreduce(np.ones(n))
+                print(f"rank 0: n={n} no timeout", flush=True)
+            except CollectiveTimeout as exc:
+                print(f"rank 0: n={n} CollectiveTimeout after {time.monotonic() - t0:.1f} s: {exc}", flush=True)
+        time.sleep(0.5)
+        world.Abort(3)
+    else:
+        Communicator(comm=world.Dup(), timeout=2.0)  # creating it is collective; the allreduce never comes
+        time.sleep(30)
 
 elif mode == "timeout":
     if rank == 0:

@@ -6,7 +6,10 @@ api          rank/size, eager and graph collectives against MPI's own, gradients
 mismatch     different shapes or variables across ranks: every rank catches the same error.
 train        a few data-parallel steps of a small CNN in float64; rank 0 saves the final weights.
 fail         the last rank raises after hvd.init() while the others wait in an allreduce.
-exit         the last rank exits early: with a failure status, by SystemExit, or normally (--how).
+exit         the last rank exits early: with a failure status, by SystemExit, or normally (--how); the others
+             wait in hvd.allreduce, or in a plain MPI barrier (--how plain) that only the exit timeout covers.
+stall        the last rank stays alive but reaches no collective (the stall inspector warns, then aborts); or
+             (--how graph) does so while the others wait in a graph allreduce named "grads".
 """
 
 import argparse
@@ -191,21 +194,46 @@ def exit_early(how):
         time.sleep(0.5)
         if how == "status":
             sys.exit(3)
-        if how == "raise":
-            raise SystemExit(4)  # not through sys.exit: only the bounded wait at exit can tell
+        if how in ("raise", "plain"):
+            raise SystemExit(4)  # not through sys.exit: its peers must learn that it has ended
         sys.exit(0)  # "early": a normal end, before the others
     if how == "early":
         time.sleep(2.0)  # rank 0 works on (say, an evaluation) while the last rank waits at its exit
         say(f"rank {r}: finished after the last rank")
         return
+    if how == "plain":
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Barrier()  # not a Horovod collective: only the last rank's bounded wait at exit can tell
+        say(f"rank {r}: unreachable")
     hvd.allreduce(np.ones(1000, dtype=np.float32))  # waits for the rank that left
+    say(f"rank {r}: unreachable")
+
+
+def stall(how):
+    """The last rank is alive but never joins the collective the others wait in."""
+    import time
+
+    hvd.init()
+    r, n = hvd.rank(), hvd.size()
+    if r == n - 1:
+        time.sleep(60)
+        say(f"rank {r}: unreachable")
+        return
+    if how == "graph":
+        with tf.Graph().as_default():
+            total = hvd.allreduce(tf.constant(np.ones(4)), name="grads")
+            with tf.Session() as sess:
+                sess.run(total)
+    else:
+        hvd.allreduce(np.ones(10, dtype=np.float32), name="weights")
     say(f"rank {r}: unreachable")
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["api", "mismatch", "train", "fail", "exit"])
-    parser.add_argument("--how", choices=["status", "raise", "early"], default="status")
+    parser.add_argument("mode", choices=["api", "mismatch", "train", "fail", "exit", "stall"])
+    parser.add_argument("--how", choices=["status", "raise", "early", "plain", "eager", "graph"], default="status")
     parser.add_argument("--global-batch", type=int, default=12)
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--passes", type=int, default=1, help="backward passes per optimizer step")
@@ -221,6 +249,8 @@ def main():
         train(args)
     elif args.mode == "exit":
         exit_early(args.how)
+    elif args.mode == "stall":
+        stall(args.how)
     else:
         fail()
 

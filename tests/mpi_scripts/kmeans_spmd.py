@@ -1,6 +1,11 @@
 """SPMD worker for tests/test_mpi_d4p.py: every rank clusters its rows of a shared data file.
 
 Launch:  mpiexec -n 3 python tests/mpi_scripts/kmeans_spmd.py DATA.npz OUT.npz [--nan-on-rank R | --k K]
+
+--disagree PARAM     every rank passes its own value of PARAM (nClusters, method, maxIterations, fptype, seed,
+                     algorithm); every rank must raise.
+--huge-on-rank R     rank R's chunk is scaled to 1e170 (squared distances overflow); every rank must raise.
+--raise-on-rank R    rank R raises MemoryError between daalinit() and compute(), while the others compute.
 """
 
 import argparse
@@ -15,12 +20,57 @@ parser.add_argument("out")
 parser.add_argument("--k", type=int, default=6)
 parser.add_argument("--nan-on-rank", type=int, default=None)
 parser.add_argument("--bad-centroids-on-rank", type=int, default=None)
+parser.add_argument("--disagree", default=None)
+parser.add_argument("--huge-on-rank", type=int, default=None)
+parser.add_argument("--raise-on-rank", type=int, default=None)
 args = parser.parse_args()
 
 d4p.daalinit()
 rank, size = d4p.my_procid(), d4p.num_procs()
 X = np.load(args.data)["X"]
 chunk = np.array_split(X, size)[rank].copy()  # the domain decomposition: contiguous rows, in rank order
+
+
+
+def report(outcome):
+    from mpi4py import MPI
+
+    outcomes = MPI.COMM_WORLD.gather(outcome, root=0)  # one writer, so lines never interleave
+    if rank == 0:
+        print("\n".join(outcomes), flush=True)
+
+
+if args.raise_on_rank is not None:
+    if rank == args.raise_on_rank:
+        raise MemoryError(f"rank {rank} ran out of memory on purpose")
+    d4p.kmeans_init(args.k, distributed=True).compute(chunk)  # waits for the rank that failed
+    print(f"rank {rank}: unreachable", flush=True)
+
+if args.disagree is not None or args.huge_on_rank is not None:
+    p = args.disagree
+    init_kwargs = dict(method="plusPlusDense", engine=d4p.engines_mt19937(seed=777 + (rank if p == "seed" else 0)),
+                       distributed=True, fptype="float" if p == "fptype" and rank == 1 else "double")
+    k = args.k + (rank if p == "nClusters" else 0)
+    if p == "method":
+        init_kwargs["method"] = d4p.INIT_METHODS[rank % len(d4p.INIT_METHODS)]
+    if rank == args.huge_on_rank:
+        chunk = chunk * 1e170
+    outcome = f"rank {rank} raised nothing"
+    try:
+        if p in ("maxIterations", "fptype_lloyd", "algorithm"):
+            centroids = X[: args.k].copy()
+            if p == "algorithm" and rank == 1:
+                d4p.kmeans_init(args.k, distributed=True).compute(chunk)
+            else:
+                d4p.kmeans(args.k, 5 + rank if p == "maxIterations" else 5, distributed=True,
+                           fptype="float" if p == "fptype_lloyd" and rank == 1 else "double").compute(chunk, centroids)
+        else:
+            d4p.kmeans_init(k, **init_kwargs).compute(chunk)
+    except ValueError as exc:
+        outcome = f"rank {rank} raised ValueError: {exc}"
+    report(outcome)
+    d4p.daalfini()
+    raise SystemExit(0)
 
 if args.nan_on_rank is not None or args.bad_centroids_on_rank is not None:
     centroids = X[: args.k].copy()
@@ -33,11 +83,7 @@ if args.nan_on_rank is not None or args.bad_centroids_on_rank is not None:
         d4p.kmeans(args.k, 5, distributed=True).compute(chunk, centroids)
     except ValueError as exc:
         outcome = f"rank {rank} raised ValueError: {exc}"
-    from mpi4py import MPI
-
-    outcomes = MPI.COMM_WORLD.gather(outcome, root=0)  # one writer, so lines never interleave
-    if rank == 0:
-        print("\n".join(outcomes), flush=True)
+    report(outcome)
     d4p.daalfini()
     raise SystemExit(0)
 
