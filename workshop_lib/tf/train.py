@@ -355,7 +355,8 @@ def _find_latest(checkpoint_dir):
     if latest is None:
         why = f"{os.path.join(checkpoint_dir, 'checkpoint')} is missing or names no checkpoint"
     else:
-        why = f"the index names {latest}.npz, which is {'incomplete' if os.path.exists(latest + '.npz') else 'missing'}"
+        state = "incomplete" if os.path.exists(latest + ".npz") else "missing"
+        why = f"the index names {latest}.npz, which is {state}"
     return on_disk[-1], why
 
 
@@ -442,8 +443,7 @@ class Saver:
         _write_index(directory, prefix, kept)
         if self.max_to_keep:  # old ones last: the index already names only the kept
             ours = re.compile(re.escape(os.path.basename(base)) + r"-\d+$")
-            stale = {p for p in previous} | {p for p in _checkpoints_on_disk(directory)
-                                             if ours.match(os.path.basename(p))}
+            stale = set(previous) | {p for p in _checkpoints_on_disk(directory) if ours.match(os.path.basename(p))}
             for old in sorted(stale - set(kept)):
                 if os.path.exists(old + ".npz"):
                     os.unlink(old + ".npz")
