@@ -5,6 +5,7 @@ import re
 import shutil
 import threading
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,7 @@ def test_a_writer_killed_mid_write_leaves_the_old_file_and_a_temporary_the_next_
     (tmp_path / "notes.txt.tmp4194305-abc.txt").write_bytes(b"")  # a dead writer's, but not under "model"
     assert data.remove_stale_temporaries(tmp_path, "model") == [temporary]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz", "notes.txt.tmp4194305-abc.txt"]
+    # and the next write of a file removes what a killed writer of that file left
+    (tmp_path / "notes.txt").write_bytes(b"old notes")
+    data.atomic_write(tmp_path / "notes.txt", lambda tmp: Path(tmp).write_bytes(b"new notes"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz", "notes.txt"]

@@ -74,11 +74,13 @@ def atomic_write(path, write) -> None:
     folder after it, so a crash or a power cut leaves either the old file or the
     new one, never half of one. The temporary's name carries the writer's process
     id (``<name>.tmp<pid>-<random><suffix>``), so that
-    :func:`remove_stale_temporaries` can delete what a killed writer left. The file
-    gets the usual permissions (0666 less the umask), not mkstemp's 0600.
+    :func:`remove_stale_temporaries` can delete what a killed writer left; the next
+    write of the same file does so. The file gets the usual permissions (0666 less
+    the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp{os.getpid()}-", suffix=path.suffix)
     os.close(fd)
     try:
