@@ -5,6 +5,7 @@ import re
 import shutil
 import threading
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,42 @@ def test_save_image_round_trips_and_validates(tmp_path):
         save_image(tmp_path / "x.png", np.zeros((2, 2, 5)))
     with pytest.raises(ValueError, match="NaN"):
         save_image(tmp_path / "x.png", np.full((2, 2, 3), np.nan))
+
+
+def test_atomic_write_flushes_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    import os
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name what fsync flushed")
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda src, dst: (events.append(("replace", str(dst))), replace(src, dst))[1])
+    data.atomic_write(tmp_path / "out.bin", lambda tmp: open(tmp, "wb").write(b"payload"))
+    assert events == [("fsync", events[0][1]), ("replace", str(tmp_path / "out.bin")), ("fsync", str(tmp_path))]
+    assert data.is_temporary(events[0][1]) and (tmp_path / "out.bin").read_bytes() == b"payload"
+
+
+def test_a_writer_killed_mid_write_leaves_the_old_file_and_a_temporary_the_next_cleanup_removes(tmp_path):
+    import subprocess
+    import sys
+
+    target = tmp_path / "model.npz"
+    target.write_bytes(b"old")
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys; from pathlib import Path; from workshop_lib.data import atomic_write\n"
+        "def write(tmp):\n"
+        "    Path(tmp).write_bytes(b'half of the new')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "atomic_write(sys.argv[1], write)\n"), str(target)], timeout=60)
+    assert killed.returncode == -9
+    assert target.read_bytes() == b"old"
+    (temporary,) = [p for p in tmp_path.iterdir() if p != target]
+    assert data.is_temporary(temporary) and temporary.name.startswith("model.npz.tmp")
+    (tmp_path / "notes.txt.tmp4194305-abc.txt").write_bytes(b"")  # a dead writer's, but not under "model"
+    assert data.remove_stale_temporaries(tmp_path, "model") == [temporary]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz", "notes.txt.tmp4194305-abc.txt"]
+    # and the next write of a file removes what a killed writer of that file left
+    (tmp_path / "notes.txt").write_bytes(b"old notes")
+    data.atomic_write(tmp_path / "notes.txt", lambda tmp: Path(tmp).write_bytes(b"new notes"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz", "notes.txt"]

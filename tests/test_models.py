@@ -77,3 +77,81 @@ def test_shipped_model_is_what_its_metadata_says(data):
     assert models.accuracy(params, x_test, y_test) == pytest.approx(meta["accuracy"], abs=1e-9)
     assert meta["accuracy"] >= 0.98
     json.dumps(meta)
+
+
+def test_save_model_flushes_the_file_and_its_folder_to_disk_and_takes_any_name(tmp_path, monkeypatch):
+    import os
+
+    from workshop_lib.data import is_temporary
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name what fsync flushed")
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    params = models.init_mnist_cnn(0)
+    models.save_model(tmp_path / "weights", params, {"seed": 0})  # no .npz: numpy must not append one
+    assert len(synced) == 2 and is_temporary(synced[0]) and synced[1] == str(tmp_path), synced
+    assert [p.name for p in tmp_path.iterdir()] == ["weights"]
+    loaded, meta = models.load_model(tmp_path / "weights")
+    assert meta == {"seed": 0}
+    np.testing.assert_array_equal(loaded["fc2/w"], params["fc2/w"])
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch, root):
+    """A data folder whose shipped model may be replaced: WORKSHOP_DATA points at it; the cwd is empty."""
+    import shutil
+
+    copy = tmp_path / "data"
+    (copy / "models").mkdir(parents=True)
+    (copy / "mnist").symlink_to(root / "data" / "mnist")
+    shutil.copy(root / "data" / "models" / "mnist_cnn.npz", copy / "models" / "mnist_cnn.npz")
+    monkeypatch.setenv("WORKSHOP_DATA", str(copy))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return copy
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-5"], "argument --steps: expected a positive integer, got -5"),
+    (["--steps", "ten"], "argument --steps: expected a positive integer, got 'ten'"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+    (["--lr", "-0.1"], "argument --lr: expected a positive number, got -0.1"),
+    (["--lr", "inf"], "argument --lr: expected a positive number, got inf"),
+    (["--seed", "-1"], "argument --seed: expected a non-negative integer, got -1"),
+])
+def test_train_rejects_bad_arguments_naming_them(data_copy, capsys, argv, message):
+    from workshop_lib import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "mnist", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_never_replaces_the_shipped_model_unless_asked(data_copy, capsys):
+    import hashlib
+
+    from workshop_lib import cli
+
+    shipped = data_copy / "models" / "mnist_cnn.npz"
+
+    def digest():
+        return hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+    before = digest()
+    assert cli.main(["train", "mnist", "--steps", "1", "--batch-size", "9000", "--quiet"]) == 2
+    assert "--batch-size 9000 is larger than the 8000 training images" in capsys.readouterr().err
+    assert cli.main(["train", "mnist", "--steps", "1", "--out", str(shipped), "--quiet"]) == 2
+    assert "is the shipped model that lab 01 uses; pass --overwrite-shipped" in capsys.readouterr().err
+    assert cli.main(["train", "mnist", "--steps", "2", "--batch-size", "8", "--quiet"]) == 0
+    assert "wrote mnist_cnn.npz" in capsys.readouterr().out and digest() == before
+    _, meta = models.load_model("mnist_cnn.npz")
+    assert meta["steps"] == 2 and meta["batch_size"] == 8
+    assert cli.main(["train", "mnist", "--steps", "2", "--batch-size", "8", "--quiet", "--overwrite-shipped"]) == 0
+    assert digest() != before and models.load_model(shipped)[1]["steps"] == 2

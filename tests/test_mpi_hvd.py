@@ -139,6 +139,28 @@ def test_stall_variables_are_validated():
     assert proc.returncode != 0 and "HOROVOD_STALL_CHECK_TIME_SECONDS='soon' must be a number of seconds" in proc.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "argument --batch-size: expected a positive integer, got 0"),
+    (["--batch-size", "-3"], "argument --batch-size: expected a positive integer, got -3"),
+    (["--steps", "-1"], "argument --steps: expected a positive integer, got -1"),
+    (["--lr", "nan"], "argument --lr: expected a positive number, got nan"),
+])
+def test_the_horovod_mnist_script_refuses_bad_arguments_on_every_rank_before_training(mpirun, tmp_path, argv, message):
+    t0 = time.monotonic()
+    proc = mpirun(2, [MNIST, *argv, "--checkpoint-dir", str(tmp_path / "ckpt")], timeout=60, check=False)
+    assert proc.returncode == 2 and time.monotonic() - t0 < 30, (proc.returncode, proc.stderr)
+    assert proc.stderr.count(message) == 2, proc.stderr  # each rank says it, before hvd.init()
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt").exists()
+
+
+def test_a_batch_larger_than_the_training_set_ends_the_job_with_its_message(mpirun, tmp_path):
+    t0 = time.monotonic()
+    proc = mpirun(2, [MNIST, "--batch-size", "9000", "--checkpoint-dir", str(tmp_path / "ckpt")], timeout=120,
+                  check=False)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60, (proc.returncode, proc.stderr)
+    assert "--batch-size 9000: expected at most the 8000 training images" in proc.stderr, proc.stderr
+
+
 def test_the_horovod_mnist_script_trains_checkpoints_on_rank_0_and_resumes(mpirun, tmp_path):
     ckpt, results = tmp_path / "checkpoints", tmp_path / "results.json"
     args = [MNIST, "--steps", "20", "--batch-size", "20", "--log-every", "5", "--checkpoint-dir", str(ckpt),

@@ -194,6 +194,37 @@ def test_errors_name_what_is_wrong():
         sess.run(y, {p: np.zeros((1, 3))})
 
 
+@pytest.mark.parametrize("dtype, value, message", [
+    (tf.int32, np.array([3, 2**40 + 7]), "an int64 value to ids:0 of dtype int32: 1099511627783 lies outside int32's "
+                                         r"range \[-2147483648, 2147483647\]"),
+    (tf.int32, 2**40 + 7, "int64 value to ids:0 of dtype int32: 1099511627783 lies outside"),
+    (tf.uint8, np.array([-1, 3]), r"-1 lies outside uint8's range \[0, 255\]"),
+    (tf.int64, np.array([2**64 - 1], np.uint64), "a uint64 value to ids:0 of dtype int64: 18446744073709551615 lies"),
+    (tf.bool, np.array([0, 1, 2]), r"2 lies outside bool's range \[0, 1\]"),
+    (tf.float32, np.array([2**24 + 1]), "16777217 is not exactly representable in float32"),
+    (tf.float32, np.array([1.0, 1e39]), r"float64 value to ids:0 of dtype float32: 1e\+39 overflows float32"),
+    (tf.int32, np.array([1.5]), r"float64 value to ids:0 of dtype int32; convert it first \(np.rint"),
+    (tf.float32, np.array(["a"]), "feed a numeric array"),
+])
+def test_lossy_feeds_raise_naming_the_placeholder_the_value_and_both_dtypes(dtype, value, message):
+    ids = tf.placeholder(dtype, None, name="ids")
+    with tf.Session() as sess, pytest.raises(tf.InvalidArgumentError, match=message):
+        sess.run(ids, {ids: value})
+
+
+def test_feeds_that_lose_nothing_are_converted_as_tensorflow_converts_them():
+    ids, x = tf.placeholder(tf.int32, None), tf.placeholder(tf.float32, None)
+    with tf.Session() as sess:
+        got = sess.run(ids, {ids: np.array([-2**31, 7, 2**31 - 1], np.int64)})
+        assert got.dtype == np.int32 and got.tolist() == [-2**31, 7, 2**31 - 1]
+        assert sess.run(ids, {ids: np.array([True, False])}).tolist() == [1, 0]
+        assert sess.run(x, {x: np.array([2**24, 3], np.int64)}).tolist() == [2**24, 3]
+        # float64 into float32 rounds (as in TensorFlow); inf and nan stay what they are
+        got = sess.run(x, {x: np.array([0.1, np.inf, -np.inf, 1e-50])})
+        assert got.dtype == np.float32 and got[0] == np.float32(0.1) and got[1:3].tolist() == [np.inf, -np.inf]
+        assert np.isnan(sess.run(x, {x: np.nan})) and sess.run(ids, {ids: np.zeros(0, np.int64)}).shape == (0,)
+
+
 @pytest.mark.parametrize("make, steps", [
     (lambda: tf.train.GradientDescentOptimizer(0.1), 60),
     (lambda: tf.train.MomentumOptimizer(0.05, 0.9), 60),

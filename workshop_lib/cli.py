@@ -51,16 +51,72 @@ def _build_labs(args) -> int:
     return 0
 
 
+def _number(kind, expected, ok):
+    """An argparse type: a ``kind`` for which ``ok(value)`` holds, else an error naming the value received."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected
+    return parse
+
+
+def _positive(kind, name):
+    import math
+
+    return _number(kind, f"a positive {name}", lambda value: value > 0 and math.isfinite(value))
+
+
+TRAIN_OUT = "mnist_cnn.npz"  # in the current folder: a course user's run never replaces the model that lab 01 uses
+
+
+def _train_output(args):
+    """The file ``workshop train`` writes, or an error message: the shipped model only with --overwrite-shipped."""
+    from pathlib import Path
+
+    from . import models
+    from .data import DataError
+
+    try:
+        shipped = models.default_model_path().resolve()
+    except DataError:  # no data folder: there is no shipped model to protect
+        shipped = None
+    out = Path(args.out) if args.out else (shipped if args.overwrite_shipped else Path(TRAIN_OUT))
+    if out is None:
+        return None, "--overwrite-shipped: no data folder found, so there is no shipped model; pass --out"
+    if out.is_dir():
+        return None, f"--out {out} is a folder; expected a file such as {out / TRAIN_OUT}"
+    if shipped is not None and out.resolve() == shipped and not args.overwrite_shipped:
+        return None, (f"--out {out} is the shipped model that lab 01 uses; pass --overwrite-shipped to replace it, "
+                      f"or write elsewhere (default: ./{TRAIN_OUT})")
+    if args.overwrite_shipped and out.resolve() != shipped:
+        return None, f"--overwrite-shipped replaces {shipped}; it cannot be combined with --out {out}"
+    return out, None
+
+
 def _train(args) -> int:
     from . import models
     from .data import load_mnist
 
-    data = load_mnist()
+    out, problem = _train_output(args)
+    if problem is None:
+        data = load_mnist()
+        n_train = len(data[0][0])
+        if args.batch_size > n_train:
+            problem = f"--batch-size {args.batch_size} is larger than the {n_train} training images"
+    if problem is not None:
+        print(f"ERROR: {problem}", file=sys.stderr)
+        return 2
     train = models.train_mnist_cnn_tf if args.engine == "tf" else models.train_mnist_cnn
     params, history = train(args.steps, args.batch_size, args.lr, seed=args.seed, data=data, progress=not args.quiet)
     meta = models.training_metadata(history, params, data, args.seed, args.steps, args.batch_size, args.lr)
     meta["engine"] = args.engine
-    out = args.out or models.default_model_path()
     models.save_model(out, params, meta)
     print(f"held-out accuracy {meta['accuracy']:.4f} after {args.steps} steps ({meta['train_seconds']} s); wrote {out}")
     return 0
@@ -166,13 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--labs", default="labs", help="output folder (default: labs)")
     build.set_defaults(func=_build_labs)
 
-    train = sub.add_parser("train", help="train a model of the labs deterministically")
+    train = sub.add_parser(
+        "train", help="train a model of the labs deterministically",
+        description="Train the labs' MNIST CNN deterministically and write it to ./mnist_cnn.npz (or --out). "
+                    "The model shipped in data/models/mnist_cnn.npz, which lab 01 uses, is replaced only with "
+                    "--overwrite-shipped.")
     train.add_argument("model", choices=["mnist"], help="the labs' MNIST CNN")
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--batch-size", type=int, default=50)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--out", default=None, help="output .npz (default: data/models/mnist_cnn.npz)")
+    train.add_argument("--steps", type=_positive(int, "integer"), default=3000, help="training steps (default: 3000)")
+    train.add_argument("--batch-size", type=_positive(int, "integer"), default=50,
+                       help="images per step, at most the 8000 training images (default: 50)")
+    train.add_argument("--lr", type=_positive(float, "number"), default=1e-3,
+                       help="Adam's learning rate (default: 1e-3)")
+    train.add_argument("--seed", type=_number(int, "a non-negative integer", lambda value: value >= 0), default=0)
+    train.add_argument("--out", default=None, help=f"output .npz (default: ./{TRAIN_OUT})")
+    train.add_argument("--overwrite-shipped", action="store_true",
+                       help="write data/models/mnist_cnn.npz, the shipped model lab 01 uses (for maintainers)")
     train.add_argument("--engine", choices=["kernels", "tf"], default="kernels",
                        help="train with the kernels directly or with the workshop_lib.tf graph engine")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

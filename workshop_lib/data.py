@@ -10,9 +10,11 @@ Shapes: N images of H x W = 28 x 28 pixels; photographs are (H, W, 3) float32.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -28,6 +30,9 @@ __all__ = [
     "load_image",
     "save_image",
     "atomic_write",
+    "fsync_dir",
+    "is_temporary",
+    "remove_stale_temporaries",
     "MNIST_SHIPPED",
     "MNIST_FULL",
 ]
@@ -65,23 +70,97 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def atomic_write(path, write) -> None:
     """Create ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is then renamed.
 
-    A crash leaves either the old file or the new one, never half of one; the
-    file gets the usual permissions (0666 less the umask), not mkstemp's 0600.
+    The temporary file is flushed to disk (``fsync``) before the rename, and the
+    folder after it, so a crash or a power cut leaves either the old file or the
+    new one, never half of one. The temporary's name carries the writer's process
+    id (``<name>.tmp<pid>-<random><suffix>``), so that
+    :func:`remove_stale_temporaries` can delete what a killed writer left; the next
+    write of the same file does so. The file gets the usual permissions (0666 less
+    the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=path.suffix)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp{os.getpid()}-", suffix=path.suffix)
     os.close(fd)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
+        _fsync(tmp, os.O_RDWR)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(path.parent)
+
+
+def _fsync(path, flags=os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder) -> None:
+    """Flush a folder's entries (a rename, a new or deleted file) to disk; a no-op where folders cannot be opened."""
+    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals renames itself
+        return
+    _fsync(folder)
+
+
+_TEMPORARY = re.compile(r"^(?P<target>.+)\.tmp(?P<pid>\d+)-[A-Za-z0-9_]+(?P<suffix>\.[^.]*)?$")
+
+
+def is_temporary(path) -> bool:
+    """True if ``path`` is named as :func:`atomic_write` names its temporary files (a write not yet renamed)."""
+    return _TEMPORARY.match(Path(path).name) is not None
+
+
+def remove_stale_temporaries(folder, name_prefix="") -> list:
+    """Delete the temporary files that :func:`atomic_write` left in ``folder`` when its writer was killed.
+
+    Only temporaries whose writing process no longer runs on this machine are
+    deleted (a live writer's file is left alone).
+
+    Parameters
+    ----------
+    folder : str or Path
+        Where to look (not recursively).
+    name_prefix : str
+        Only temporaries of files whose name starts with this (``"model.ckpt"``) are considered.
+
+    Returns
+    -------
+    list of Path
+        The files deleted.
+    """
+    removed = []
+    for entry in Path(folder).glob(f"{glob.escape(name_prefix)}*.tmp*"):
+        match = _TEMPORARY.match(entry.name)
+        if match is None or not match["target"].startswith(name_prefix) or _process_alive(int(match["pid"])):
+            continue
+        try:
+            entry.unlink()
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would send a Ctrl-C, not a probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process; or a platform that cannot tell. Keep its file
+        return True
+    return True
 
 
 def find_data_dir(path=None) -> Path:

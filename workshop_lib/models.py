@@ -175,11 +175,20 @@ def default_model_path():
 
 
 def save_model(path, params, metadata):
-    """Write weights and JSON metadata to an .npz atomically (temporary file, then rename); no pickle."""
+    """Write weights and JSON metadata to an .npz, no pickle, atomically: a crash leaves the old file or the new.
+
+    The data goes to a temporary file beside ``path``, which is flushed to disk (fsync), renamed, and
+    the folder flushed too (:func:`workshop_lib.data.atomic_write`).
+    """
     from .data import atomic_write
 
     blob = np.array(json.dumps(metadata, sort_keys=True))
-    atomic_write(Path(path), lambda tmp: np.savez_compressed(tmp, **params, metadata=blob))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to a name without it
+            np.savez_compressed(f, **params, metadata=blob)
+
+    atomic_write(Path(path), write)
 
 
 def load_model(path=None):

@@ -13,6 +13,7 @@ the ranks at every step. The six steps of the slides are marked (1) to (6).
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -62,6 +63,8 @@ def conv_model(feature, target, mode):
 
 def train_input_generator(x_train, y_train, batch_size=64, seed=None):
     assert len(x_train) == len(y_train)
+    if not 1 <= batch_size <= len(x_train):  # a larger batch would never be yielded: the loop below would spin
+        raise ValueError(f"--batch-size {batch_size}: expected at most the {len(x_train)} training images")
     rng = np.random.default_rng(seed)
     while True:
         p = rng.permutation(len(x_train))
@@ -97,7 +100,18 @@ def parse_args():
     parser.add_argument("--log-every", type=int, default=10, help="LoggingTensorHook period, in steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", help="rank 0 writes a JSON summary here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    # Every rank checks its arguments before hvd.init(), so a bad value ends each one with this message
+    for flag, value, ok, expected in (
+            ("--steps", args.steps, args.steps >= 1, "a positive integer"),
+            ("--batch-size", args.batch_size, args.batch_size >= 1, "a positive integer"),
+            ("--lr", args.lr, args.lr > 0 and math.isfinite(args.lr), "a positive number"),
+            ("--threads", args.threads, args.threads >= 0, "0 (this machine's share) or a positive integer"),
+            ("--log-every", args.log_every, args.log_every >= 1, "a positive integer"),
+            ("--seed", args.seed, args.seed >= 0, "a non-negative integer")):
+        if not ok:
+            parser.error(f"argument {flag}: expected {expected}, got {value}")
+    return args
 
 
 def main():

@@ -407,6 +407,72 @@ def topological_order(roots, dependencies):
     return order
 
 
+def feed_array(tensor, value):
+    """``value`` as an array of ``tensor``'s dtype, the way ``Session.run`` feeds it; a lossy feed raises.
+
+    As in TensorFlow, a feed may change dtype only when every value survives: integers
+    into a narrower integer type only when they are in its range (int64 2**40 + 7 into an
+    int32 placeholder raises; a cast would wrap it to 7), integers into floats only when
+    exactly representable, floats into a narrower float only when no finite value
+    overflows (float64 into float32 rounds, as TensorFlow does). Floats into integers,
+    and strings or objects, raise.
+
+    Parameters
+    ----------
+    tensor : Tensor
+        The fed tensor (a placeholder's output, usually).
+    value : array_like
+        What the caller feeds.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``value`` with ``tensor``'s dtype (the array itself when it already has it).
+
+    Raises
+    ------
+    InvalidArgumentError
+        Naming the tensor, the dtype fed, the offending value and the dtype expected.
+    """
+    arr = np.asarray(value)
+    want = np.dtype(tensor.dtype.as_numpy_dtype)
+    if arr.dtype == want:
+        return arr
+    problem = _lossy_feed(arr, want)
+    if problem is not None:
+        article = "an" if arr.dtype.name[:1] in ("i", "o") else "a"  # an int64, an object; a uint8, a float64
+        raise InvalidArgumentError(f"cannot feed {article} {arr.dtype} value to {tensor.name} of dtype "
+                                   f"{tensor.dtype.name}{problem}")
+    return arr.astype(want)
+
+
+def _lossy_feed(arr, want):
+    """None if ``arr`` converts to ``want`` without changing a value, else what would be lost (``: ...``)."""
+    kind = arr.dtype.kind
+    if kind not in "biuf":
+        return "; feed a numeric array"
+    if kind == "f" and want.kind in "biu":
+        return f"; convert it first (np.rint(x).astype(np.{want.name})) or declare a float placeholder"
+    if arr.size == 0:
+        return None
+    if want.kind in "biu":  # integers (or bools) into an integer type, or into bool as the range [0, 1]
+        low, high = (0, 1) if want.kind == "b" else (int(np.iinfo(want).min), int(np.iinfo(want).max))
+        lowest, highest = int(arr.min()), int(arr.max())  # Python ints: uint64 and int64 compare exactly
+        if lowest >= low and highest <= high:
+            return None
+        return (f": {lowest if lowest < low else highest} lies outside {want.name}'s range [{low}, {high}]; "
+                f"feed {want.name} values or declare a wider dtype")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = arr.astype(want)
+        if kind == "f":
+            lost = arr[np.isfinite(arr) & ~np.isfinite(converted)]
+            why = f"overflows {want.name} (largest {np.finfo(want).max})"
+        else:
+            lost = arr[converted.astype(arr.dtype) != arr]
+            why = f"is not exactly representable in {want.name}; feed a float array or declare a wider dtype"
+    return None if lost.size == 0 else f": {lost.flat[0]} {why}"
+
+
 def make_op(op_type, inputs, compute, dtypes, shapes, grad=None, name=None, attrs=None, stateful=False):
     """Create an operation in the default graph and return it."""
     graph = get_default_graph()

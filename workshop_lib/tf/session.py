@@ -25,6 +25,7 @@ from .core import (
     Tensor,
     Variable,
     _default_session_stack,
+    feed_array,
     get_default_graph,
     topological_order,
 )
@@ -229,13 +230,7 @@ class Session:
             tensor = self._element(key)
             if isinstance(tensor, Operation):
                 raise TypeError(f"cannot feed an operation ({tensor.name}); feed its output tensor")
-            arr = np.asarray(value)
-            want = tensor.dtype.as_numpy_dtype
-            if arr.dtype != want:
-                if arr.dtype.kind in "OUS" or (arr.dtype.kind == "f" and np.dtype(want).kind in "iub"):
-                    raise InvalidArgumentError(f"cannot feed a {arr.dtype} value to {tensor.name} of dtype "
-                                               f"{tensor.dtype.name}")
-                arr = arr.astype(want)
+            arr = feed_array(tensor, value)
             if not tensor.shape.is_compatible_with(arr.shape):
                 raise InvalidArgumentError(f"cannot feed a value of shape {arr.shape} to {tensor.name}, "
                                            f"which has shape {tensor.shape}")

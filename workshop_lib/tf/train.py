@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import re
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from .. import kernels
-from ..data import atomic_write
+from ..data import atomic_write, fsync_dir, is_temporary, remove_stale_temporaries
 from . import logging
 from .core import (
     GLOBAL_STEP,
@@ -333,53 +335,170 @@ def _read_index(directory):
     return (str(Path(directory) / latest.group(1)) if latest else None), [str(Path(directory) / p) for p in every]
 
 
-def latest_checkpoint(checkpoint_dir):
-    """The path prefix of the newest checkpoint in ``checkpoint_dir`` (as written by Saver), or None."""
+def _prefix(save_path):
+    """The path prefix of a checkpoint, from a prefix (``model.ckpt-7``) or its file (``model.ckpt-7.npz``)."""
+    path = os.fspath(save_path)
+    return path[: -len(".npz")] if path.endswith(".npz") else path
+
+
+def _is_complete(prefix):
+    """True if ``prefix.npz`` is a whole zip archive (a truncated copy lacks the directory at its end)."""
+    return os.path.isfile(prefix + ".npz") and zipfile.is_zipfile(prefix + ".npz")
+
+
+def _checkpoints_on_disk(directory):
+    """The prefixes of the complete checkpoints in ``directory``, oldest first (by write time, then step)."""
+    found = []
+    for entry in Path(directory).glob("*.npz") if os.path.isdir(directory) else []:
+        prefix = str(entry)[: -len(".npz")]
+        if is_temporary(entry) or not _is_complete(prefix):
+            continue
+        step = re.search(r"-(\d+)$", prefix)
+        found.append((entry.stat().st_mtime_ns, int(step.group(1)) if step else -1, prefix))
+    return [prefix for _, _, prefix in sorted(found)]
+
+
+def _find_latest(checkpoint_dir):
+    """(prefix or None, why the index was not used or None): the index's newest if complete, else the disk's."""
     latest, _ = _read_index(checkpoint_dir)
-    if latest is None or not Path(latest + ".npz").exists():
-        return None
+    if latest is not None and _is_complete(latest):
+        return latest, None
+    on_disk = _checkpoints_on_disk(checkpoint_dir)
+    if not on_disk:
+        return None, None
+    if latest is None:
+        why = f"{os.path.join(checkpoint_dir, 'checkpoint')} is missing or names no checkpoint"
+    else:
+        state = "incomplete" if os.path.exists(latest + ".npz") else "missing"
+        why = f"the index names {latest}.npz, which is {state}"
+    return on_disk[-1], why
+
+
+def latest_checkpoint(checkpoint_dir, latest_filename=None):
+    """The path prefix of the newest checkpoint in ``checkpoint_dir`` (as written by Saver), or None.
+
+    The newest is the one the ``checkpoint`` index names. If that file is missing or
+    incomplete (a truncated copy), the newest complete checkpoint on disk is used
+    instead, with a warning that says why.
+
+    Parameters
+    ----------
+    checkpoint_dir : str or Path
+        The folder that ``Saver.save`` wrote to.
+    latest_filename : None
+        TensorFlow's name of another index file; only the default (``checkpoint``) is supported.
+
+    Returns
+    -------
+    str or None
+        A prefix for ``Saver.restore`` (``<dir>/model.ckpt-<step>``), None if the folder holds no checkpoint.
+    """
+    if latest_filename not in (None, "checkpoint"):
+        raise NotImplementedError(f"latest_filename={latest_filename!r}: only the default index 'checkpoint' is "
+                                  "supported")
+    latest, why = _find_latest(checkpoint_dir)
+    if why is not None:
+        logging.warning("%s; using the newest complete checkpoint on disk, %s", why, latest)
     return latest
 
 
+def _refuse_unusable_checkpoints(checkpoint_dir):
+    """Raise if ``checkpoint_dir`` holds checkpoint files but no usable checkpoint: never restart at step 0 silently."""
+    if not os.path.isdir(checkpoint_dir):
+        return
+    names = sorted(e.name for e in Path(checkpoint_dir).iterdir()
+                   if not is_temporary(e) and (e.name == "checkpoint" or e.suffix == ".npz"))
+    if names:
+        raise ValueError(
+            f"checkpoint_dir={os.fspath(checkpoint_dir)!r} holds {names} but no complete checkpoint to resume from; "
+            "training would restart at step 0. Move or delete these files to start afresh, or pass another "
+            "checkpoint_dir")
+
+
 class Saver:
-    """Saves and restores variables as ``<prefix>.npz``; keeps the newest ``max_to_keep`` checkpoints."""
+    """Saves and restores variables as ``<prefix>.npz``; keeps the newest ``max_to_keep`` checkpoints.
+
+    A save survives being killed at any moment: the new checkpoint is written
+    first (a temporary file, fsync, rename, fsync of the folder), then the
+    ``checkpoint`` index naming it, and only then are checkpoints beyond
+    ``max_to_keep`` deleted, so the index never names a deleted file. Each save
+    also deletes what killed saves left behind: their temporary files, and older
+    checkpoints of the same name (``<save_path>-<step>.npz``) beyond ``max_to_keep``.
+    """
 
     def __init__(self, var_list=None, max_to_keep=5):
         if var_list is None:
             var_list = get_default_graph().get_collection(GLOBAL_VARIABLES)
+        if max_to_keep is not None and (not isinstance(max_to_keep, (int, np.integer)) or max_to_keep < 0):
+            raise ValueError(f"max_to_keep={max_to_keep!r} must be a non-negative integer (0 or None: keep all)")
         self._vars = {v.name_prefix: v for v in (var_list.values() if isinstance(var_list, dict) else var_list)}
         self.max_to_keep = max_to_keep
 
     def save(self, sess, save_path, global_step=None, write_meta_graph=True, latest_filename=None):
-        """Write the checkpoint atomically (temporary file, then rename) and return its path prefix."""
+        """Write a checkpoint and return its path prefix, ``save_path-<global_step>`` (a trailing .npz is dropped).
+
+        The file is ``<prefix>.npz``; ``restore`` and ``latest_checkpoint`` take the prefix.
+        """
+        if latest_filename not in (None, "checkpoint"):
+            raise NotImplementedError(f"latest_filename={latest_filename!r}: only the default index 'checkpoint' "
+                                      "is supported")
         step = _step_value(sess, global_step)
-        prefix = f"{save_path}-{step}" if step is not None else str(save_path)
-        values = {name: sess.read_variable(var) for name, var in self._vars.items()}
-        atomic_write(Path(prefix + ".npz"), lambda tmp: np.savez(tmp, **values))
+        base = _prefix(save_path)
+        prefix = f"{base}-{step}" if step is not None else base
         directory = os.path.dirname(prefix) or "."
+        values = {name: sess.read_variable(var) for name, var in self._vars.items()}
+        for name in (os.path.basename(base), "checkpoint"):
+            remove_stale_temporaries(directory, name)
+        atomic_write(Path(prefix + ".npz"), lambda tmp: np.savez(tmp, **values))
         _, previous = _read_index(directory)
-        kept = [p for p in previous if p != prefix] + [prefix]
-        for old in kept[: -self.max_to_keep] if self.max_to_keep else []:
-            if os.path.exists(old + ".npz"):
-                os.unlink(old + ".npz")
-        kept = kept[-self.max_to_keep:] if self.max_to_keep else kept
+        kept = [p for p in previous if p != prefix and os.path.exists(p + ".npz")] + [prefix]
+        if self.max_to_keep:
+            kept = kept[-self.max_to_keep:]
         _write_index(directory, prefix, kept)
+        if self.max_to_keep:  # old ones last: the index already names only the kept
+            ours = re.compile(re.escape(os.path.basename(base)) + r"-\d+$")
+            stale = set(previous) | {p for p in _checkpoints_on_disk(directory) if ours.match(os.path.basename(p))}
+            for old in sorted(stale - set(kept)):
+                if os.path.exists(old + ".npz"):
+                    os.unlink(old + ".npz")
+            fsync_dir(directory)
         return prefix
 
     def restore(self, sess, save_path):
-        """Load every variable of this Saver from ``save_path`` (a prefix, as latest_checkpoint returns)."""
+        """Load every variable of this Saver from ``save_path``: a prefix, as latest_checkpoint returns, or its .npz.
+
+        Every value is read before any variable changes, so a failed restore leaves the session as it was.
+        """
         if save_path is None:
             raise ValueError("save_path is None: there is no checkpoint to restore (check latest_checkpoint's dir)")
-        path = save_path if str(save_path).endswith(".npz") else str(save_path) + ".npz"
+        if os.path.isdir(save_path):
+            raise ValueError(f"save_path={os.fspath(save_path)!r} is a folder; pass a checkpoint in it, e.g. "
+                             "tf.train.latest_checkpoint(folder)")
+        path = _prefix(save_path) + ".npz"
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: checkpoint not found")
+        values = _read_checkpoint(path, list(self._vars))
+        for name, var in self._vars.items():
+            sess.write_variable(var, values[name])
+        logging.info("Restoring parameters from %s", save_path)
+
+
+def _read_checkpoint(path, names):
+    """{name: array} for ``names`` from the checkpoint file ``path``; errors name the file and what is wrong."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a complete checkpoint: expected an .npz (zip) archive as tf.train.Saver "
+                         "writes, found a truncated file or a file of another kind")
+    try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [name for name in self._vars if name not in f.files]
+            missing = [name for name in names if name not in f.files]
             if missing:
                 raise KeyError(f"{path}: checkpoint has no value for {missing}")
-            for name, var in self._vars.items():
-                sess.write_variable(var, f[name])
-        logging.info("Restoring parameters from %s", save_path)
+            return {name: f[name] for name in names}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: corrupted checkpoint ({type(exc).__name__}: {exc}); restore an older one "
+                         "or retrain") from exc
+    except ValueError as exc:  # numpy refusing pickled (object) arrays, or a malformed array header
+        raise ValueError(f"{path}: not a checkpoint of tf.train.Saver, which holds numeric arrays only") from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +645,7 @@ class CheckpointSaverHook(SessionRunHook):
     def after_create_session(self, session, coord):
         self._last_step = int(session.run(self._global_step))
         self._last_time = time.time()
-        if latest_checkpoint(self._dir) is None:
+        if _find_latest(self._dir)[0] is None:
             self._save(session, self._last_step)
 
     def _save(self, session, step):
@@ -549,7 +668,7 @@ class CheckpointSaverHook(SessionRunHook):
 
     def end(self, session):
         step = int(session.run(self._global_step))
-        if step != self._last_step or latest_checkpoint(self._dir) is None:
+        if step != self._last_step or _find_latest(self._dir)[0] is None:
             self._save(session, step)
 
 
@@ -558,12 +677,17 @@ class MonitoredTrainingSession:
 
     With ``checkpoint_dir`` (on the chief) it resumes from the latest checkpoint there and says so, and
     adds a CheckpointSaverHook (every ``save_checkpoint_steps`` steps, else every ``save_checkpoint_secs``).
+    A ``checkpoint_dir`` that holds checkpoint files none of which can be used raises a ValueError
+    naming them, rather than starting again at step 0.
     """
 
     def __init__(self, master="", is_chief=True, checkpoint_dir=None, scaffold=None, hooks=None,
                  chief_only_hooks=None, save_checkpoint_secs=600, save_summaries_steps=100, save_summaries_secs=None,
                  config=None, stop_grace_period_secs=120, log_step_count_steps=100, save_checkpoint_steps=None):
         graph = get_default_graph()
+        restored = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        if checkpoint_dir and restored is None:
+            _refuse_unusable_checkpoints(checkpoint_dir)
         self._hooks = list(hooks or []) + (list(chief_only_hooks or []) if is_chief else [])
         if checkpoint_dir and is_chief and (save_checkpoint_steps or save_checkpoint_secs):
             self._hooks.append(CheckpointSaverHook(
@@ -574,7 +698,6 @@ class MonitoredTrainingSession:
         init = make_op("NoOp", [], lambda ctx: (), [], [], name="init_all")
         init.control_inputs.extend(v.initializer for v in graph.get_collection(GLOBAL_VARIABLES))
         self._session = Session(graph=graph, config=config)
-        restored = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
         self._session.run(init)
         if restored:
             Saver().restore(self._session, restored)
