@@ -639,21 +639,6 @@ def _fused_gemm_driver(nv: int, lanes: int, out_kind: str):
 
 
 @numba.njit(cache=True)
-def _expand_width(x, r_size, s_size, pt, pl, pad_value, out_h, out_w, src):  # IN x (H, W, C) u8; OUT src
-    """src[h, w, s*C + c] = x padded at (h - pt, w + s - pl, c): the S taps of a row side by side."""
-    h_size, w_size, c_size = x.shape
-    src[:] = 0
-    for hh in range(out_h + r_size - 1):
-        ih = hh - pt
-        for ww in range(out_w):
-            for s in range(s_size):
-                iw = ww + s - pl
-                inside = 0 <= ih < h_size and 0 <= iw < w_size
-                for c in range(c_size):
-                    src[hh, ww, s * c_size + c] = x[ih, iw, c] if inside else pad_value
-
-
-@numba.njit(cache=True)
 def _fill_border(out, out_pad, value):  # OUT out (H + 2*pad, W + 2*pad, K): the border only
     if out_pad == 0:
         return
@@ -665,14 +650,14 @@ def _fill_border(out, out_pad, value):  # OUT out (H + 2*pad, W + 2*pad, K): the
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_conv_driver(nv: int, lanes: int, pool: int, expand: bool):
+def _fused_conv_driver(nv: int, lanes: int, pool: int):
     tw = _conv_tile_width(nv)
     tile = _fused_tile_intrinsic(2, tw, nv, lanes, pool, "u8")
     cols = nv * lanes
 
     @numba.njit(cache=False)
     def image(src, bp, bias, mult, out, n_seg, groups, out_h, out_w, out_pad, zero_point, lo, hi):
-        # IN src (out_h + R - 1, W', C') u8 receptive fields; OUT out (H'', W'', K) u8, one image
+        # IN src (out_h + R - 1, W', C) u8, padded; OUT out (H'', W'', K) u8: one image
         _fill_border(out, out_pad, np.uint8(zero_point))
         s_row, s_col = src.strides[0], src.strides[1]
         o_row, o_col = out.strides[0], out.strides[1]
@@ -689,22 +674,11 @@ def _fused_conv_driver(nv: int, lanes: int, pool: int, expand: bool):
                          np.int64(s_col), np.int64(o0 + p * cols), np.int64(o_row), np.int64(o_col), np.int64(p),
                          np.int64(p * cols), np.int64(n_seg), np.int64(s_row), np.int64(groups), zero_point, lo, hi)
 
-    if expand:
-        @numba.njit(parallel=True, cache=False)
-        def run(x, bp, bias, mult, out, r_size, s_size, pt, pl, pad_value, out_h, out_w, out_pad, zero_point, lo,
-                hi):  # IN x (N, H, W, C) u8 unpadded; OUT out (N, H'', W'', K) u8
-            c_wide = (s_size * x.shape[3] + 3) // 4 * 4
-            for n in numba.prange(x.shape[0]):
-                src = np.empty((out_h + r_size - 1, out_w, c_wide), dtype=np.uint8)
-                _expand_width(x[n], r_size, s_size, pt, pl, pad_value, out_h, out_w, src)
-                image(src, bp, bias, mult, out[n], r_size, c_wide // 4, out_h, out_w, out_pad, zero_point, lo, hi)
-    else:
-        @numba.njit(parallel=True, cache=False)
-        def run(x, bp, bias, mult, out, r_size, s_size, pt, pl, pad_value, out_h, out_w, out_pad, zero_point, lo,
-                hi):  # IN x (N, out_h + R - 1, out_w + S - 1, C) u8 padded, C % 4 == 0; OUT out (N, H'', W'', K) u8
-            groups = s_size * x.shape[3] // 4
-            for n in numba.prange(x.shape[0]):
-                image(x[n], bp, bias, mult, out[n], r_size, groups, out_h, out_w, out_pad, zero_point, lo, hi)
+    @numba.njit(parallel=True, cache=False)
+    def run(x, bp, bias, mult, out, r_size, groups, out_h, out_w, out_pad, zero_point, lo, hi):
+        # IN x (N, out_h + R - 1, W', C) u8, padded; OUT out (N, H'', W'', K) u8
+        for n in numba.prange(x.shape[0]):
+            image(x[n], bp, bias, mult, out[n], r_size, groups, out_h, out_w, out_pad, zero_point, lo, hi)
 
     return run
 
@@ -798,12 +772,15 @@ def conv2d_u8s8u8_fused(x, w, bias, multiplier, zero_point=0, relu=True, pool=1,
         raise ValueError(f"the fused kernel needs an output of at least 2 x {tw} pixels; got {out_h} x {out_w}")
     if pool == 2 and (out_h % 2 or out_w % 2):
         raise ValueError(f"pool=2 needs an even output height and width; got {out_h} x {out_w}")
-    if not w.expand and padding == "SAME":
-        x = np.pad(x, ((0, 0), (pt, r - 1 - pt), (pl, s - 1 - pl), (0, 0)), constant_values=pad_value)
+    # an expanded convolution reads C' bytes from each pixel on: a few beyond the last tap (times zero weights)
+    extra = -(-w.groups_per_segment * 4 // w.in_channels) - s if w.expand else 0
+    pads = ((pt, r - 1 - pt), (pl, s - 1 - pl + extra)) if padding == "SAME" else ((0, 0), (0, extra))
+    if any(p for pair in pads for p in pair):
+        x = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
     x = np.ascontiguousarray(x)
     out = np.empty((n_size, out_h // pool + 2 * out_pad, out_w // pool + 2 * out_pad, w.padded_channels), np.uint8)
-    _fused_conv_driver(w.nv, w.lanes, pool, w.expand)(
-        x, w.data, bias_f64, mult_f64, out, r, s, pt, pl, np.uint8(pad_value), out_h, out_w, out_pad, zp, lo, hi)
+    _fused_conv_driver(w.nv, w.lanes, pool)(x, w.data, bias_f64, mult_f64, out, r, w.groups_per_segment, out_h,
+                                            out_w, out_pad, zp, lo, hi)
     return out if w.padded_channels == w.out_channels else out[..., : w.out_channels]
 
 
