@@ -1,13 +1,14 @@
-"""The labs' MNIST CNN (the slides' ``deepnn``), trained with the float32 kernels.
+"""The labs' MNIST CNN (the slides' ``deepnn``) in its three forms: a kernel chain, a ``tf`` graph, int8.
 
 conv 5x5x32 SAME + ReLU + maxpool 2 -> conv 5x5x64 SAME + ReLU + maxpool 2 ->
 FC 3136 -> 1024 + ReLU -> dropout -> FC 1024 -> 10. Layout NHWC, weights HWIO.
 The one idea: a network is a chain of the kernels' forward passes, and training
 is the same chain backwards plus an optimiser step (Adam here).
 
-Until the graph engine of ``workshop_lib.tf`` exists this module trains the
-model directly with the kernels; ``workshop train mnist`` writes
-``data/models/mnist_cnn.npz`` (weights plus metadata), which lab 01 quantizes.
+The kernel chain trains the model directly with the kernels; ``workshop train mnist``
+writes ``data/models/mnist_cnn.npz`` (weights plus metadata). :func:`deepnn` builds the
+same network as a ``workshop_lib.tf`` graph, and :class:`QuantizedCNN` runs it in int8
+(the model that lab 01 quantizes), fused layer by layer on CPUs with VNNI.
 """
 
 from __future__ import annotations
@@ -427,6 +428,18 @@ class QuantizedCNN:
     def logits(self, images_u8):
         """float32 logits (N, 10) for uint8 images (N, 28, 28)."""
         return self.stages(images_u8)["logits"]
+
+    def weight_bytes(self):
+        """Bytes of each layer's parameters, float32 vs int8: ``{layer: {"fp32": n, "int8": n}}``.
+
+        fp32: float32 weights and biases. int8: s8 weights, s32 biases and one float32 scale per
+        output channel (what an int8 model file holds). The weights dominate, so about 4x smaller.
+        """
+        sizes = {}
+        for name, layer in self.layers.items():
+            w, k = layer["w"], layer["w"].shape[-1]
+            sizes[name] = {"fp32": 4 * (w.size + k), "int8": w.size + 4 * k + 4 * k}
+        return sizes
 
     def predict(self, images_u8, batch_size=256):
         """Predicted classes (N,), in batches of ``batch_size``."""
