@@ -91,8 +91,8 @@ def gemm_rows(shapes, repeats, torch):
             line = f"        torch._int_mm {row['torch_int_mm_gops']:7.0f} GOP/s"
             if row["onednn_linear_gops"]:
                 row["vs_onednn"] = ours / row["onednn_linear_gops"]
-                line += (f"   oneDNN int8 linear (u8 out) {row['onednn_linear_gops']:7.0f} GOP/s   ours (fused, u8 out) "
-                         f"{ours:7.0f}: {row['vs_onednn']:.2f}x oneDNN")
+                line += (f"   oneDNN int8 linear (u8 out) {row['onednn_linear_gops']:7.0f} GOP/s"
+                         f"   ours (fused, u8 out) {ours:7.0f}: {row['vs_onednn']:.2f}x oneDNN")
             print(line)
         rows.append(row)
     return rows

@@ -1,4 +1,4 @@
-"""workshop_lib.models: the CNN's wiring (gradients), deterministic training that learns, model files, and the int8 CNN."""
+"""workshop_lib.models: the CNN's wiring (gradients), training that learns, model files, and the int8 CNN."""
 
 import json
 

@@ -489,9 +489,11 @@ def pack_fused_weights(w, isa=None) -> FusedWeights:
     -------
     FusedWeights
     """
+    if isa is not None and isa not in ("avx512_vnni", "avx_vnni"):
+        raise ValueError(f"isa={isa!r} must be 'avx512_vnni' or 'avx_vnni'")
     isa = isa or vnni_isa()
-    if isa not in ("avx512_vnni", "avx_vnni"):
-        raise RuntimeError(f"isa={isa!r}: the fused kernels need avx512_vnni or avx_vnni; use path='portable'")
+    if isa is None:
+        raise RuntimeError("the fused kernels need avx512_vnni or avx_vnni, which this CPU lacks; use path='portable'")
     w = np.asarray(w)
     if w.dtype != np.int8 or w.ndim not in (2, 4):
         raise TypeError(f"w must be int8, (K, N) or HWIO (R, S, C, K); got dtype={w.dtype}, shape={w.shape}")
@@ -694,7 +696,10 @@ def _fused_output_stage(packed, bias, multiplier, zero_point, relu):
         raise ValueError(f"bias must fit in int32; got values in [{bias.min()}, {bias.max()}]")
     multiplier = np.asarray(multiplier, dtype=np.float64)
     if multiplier.shape not in ((), (k,)) or not (np.isfinite(multiplier).all() and (multiplier > 0).all()):
-        raise ValueError(f"multiplier must be finite and > 0, of shape () or ({k},); got {multiplier!r}")
+        got = f"shape {multiplier.shape}"
+        if multiplier.size:
+            got += f", values in [{multiplier.min()}, {multiplier.max()}]"
+        raise ValueError(f"multiplier must be finite and > 0, of shape () or ({k},); got {got}")
     if not (isinstance(zero_point, (int, np.integer)) and 0 <= zero_point <= 255):
         raise ValueError(f"zero_point={zero_point!r} must be an integer in [0, 255] (a u8 zero point)")
     bias_f64, mult_f64 = np.zeros(kp), np.ones(kp)
@@ -809,7 +814,7 @@ def gemm_u8s8u8_fused(a, w, bias, multiplier, zero_point=0, relu=True):
     """An int8 FC layer in one pass: u8 (M, K) x packed s8 (K, N) + bias, requantized (+ ReLU) to u8 (M, N).
 
     The arguments mean what they mean in :func:`conv2d_u8s8u8_fused`; the result equals
-    ``requantize(gemm_u8s8s32(a, w) , ...)`` bit for bit.
+    ``requantize(gemm_u8s8s32(a, w), ...)`` bit for bit.
     """
     a = _check_fc_input(a, w)
     bias_f64, mult_f64, zp, lo, hi = _fused_output_stage(w, bias, multiplier, zero_point, relu)
