@@ -130,7 +130,7 @@ def torch_int8_cnn(torch, params, calibration_images, example):
     return models_by_backend
 
 
-def cnn_row(batch, repeats, rounds, torch):
+def cnn_row(batch, repeats, rounds, torch, why_no_torch="PyTorch is not installed"):
     params, _ = models.load_model()
     (x_train, _), (x_test, y_test) = load_mnist()
     images = x_test[:batch]
@@ -146,7 +146,7 @@ def cnn_row(batch, repeats, rounds, torch):
     print(f"  top-1 on 2,000 held-out images: fp32 {acc32:.4f}, int8 {acc8:.4f} ({100 * (acc8 - acc32):+.2f} points;"
           f" target within 0.3)")
     if torch is None:
-        print("  PyTorch is not installed: no comparison with its static int8 CNN")
+        print(f"  {why_no_torch}: no comparison with PyTorch's static int8 CNN")
         return row
     import numba
 
@@ -201,7 +201,8 @@ def main():
     figures = {"gemm": gemm_rows(shapes, 2 if args.quick else args.repeats, torch)}
     batch = 64 if args.quick else 256
     print("MNIST CNN inference, batch", batch)
-    figures["cnn"] = cnn_row(batch, 2 if args.quick else args.repeats, 1 if args.quick else args.rounds, torch)
+    figures["cnn"] = cnn_row(batch, 2 if args.quick else args.repeats, 1 if args.quick else args.rounds, torch,
+                             "--no-torch" if args.no_torch else "PyTorch is not installed")
     at_1024 = [r for r in figures["gemm"] if r["shape"] == [1024, 1024, 1024]]
     if at_1024:
         print(f"\nint8 GEMM at 1024^3 is {at_1024[0]['ratio']:.2f}x numpy's fp32 GEMM (target >= 2.0)"
