@@ -449,8 +449,9 @@ class FusedWeights:
 
     ``kind`` is ``"fc"`` for a (K, N) matrix or ``"conv"`` for HWIO (R, S, C, K). A convolution
     whose C is not a multiple of 4 (conv1 of MNIST: C = 1) is stored as an (R, 1, C', K)
-    convolution over the input expanded along its width, C' = S*C rounded up to 4: the kernel
-    then reads each of the R rows of a receptive field as one contiguous run of bytes.
+    convolution, C' = S*C rounded up to 4 (``expand``): in NHWC each of the R rows of a
+    receptive field is one contiguous run of S*C bytes, which the kernel reads as C' bytes
+    (the bytes past the last tap meet zero weights), so no im2col copy is needed.
     """
 
     def __init__(self, w, lanes):
