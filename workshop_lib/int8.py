@@ -607,6 +607,9 @@ def _fused_tile_intrinsic(rows: int, cols_per_row: int, nv: int, lanes: int, poo
     return tile
 
 
+_A_BLOCK_BYTES = 256 * 1024  # rows of A per block in the fused GEMM: a quarter of a 1 MB L2
+
+
 def _fc_rows(nv):
     """Matrix rows per FC tile: as many as the 32 vector registers allow beside nv weight vectors."""
     return min(8, 27 // nv)
@@ -624,19 +627,34 @@ def _fused_gemm_driver(nv: int, lanes: int, out_kind: str):
     cols = nv * lanes
     itemsize = 1 if out_kind == "u8" else 4
 
+    @numba.njit(cache=False)
+    def block(a, bp, bias, mult, out, p0, p1, t0, t1, zero_point, lo, hi):  # panels [p0, p1) x row tiles [t0, t1)
+        m_size, n_groups = a.shape[0], bp.shape[1]
+        a_row, o_row = a.strides[0], out.strides[0]
+        # rows in blocks that stay in L2 while this thread's weight panels pass over them
+        block_tiles = max(1, _A_BLOCK_BYTES // (rows * a.shape[1]))
+        for b0 in range(t0, t1, block_tiles):
+            for p in range(p0, p1):
+                for t in range(b0, min(t1, b0 + block_tiles)):
+                    r0 = min(t * rows, m_size - rows)  # the last tile overlaps the one before it
+                    tile(a, bp, bias, mult, out, np.int64(r0 * a_row), np.int64(a_row), np.int64(0),
+                         np.int64(r0 * o_row + p * cols * itemsize), np.int64(o_row), np.int64(0), np.int64(p),
+                         np.int64(p * cols), np.int64(1), np.int64(0), np.int64(n_groups), zero_point, lo, hi)
+
     @numba.njit(parallel=True, cache=False)
     def run(a, bp, bias, mult, out, zero_point, lo, hi):  # IN a (M >= rows, 4G) u8; OUT out (M, P*cols)
-        m_size = a.shape[0]
-        n_panels, n_groups = bp.shape[0], bp.shape[1]
-        n_tiles = (m_size + rows - 1) // rows
-        a_row, o_row = a.strides[0], out.strides[0]
-        # panel-major: each thread keeps its weight panels in its own cache while the rows stream by
-        for t in numba.prange(n_panels * n_tiles):
-            p = t // n_tiles
-            r0 = min((t % n_tiles) * rows, m_size - rows)  # the last tile overlaps the one before it
-            tile(a, bp, bias, mult, out, np.int64(r0 * a_row), np.int64(a_row), np.int64(0),
-                 np.int64(r0 * o_row + p * cols * itemsize), np.int64(o_row), np.int64(0), np.int64(p),
-                 np.int64(p * cols), np.int64(1), np.int64(0), np.int64(n_groups), zero_point, lo, hi)
+        n_panels = bp.shape[0]
+        n_tiles = (a.shape[0] + rows - 1) // rows
+        n_threads = numba.get_num_threads()
+        # each thread takes a share of the weight panels (or, with fewer panels than threads, of the rows)
+        by_panels = n_panels >= n_threads
+        for th in numba.prange(n_threads):
+            if by_panels:
+                block(a, bp, bias, mult, out, th * n_panels // n_threads, (th + 1) * n_panels // n_threads,
+                      0, n_tiles, zero_point, lo, hi)
+            else:
+                block(a, bp, bias, mult, out, 0, n_panels, th * n_tiles // n_threads,
+                      (th + 1) * n_tiles // n_threads, zero_point, lo, hi)
 
     return run
 
