@@ -220,3 +220,173 @@ def test_non_contiguous_views_give_the_same_bits_on_every_path(path):
     got = int8.conv2d_u8s8s32(x, w, 1, "VALID", path=path)
     ref = int8.conv2d_u8s8s32(np.ascontiguousarray(x), np.ascontiguousarray(w), 1, "VALID", path="reference")
     np.testing.assert_array_equal(got, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused layers: bit for bit the composition of the primitives (s32 conv/GEMM, requantize, max-pool)
+
+needs_vnni = pytest.mark.skipif(not HAS_VNNI, reason="the fused kernels issue vpdpbusd; this CPU has no VNNI")
+
+
+def requantize_spec(acc, multiplier, bias, zero_point, relu):
+    from workshop_lib.quantization import QuantParams, requantize
+
+    out = QuantParams(np.float64(1.0), np.int32(zero_point), np.dtype(np.uint8))  # so in_scale is the multiplier
+    return requantize(acc, multiplier, out, bias, relu)
+
+
+def fused_conv_spec(x, w, bias, multiplier, zero_point, relu, pool, padding, pad_value):
+    from workshop_lib import kernels
+
+    acc = int8.conv2d_u8s8s32(x, w, 1, padding, pad_value, path="reference")
+    out = requantize_spec(acc, multiplier, bias, zero_point, relu)
+    return kernels.maxpool_forward(out, 2, 2)[0] if pool == 2 else out
+
+
+def random_layer(rng, shape_w, scale=(1e-5, 1e-3)):
+    w = rng.integers(-128, 128, shape_w, dtype=np.int8)
+    k = shape_w[-1]
+    return w, rng.integers(-60_000, 60_000, k), rng.uniform(*scale, k)
+
+
+CONV_CASES = [  # (N, H, W, C), (R, S, K), pool, padding: MNIST's two layers, C = 1 and 3 (expanded), no pool, VALID
+    ((3, 28, 28, 1), (5, 5, 32), 2, "SAME"), ((2, 14, 14, 32), (5, 5, 64), 2, "SAME"),
+    ((2, 9, 11, 8), (3, 3, 48), 1, "SAME"), ((2, 10, 12, 3), (3, 3, 20), 2, "VALID"),
+    ((1, 7, 9, 16), (3, 2, 64), 1, "VALID"), ((2, 6, 6, 4), (1, 1, 10), 1, "SAME"),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("x_shape, w_shape, pool, padding", CONV_CASES)
+def test_fused_conv_is_bit_identical_to_the_primitives(x_shape, w_shape, pool, padding, relu):
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = rng.integers(0, 256, x_shape, dtype=np.uint8)
+    r, s, k = w_shape
+    w, bias, multiplier = random_layer(rng, (r, s, x_shape[3], k))
+    zero_point = int(rng.integers(0, 30))
+    got = int8.conv2d_u8s8u8_fused(x, int8.pack_fused_weights(w), bias, multiplier, zero_point, relu, pool, padding,
+                                   pad_value=7)
+    expected = fused_conv_spec(x, w, bias, multiplier, zero_point, relu, pool, padding, 7)
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+    assert len(np.unique(expected)) > 20  # the outputs are spread over the range, not all clamped
+
+
+@needs_vnni
+@pytest.mark.parametrize("fill_x, fill_w", [(255, 127), (255, -128), (0, 5), (128, -1)])
+def test_fused_conv_saturates_like_requantize(fill_x, fill_w):
+    rng = np.random.default_rng(fill_x + 128 * abs(fill_w))
+    x = np.full((2, 6, 8, 32), fill_x, dtype=np.uint8)
+    x[0, 1:4, 2:5] = rng.integers(0, 256, (3, 3, 32))  # some pixels away from the extremes
+    w = np.full((3, 3, 32, 32), fill_w, dtype=np.int8)
+    bias = np.linspace(-(2**31), 2**31 - 1, 32).astype(np.int64)  # the s32 extremes included
+    multiplier = np.geomspace(1e-9, 10.0, 32)  # from all-but-zero to saturating at 255
+    for relu, zero_point in ((True, 0), (True, 200), (False, 3)):
+        got = int8.conv2d_u8s8u8_fused(x, int8.pack_fused_weights(w), bias, multiplier, zero_point, relu, 2)
+        expected = fused_conv_spec(x, w, bias, multiplier, zero_point, relu, 2, "SAME", 0)
+        np.testing.assert_array_equal(got, expected)
+        assert expected.max() == 255 and expected.min() == (zero_point if relu else 0)
+
+
+@needs_vnni
+def test_fused_conv_writes_the_next_layers_padding():
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    w, bias, multiplier = random_layer(rng, (5, 5, 1, 32))
+    packed = int8.pack_fused_weights(w)
+    bordered = int8.conv2d_u8s8u8_fused(x, packed, bias, multiplier, 9, True, 2, out_pad=2)
+    plain = int8.conv2d_u8s8u8_fused(x, packed, bias, multiplier, 9, True, 2)
+    assert bordered.shape == (2, 18, 18, 32)
+    np.testing.assert_array_equal(bordered[:, 2:-2, 2:-2], plain)
+    np.testing.assert_array_equal(np.pad(plain, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=9), bordered)
+    # the next layer reads the border with VALID padding: the same as SAME padding with the zero point
+    w2, bias2, multiplier2 = random_layer(rng, (5, 5, 32, 64))
+    packed2 = int8.pack_fused_weights(w2)
+    np.testing.assert_array_equal(
+        int8.conv2d_u8s8u8_fused(bordered, packed2, bias2, multiplier2, 0, True, 2, padding="VALID"),
+        int8.conv2d_u8s8u8_fused(plain, packed2, bias2, multiplier2, 0, True, 2, padding="SAME", pad_value=9))
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(1, 3, 5), (7, 13, 70), (13, 130, 129), (64, 300, 16), (33, 1024, 10)])
+def test_fused_gemms_are_bit_identical_to_the_primitives(shape):
+    m, k, n = shape
+    rng = np.random.default_rng(m * k * n)
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    b, bias, multiplier = random_layer(rng, (k, n), (1e-4, 1e-2))
+    packed = int8.pack_fused_weights(b)
+    acc = int8.gemm_u8s8s32(a, b, path="reference")
+    for relu, zero_point in ((True, 0), (False, 128)):
+        np.testing.assert_array_equal(int8.gemm_u8s8u8_fused(a, packed, bias, multiplier, zero_point, relu),
+                                      requantize_spec(acc, multiplier, bias, zero_point, relu))
+    logits = int8.gemm_u8s8f32_fused(a, packed, bias, multiplier)
+    assert logits.dtype == np.float32
+    np.testing.assert_array_equal(logits, ((acc.astype(np.int64) + bias) * multiplier).astype(np.float32))
+
+
+@needs_vnni
+def test_fused_gemm_requantizes_the_wrapped_accumulator():
+    k = 70_001  # 255 * -128 * 70001 overflows int32: requantize sees the wrapped s32, as the hardware gives it
+    a = np.full((9, k), 255, dtype=np.uint8)
+    b = np.full((k, 16), -128, dtype=np.int8)
+    acc = vnni_spec(a, b)
+    assert acc[0, 0] == 255 * -128 * k + 2**32
+    multiplier = np.full(16, 1e-7)
+    got = int8.gemm_u8s8u8_fused(a, int8.pack_fused_weights(b), np.zeros(16, np.int64), multiplier, 0, True)
+    np.testing.assert_array_equal(got, requantize_spec(acc, multiplier, None, 0, True))
+
+
+@needs_vnni
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(2, 9), st.integers(4, 10), st.integers(1, 9), st.integers(1, 40),
+       st.integers(1, 3), st.integers(1, 3), st.sampled_from([1, 2]), st.integers(0, 2**32 - 1))
+def test_fused_conv_agrees_on_arbitrary_shapes(n, h, w, c, k, r, s, pool, seed):
+    rng = np.random.default_rng(seed)
+    h, w = h + h % 2 * (pool - 1), w + w % 2 * (pool - 1)  # pool=2 needs even sizes
+    x = rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)
+    wt, bias, multiplier = random_layer(rng, (r, s, c, k))
+    got = int8.conv2d_u8s8u8_fused(x, int8.pack_fused_weights(wt), bias, multiplier, 1, True, pool, pad_value=2)
+    np.testing.assert_array_equal(got, fused_conv_spec(x, wt, bias, multiplier, 1, True, pool, "SAME", 2))
+
+
+@needs_vnni
+def test_fused_kernels_really_issue_vpdpbusd():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (1, 4, 4, 4), dtype=np.uint8)
+    w, bias, multiplier = random_layer(rng, (3, 3, 4, 64))
+    packed = int8.pack_fused_weights(w)
+    int8.conv2d_u8s8u8_fused(x, packed, bias, multiplier)
+    conv = int8._fused_conv_driver(packed.nv, packed.lanes, 1)
+    assert "vpdpbusd" in conv.inspect_asm(conv.signatures[0])
+    a = rng.integers(0, 256, (8, 36), dtype=np.uint8)
+    int8.gemm_u8s8u8_fused(a, int8.pack_fused_weights(w.reshape(36, 64)), bias, multiplier)
+    gemm = int8._fused_gemm_driver(packed.nv, packed.lanes, "u8")
+    assert "vpdpbusd" in gemm.inspect_asm(gemm.signatures[0])
+
+
+@needs_vnni
+def test_fused_layers_reject_bad_inputs_by_name():
+    conv = int8.pack_fused_weights(np.zeros((3, 3, 4, 16), np.int8))
+    fc = int8.pack_fused_weights(np.zeros((12, 16), np.int8))
+    x = np.zeros((1, 6, 6, 4), np.uint8)
+    with pytest.raises(TypeError, match="w must be int8"):
+        int8.pack_fused_weights(np.zeros((3, 3), np.float32))
+    with pytest.raises(TypeError, match="x must be uint8 NHWC"):
+        int8.conv2d_u8s8u8_fused(x.astype(np.int8), conv, 0, 1.0)
+    with pytest.raises(TypeError, match="FusedWeights of an HWIO convolution"):
+        int8.conv2d_u8s8u8_fused(x, fc, 0, 1.0)
+    with pytest.raises(ValueError, match=r"x.shape\[3\]=3 \(input channels\) must equal the weights' C=4"):
+        int8.conv2d_u8s8u8_fused(x[..., :3], conv, 0, 1.0)
+    with pytest.raises(ValueError, match="pool=3 must be 1"):
+        int8.conv2d_u8s8u8_fused(x, conv, 0, 1.0, pool=3)
+    with pytest.raises(ValueError, match="pool=2 needs an even output height and width; got 5 x 6"):
+        int8.conv2d_u8s8u8_fused(np.zeros((1, 5, 6, 4), np.uint8), conv, 0, 1.0, pool=2)
+    with pytest.raises(ValueError, match="zero_point=300 must be an integer in"):
+        int8.conv2d_u8s8u8_fused(x, conv, 0, 1.0, zero_point=300)
+    with pytest.raises(ValueError, match="multiplier must be finite and > 0"):
+        int8.conv2d_u8s8u8_fused(x, conv, 0, -1.0)
+    with pytest.raises(TypeError, match="bias must be integers"):
+        int8.gemm_u8s8u8_fused(np.zeros((2, 12), np.uint8), fc, np.zeros(16, np.float32), 1.0)
+    with pytest.raises(ValueError, match=r"a.shape\[1\]=11 must equal the weights' K=12"):
+        int8.gemm_u8s8f32_fused(np.zeros((2, 11), np.uint8), fc, 0, 1.0)

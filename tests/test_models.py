@@ -1,4 +1,4 @@
-"""workshop_lib.models: the CNN's wiring (gradients), deterministic training that learns, and model files."""
+"""workshop_lib.models: the CNN's wiring (gradients), training that learns, model files, and the int8 CNN."""
 
 import json
 
@@ -155,3 +155,90 @@ def test_train_never_replaces_the_shipped_model_unless_asked(data_copy, capsys):
     assert meta["steps"] == 2 and meta["batch_size"] == 8
     assert cli.main(["train", "mnist", "--steps", "2", "--batch-size", "8", "--quiet", "--overwrite-shipped"]) == 0
     assert digest() != before and models.load_model(shipped)[1]["steps"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The CNN in int8
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    params, _ = models.load_model()
+    return params, data
+
+
+@pytest.fixture(scope="module")
+def int8_models(trained):
+    from workshop_lib import int8
+
+    params, ((x_train, _), _) = trained
+    paths = ["reference", "portable"] + (["fast"] if int8.vnni_isa() else [])
+    return {path: models.QuantizedCNN(params, x_train[:500], path=path) for path in paths}
+
+
+def test_int8_cnn_is_within_0_3_points_of_float32(trained, int8_models):
+    params, (_, (x_test, y_test)) = trained
+    fp32 = models.accuracy(params, x_test, y_test)
+    qmodel = int8_models["fast" if "fast" in int8_models else "portable"]
+    int8_acc = (qmodel.predict(x_test) == y_test).mean()
+    assert fp32 > 0.97
+    assert abs(int8_acc - fp32) <= 0.003, (fp32, int8_acc)
+
+
+def _edge_images(x_test):
+    rng = np.random.default_rng(5)
+    return np.concatenate([x_test[:12], np.zeros((2, 28, 28), np.uint8), np.full((2, 28, 28), 255, np.uint8),
+                           rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)])
+
+
+def test_every_layer_is_bit_identical_on_every_int8_path(trained, int8_models):
+    _, (_, (x_test, _)) = trained
+    images = _edge_images(x_test)
+    stages = {path: model.stages(images) for path, model in int8_models.items()}
+    expected = stages["reference"]
+    assert [s.dtype for s in expected.values()] == [np.uint8] * 3 + [np.float32]
+    assert {k: v.shape for k, v in expected.items()} == {"conv1": (20, 14, 14, 32), "conv2": (20, 7, 7, 64),
+                                                         "fc1": (20, 1024), "logits": (20, 10)}
+    assert expected["conv2"].max() == 255 or expected["fc1"].max() == 255  # noise and white images saturate
+    for path, got in stages.items():
+        for name in models.QuantizedCNN.STAGES:
+            np.testing.assert_array_equal(got[name], expected[name], err_msg=f"{path}: {name}")
+
+
+def test_fused_int8_cnn_matches_the_portable_path_on_a_full_batch(trained, int8_models):
+    if "fast" not in int8_models:
+        pytest.skip("this CPU has no VNNI: the fused pipeline does not run")
+    _, (_, (x_test, _)) = trained
+    assert int8_models["fast"].fused
+    for name, got in int8_models["fast"].stages(x_test[:256]).items():
+        np.testing.assert_array_equal(got, int8_models["portable"].stages(x_test[:256])[name], err_msg=name)
+
+
+def test_int8_cnn_rejects_bad_input(trained, int8_models):
+    params, ((x_train, _), _) = trained
+    qmodel = int8_models["portable"]
+    with pytest.raises(TypeError, match=r"images must be uint8 \(N, 28, 28\); got dtype=float32"):
+        qmodel.logits(np.zeros((2, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+        qmodel.predict(x_train[:4], batch_size=0)
+    with pytest.raises(ValueError, match="path='avx' must be one of"):
+        models.QuantizedCNN(params, x_train[:10], path="avx")
+
+
+def test_quantization_holds_primitives_only():
+    import subprocess
+    import sys
+
+    code = ("import sys, workshop_lib.quantization as q; assert not hasattr(q, 'QuantizedCNN'); "
+            "assert 'workshop_lib.models' not in sys.modules, 'quantization imported models'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert "QuantizedCNN" in models.__all__
+
+
+def test_int8_weights_are_about_four_times_smaller(int8_models):
+    sizes = int8_models["portable"].weight_bytes()
+    assert list(sizes) == list(models.LAYERS)
+    assert sizes["fc1"] == {"fp32": 4 * (3136 * 1024 + 1024), "int8": 3136 * 1024 + 8 * 1024}
+    fp32, int8_bytes = (sum(s[kind] for s in sizes.values()) for kind in ("fp32", "int8"))
+    assert fp32 == 4 * sum(int(np.prod(shape)) for shape in models.SHAPES.values())
+    assert 3.9 < fp32 / int8_bytes < 4.0

@@ -34,6 +34,20 @@ def test_core_counts_are_consistent():
     assert cores["physical"] is None or 1 <= cores["physical"] <= cores["logical"]
 
 
+def test_amx_is_usable_only_with_the_cpu_flags_and_the_kernels_permission():
+    usable, reason = sysinfo.amx_status()
+    features = sysinfo.cpu_features()
+    has_flags = features["amx_tile"] and features["amx_int8"]
+    if not has_flags:
+        assert not usable and reason.startswith("the CPU has no amx_"), reason
+    # asking the kernel directly: granted exactly where the CPU has the tiles (Linux x86-64 >= 5.16)
+    refused = sysinfo._request_tile_permission()
+    if has_flags:
+        assert usable == (refused is None), (usable, refused)
+    else:
+        assert refused is not None and ("arch_prctl" in refused or "x86-64" in refused), refused
+
+
 def test_mpi_library_version_names_a_real_library():
     version = sysinfo.mpi_library_version()
     assert not version.startswith("unavailable"), version
@@ -44,6 +58,7 @@ def test_workshop_check_reports_features_mpi_and_succeeds():
     proc = subprocess.run([sys.executable, "-m", "workshop_lib.cli", "check"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"avx512_vnni\s+(yes|no)", proc.stdout)
+    assert re.search(r"AMX usable\s+(yes|no) \(", proc.stdout)
     if sysinfo.cpu_features()["avx512_vnni"]:
         assert re.search(r"avx512_vnni\s+yes", proc.stdout)
     assert "MPI library" in proc.stdout and sysinfo.mpi_library_version().splitlines()[0] in proc.stdout

@@ -41,6 +41,11 @@ __all__ = [
     "pack_weights",
     "PackedWeights",
     "conv2d_u8s8s32",
+    "FusedWeights",
+    "pack_fused_weights",
+    "conv2d_u8s8u8_fused",
+    "gemm_u8s8u8_fused",
+    "gemm_u8s8f32_fused",
 ]
 
 SEMANTICS = ("vnni", "avx512bw")
@@ -457,3 +462,435 @@ def conv2d_u8s8s32(x, w, stride=(1, 1), padding="SAME", pad_value=0, path="auto"
     check.option(path, "path", PATHS)
     cols, (out_h, out_w) = im2col_nhwc(x, ksize, stride, padding, pad_value)
     return gemm_u8s8s32(cols, b, "vnni", path).reshape(x.shape[0], out_h, out_w, k_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused int8 layers: u8 in, u8 out. Each output tile is accumulated over the whole of K in s32
+# registers, then max-pooled, biased, requantized, clamped (the fused ReLU) and stored as u8 in the
+# same pass, so the s32 accumulators never reach memory (oneDNN's "output stage", fused).
+#
+# The output stage is the one of :func:`workshop_lib.quantization.requantize`, bit for bit:
+#   v = rint((acc + bias) * multiplier) + zero_point, clamped to [max(zero_point, 0) if relu else 0, 255].
+# Max-pooling runs on the s32 accumulators before the output stage: the stage is monotonic
+# (multiplier > 0), so max then requantize equals requantize then max, at a quarter of the work.
+
+
+def _panel_vectors(n_size, lanes):
+    """Vectors of output channels per weight panel: up to 4 (24 or 16 accumulators stay in registers)."""
+    return max(1, min(4, -(-n_size // lanes)))
+
+
+def _pack_panels(b, cols):
+    """(K, N) s8 -> int32 (P, G, cols): for each panel of ``cols`` columns, group g of K (4 bytes) per column."""
+    k_size, n_size = b.shape
+    kp, np_ = -(-k_size // 4) * 4, -(-n_size // cols) * cols
+    padded = np.zeros((kp, np_), dtype=np.int8)
+    padded[:k_size, :n_size] = b
+    blocked = padded.reshape(kp // 4, 4, np_ // cols, cols).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(blocked).view(np.int32).reshape(np_ // cols, kp // 4, cols)
+
+
+class FusedWeights:
+    """s8 weights of one layer packed once for the fused kernels, with the layer's geometry.
+
+    ``kind`` is ``"fc"`` for a (K, N) matrix or ``"conv"`` for HWIO (R, S, C, K). A convolution
+    whose C is not a multiple of 4 (conv1 of MNIST: C = 1) is stored as an (R, 1, C', K)
+    convolution, C' = S*C rounded up to 4 (``expand``): in NHWC each of the R rows of a
+    receptive field is one contiguous run of S*C bytes, which the kernel reads as C' bytes
+    (the bytes past the last tap meet zero weights), so no im2col copy is needed.
+    """
+
+    def __init__(self, w, lanes):
+        w = np.asarray(w)
+        if w.ndim == 2:
+            self.kind, self.ksize, self.in_channels, self.expand = "fc", None, w.shape[0], False
+            b = w
+        else:
+            r, s, c, _ = w.shape
+            self.kind, self.ksize, self.in_channels = "conv", (r, s), c
+            self.expand = c % 4 != 0
+            if self.expand:
+                wide = np.zeros((r, 1, -(-s * c // 4) * 4, w.shape[3]), dtype=np.int8)
+                wide[:, 0, : s * c] = w.reshape(r, s * c, w.shape[3])
+                w = wide
+            b = w.reshape(-1, w.shape[-1])
+        self.out_channels = b.shape[1]
+        self.nv, self.lanes = _panel_vectors(self.out_channels, lanes), lanes
+        self.data = _pack_panels(b, self.nv * lanes)
+        self.padded_channels = self.data.shape[0] * self.data.shape[2]
+        # the kernel's view of the layer: n_seg runs of groups_per_seg 4-byte groups
+        self.segments = 1 if self.kind == "fc" else w.shape[0]
+        self.groups_per_segment = self.data.shape[1] // self.segments
+
+
+def pack_fused_weights(w, isa=None) -> FusedWeights:
+    """Pack int8 weights, (K, N) for an FC layer or HWIO (R, S, C, K) for a convolution, for the fused kernels.
+
+    Parameters
+    ----------
+    w : int8 array, 2-D (K, N) or 4-D (R, S, C, K)
+    isa : {"avx512_vnni", "avx_vnni"}, optional
+        The VNNI flavour to pack for (16 or 8 lanes); this CPU's by default.
+
+    Returns
+    -------
+    FusedWeights
+    """
+    if isa is not None and isa not in ("avx512_vnni", "avx_vnni"):
+        raise ValueError(f"isa={isa!r} must be 'avx512_vnni' or 'avx_vnni'")
+    isa = isa or vnni_isa()
+    if isa is None:
+        raise RuntimeError("the fused kernels need avx512_vnni or avx_vnni, which this CPU lacks; use path='portable'")
+    w = np.asarray(w)
+    if w.dtype != np.int8 or w.ndim not in (2, 4):
+        raise TypeError(f"w must be int8, (K, N) or HWIO (R, S, C, K); got dtype={w.dtype}, shape={w.shape}")
+    if 0 in w.shape:
+        raise ValueError(f"w.shape={w.shape} must have no empty axis")
+    return FusedWeights(w, _lanes(isa))
+
+
+def _splat(builder, value, vec):
+    undef = ir.Constant(vec, None)
+    one = builder.insert_element(undef, value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, undef, ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count))
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_tile_intrinsic(rows: int, cols_per_row: int, nv: int, lanes: int, pool: int, out_kind: str):
+    """An intrinsic for one output tile of rows x cols_per_row pixels (or matrix rows) x nv*lanes channels.
+
+    tile(x, bp, bias, mult, out, a0, a_row, a_col, o0, o_row, o_col, panel, col0, n_seg, seg_stride,
+         groups, zero_point, lo, hi)
+
+    Pixel (i, j) of the tile reads its receptive field at byte x + a0 + i*a_row + j*a_col: n_seg runs
+    (one per kernel row) seg_stride bytes apart, each of ``groups`` 4-byte groups, against weight
+    panel ``panel`` of bp (P, G, nv*lanes). Output (i, j) goes to byte out + o0 + i*o_row + j*o_col;
+    with pool == 2, the tile is 2 rows and output j is the max of pixels (0|1, 2j|2j+1). ``out_kind``
+    "u8" stores the requantized u8 values; "f32" stores (acc + bias) * mult as float32.
+    """
+    i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+    vec = ir.VectorType(i32, lanes)
+    dvec = ir.VectorType(ir.DoubleType(), lanes)
+    n_pix = rows * cols_per_row
+
+    @intrinsic
+    def tile(typingctx, x, bp, bias, mult, out, a0, a_row, a_col, o0, o_row, o_col, panel, col0, n_seg,
+             seg_stride, groups, zero_point, lo, hi):
+        sig = types.void(x, bp, bias, mult, out, a0, a_row, a_col, o0, o_row, o_col, panel, col0, n_seg,
+                         seg_stride, groups, zero_point, lo, hi)
+
+        def codegen(context, builder, signature, args):
+            arrays = [context.make_array(t)(context, builder, v) for t, v in zip(signature.args[:5], args[:5])]
+            x_base, b_base, bias_base, mult_base, out_base = (builder.ptrtoint(a.data, i64) for a in arrays)
+            a0, a_row, a_col, o0, o_row, o_col, panel, col0, n_seg, seg_stride, groups = args[5:16]
+            zero_point, lo, hi = args[16:]
+            b_strides = cgutils.unpack_tuple(builder, arrays[1].strides, 3)
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                                 f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
+            const = lambda v: ir.Constant(i64, v)  # noqa: E731
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vec, [0] * lanes)) for _ in range(nv)]
+                    for _ in range(n_pix)]
+            pix = [builder.add(builder.add(x_base, a0), builder.add(builder.mul(const(i), a_row),
+                                                                     builder.mul(const(j), a_col)))
+                   for i in range(rows) for j in range(cols_per_row)]
+            b_panel = builder.add(b_base, builder.mul(panel, b_strides[0]))
+            with cgutils.for_range(builder, n_seg) as seg_loop:
+                seg = seg_loop.index
+                seg_off = builder.mul(seg, seg_stride)
+                g_first = builder.mul(seg, groups)
+                with cgutils.for_range(builder, groups) as loop:
+                    g = loop.index
+                    b_row = builder.add(b_panel, builder.mul(builder.add(g_first, g), b_strides[1]))
+                    b_vecs = [builder.load(builder.inttoptr(builder.add(b_row, const(v * lanes * 4)),
+                                                            vec.as_pointer()), align=4) for v in range(nv)]
+                    a_off = builder.add(seg_off, builder.mul(g, const(4)))
+                    for p in range(n_pix):
+                        a_val = builder.load(builder.inttoptr(builder.add(pix[p], a_off), i32.as_pointer()), align=1)
+                        a_vec = _splat(builder, a_val, vec)
+                        for v in range(nv):
+                            builder.store(builder.call(dot, [builder.load(accs[p][v]), a_vec, b_vecs[v]]),
+                                          accs[p][v])
+            if pool == 2:
+                outputs = []
+                for j in range(cols_per_row // 2):
+                    members = [i * cols_per_row + 2 * j + dj for i in range(2) for dj in range(2)]
+                    outputs.append((0, j, members))
+            else:
+                outputs = [(i, j, [i * cols_per_row + j]) for i in range(rows) for j in range(cols_per_row)]
+            itemsize = 1 if out_kind == "u8" else 4
+            rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(dvec, [dvec]),
+                                                  f"llvm.rint.v{lanes}f64")
+            splat_d = lambda value: _splat(builder, value, dvec)  # noqa: E731
+            zp_v, lo_v, hi_v = splat_d(zero_point), splat_d(lo), splat_d(hi)
+            for v in range(nv):
+                chan = builder.add(col0, const(v * lanes))
+                bias_v = builder.load(builder.inttoptr(builder.add(bias_base, builder.mul(chan, const(8))),
+                                                       dvec.as_pointer()), align=8)
+                mult_v = builder.load(builder.inttoptr(builder.add(mult_base, builder.mul(chan, const(8))),
+                                                       dvec.as_pointer()), align=8)
+                for i, j, members in outputs:
+                    acc = builder.load(accs[members[0]][v])
+                    for m in members[1:]:
+                        other = builder.load(accs[m][v])
+                        acc = builder.select(builder.icmp_signed(">", other, acc), other, acc)
+                    value = builder.fmul(builder.fadd(builder.sitofp(acc, dvec), bias_v), mult_v)
+                    dst = builder.add(builder.add(out_base, o0), builder.add(
+                        builder.mul(const(i), o_row), builder.mul(const(j), o_col)))
+                    dst = builder.add(dst, const(v * lanes * itemsize))
+                    if out_kind == "u8":
+                        value = builder.fadd(builder.call(rint, [value]), zp_v)
+                        value = builder.select(builder.fcmp_ordered("<", value, lo_v), lo_v, value)
+                        value = builder.select(builder.fcmp_ordered(">", value, hi_v), hi_v, value)
+                        small = builder.trunc(builder.fptosi(value, vec), ir.VectorType(i8, lanes))
+                        builder.store(small, builder.inttoptr(dst, small.type.as_pointer()), align=1)
+                    else:
+                        single = builder.fptrunc(value, ir.VectorType(ir.FloatType(), lanes))
+                        builder.store(single, builder.inttoptr(dst, single.type.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile
+
+
+_A_BLOCK_BYTES = 256 * 1024  # rows of A per block in the fused GEMM: a quarter of a 1 MB L2
+
+
+def _fc_rows(nv):
+    """Matrix rows per FC tile: as many as the 32 vector registers allow beside nv weight vectors."""
+    return min(8, 27 // nv)
+
+
+def _conv_tile_width(nv):
+    """Pixels per tile row (the tile is 2 rows, so that a 2x2 max-pool closes inside it)."""
+    return 2 if nv == 4 else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_gemm_driver(nv: int, lanes: int, out_kind: str):
+    rows = _fc_rows(nv)
+    tile = _fused_tile_intrinsic(rows, 1, nv, lanes, 1, out_kind)
+    cols = nv * lanes
+    itemsize = 1 if out_kind == "u8" else 4
+
+    @numba.njit(cache=False)
+    def block(a, bp, bias, mult, out, p0, p1, t0, t1, zero_point, lo, hi):  # panels [p0, p1) x row tiles [t0, t1)
+        m_size, n_groups = a.shape[0], bp.shape[1]
+        a_row, o_row = a.strides[0], out.strides[0]
+        # rows in blocks that stay in L2 while this thread's weight panels pass over them
+        block_tiles = max(1, _A_BLOCK_BYTES // (rows * a.shape[1]))
+        for b0 in range(t0, t1, block_tiles):
+            for p in range(p0, p1):
+                for t in range(b0, min(t1, b0 + block_tiles)):
+                    r0 = min(t * rows, m_size - rows)  # the last tile overlaps the one before it
+                    tile(a, bp, bias, mult, out, np.int64(r0 * a_row), np.int64(a_row), np.int64(0),
+                         np.int64(r0 * o_row + p * cols * itemsize), np.int64(o_row), np.int64(0), np.int64(p),
+                         np.int64(p * cols), np.int64(1), np.int64(0), np.int64(n_groups), zero_point, lo, hi)
+
+    @numba.njit(parallel=True, cache=False)
+    def run(a, bp, bias, mult, out, zero_point, lo, hi):  # IN a (M >= rows, 4G) u8; OUT out (M, P*cols)
+        n_panels = bp.shape[0]
+        n_tiles = (a.shape[0] + rows - 1) // rows
+        n_threads = numba.get_num_threads()
+        # each thread takes a share of the weight panels (or, with fewer panels than threads, of the rows)
+        by_panels = n_panels >= n_threads
+        for th in numba.prange(n_threads):
+            if by_panels:
+                block(a, bp, bias, mult, out, th * n_panels // n_threads, (th + 1) * n_panels // n_threads,
+                      0, n_tiles, zero_point, lo, hi)
+            else:
+                block(a, bp, bias, mult, out, 0, n_panels, th * n_tiles // n_threads,
+                      (th + 1) * n_tiles // n_threads, zero_point, lo, hi)
+
+    return run
+
+
+@numba.njit(cache=True)
+def _fill_border(out, out_pad, value):  # OUT out (H + 2*pad, W + 2*pad, K): the border only
+    if out_pad == 0:
+        return
+    h_size, w_size = out.shape[0], out.shape[1]
+    for h in range(h_size):
+        for w in range(w_size):
+            if h < out_pad or h >= h_size - out_pad or w < out_pad or w >= w_size - out_pad:
+                out[h, w, :] = value
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_conv_driver(nv: int, lanes: int, pool: int):
+    tw = _conv_tile_width(nv)
+    tile = _fused_tile_intrinsic(2, tw, nv, lanes, pool, "u8")
+    cols = nv * lanes
+
+    @numba.njit(cache=False)
+    def image(src, bp, bias, mult, out, n_seg, groups, out_h, out_w, out_pad, zero_point, lo, hi):
+        # IN src (out_h + R - 1, W', C) u8, padded; OUT out (H'', W'', K) u8: one image
+        _fill_border(out, out_pad, np.uint8(zero_point))
+        s_row, s_col = src.strides[0], src.strides[1]
+        o_row, o_col = out.strides[0], out.strides[1]
+        for oh0 in range(0, out_h, 2):
+            oh = min(oh0, out_h - 2)
+            for ow0 in range(0, out_w, tw):
+                ow = min(ow0, out_w - tw)  # the last tile overlaps the one before it
+                if pool == 2:
+                    o0 = (oh // 2 + out_pad) * o_row + (ow // 2 + out_pad) * o_col
+                else:
+                    o0 = (oh + out_pad) * o_row + (ow + out_pad) * o_col
+                for p in range(bp.shape[0]):
+                    tile(src, bp, bias, mult, out, np.int64(oh * s_row + ow * s_col), np.int64(s_row),
+                         np.int64(s_col), np.int64(o0 + p * cols), np.int64(o_row), np.int64(o_col), np.int64(p),
+                         np.int64(p * cols), np.int64(n_seg), np.int64(s_row), np.int64(groups), zero_point, lo, hi)
+
+    @numba.njit(parallel=True, cache=False)
+    def run(x, bp, bias, mult, out, r_size, groups, out_h, out_w, out_pad, zero_point, lo, hi):
+        # IN x (N, out_h + R - 1, W', C) u8, padded; OUT out (N, H'', W'', K) u8
+        for n in numba.prange(x.shape[0]):
+            image(x[n], bp, bias, mult, out[n], r_size, groups, out_h, out_w, out_pad, zero_point, lo, hi)
+
+    return run
+
+
+def _fused_output_stage(packed, bias, multiplier, zero_point, relu):
+    """bias and multiplier as float64 vectors over the padded channels; the clamp bounds of the u8 output."""
+    k, kp = packed.out_channels, packed.padded_channels
+    bias = np.asarray(bias)
+    if not np.issubdtype(bias.dtype, np.integer) or bias.shape not in ((), (k,)):
+        raise TypeError(f"bias must be integers (s32, at the accumulator's scale) of shape () or ({k},); "
+                        f"got dtype={bias.dtype}, shape={bias.shape}")
+    if bias.size and (bias.min() < -(2**31) or bias.max() > 2**31 - 1):
+        raise ValueError(f"bias must fit in int32; got values in [{bias.min()}, {bias.max()}]")
+    multiplier = np.asarray(multiplier, dtype=np.float64)
+    if multiplier.shape not in ((), (k,)) or not (np.isfinite(multiplier).all() and (multiplier > 0).all()):
+        got = f"shape {multiplier.shape}"
+        if multiplier.size:
+            got += f", values in [{multiplier.min()}, {multiplier.max()}]"
+        raise ValueError(f"multiplier must be finite and > 0, of shape () or ({k},); got {got}")
+    if not (isinstance(zero_point, (int, np.integer)) and 0 <= zero_point <= 255):
+        raise ValueError(f"zero_point={zero_point!r} must be an integer in [0, 255] (a u8 zero point)")
+    bias_f64, mult_f64 = np.zeros(kp), np.ones(kp)
+    bias_f64[:k], mult_f64[:k] = bias, multiplier
+    lo = float(max(zero_point, 0)) if relu else 0.0
+    return bias_f64, mult_f64, float(zero_point), lo, 255.0
+
+
+def _check_fused(packed, kind):
+    if not isinstance(packed, FusedWeights) or packed.kind != kind:
+        what = "an HWIO convolution" if kind == "conv" else "a (K, N) matrix"
+        raise TypeError(f"w must be FusedWeights of {what} from pack_fused_weights; got {type(packed).__name__}"
+                        + (f" of kind {packed.kind!r}" if isinstance(packed, FusedWeights) else ""))
+
+
+def _check_u8(x, name, ndim, layout):
+    x = np.asarray(x)
+    if x.dtype != np.uint8 or x.ndim != ndim:
+        raise TypeError(f"{name} must be uint8 {layout}; got dtype={x.dtype}, shape={x.shape}")
+    return x
+
+
+def conv2d_u8s8u8_fused(x, w, bias, multiplier, zero_point=0, relu=True, pool=1, padding="SAME", pad_value=0,
+                        out_pad=0):
+    """One int8 convolution layer in one pass: conv (stride 1) + bias + ReLU + requantize (+ 2x2 max-pool) -> u8.
+
+    Each tile of outputs is accumulated in s32 registers with ``vpdpbusd``; the output stage
+    (:func:`workshop_lib.quantization.requantize`'s, bit for bit) and the pooling run on those
+    registers, and only u8 reaches memory.
+
+    Parameters
+    ----------
+    x : uint8 array (N, H, W, C), NHWC
+    w : FusedWeights
+        HWIO weights from :func:`pack_fused_weights`.
+    bias : integer array (K,) or scalar
+        Bias in s32 at the accumulator's scale.
+    multiplier : float array (K,) or scalar, > 0
+        Accumulator scale / output scale.
+    zero_point : int in [0, 255]
+        The output's zero point; also the value of the border written with ``out_pad``.
+    relu : bool
+        Clamp at the zero point (a fused ReLU).
+    pool : {1, 2}
+        2: a 2x2 max-pool with stride 2 follows (output height and width must be even).
+    padding : {"SAME", "VALID"}
+    pad_value : int
+        What padded input pixels hold: the input's zero point.
+    out_pad : int
+        Width of a border of ``zero_point`` around the output, so that the next layer can read it
+        with ``padding="VALID"`` without a copy.
+
+    Returns
+    -------
+    uint8 array (N, H' + 2*out_pad, W' + 2*out_pad, K), H' = H / pool (SAME) or (H - R + 1) / pool (VALID).
+    """
+    _check_fused(w, "conv")
+    x = _check_u8(x, "x", 4, "NHWC (N, H, W, C)")
+    if x.shape[3] != w.in_channels:
+        raise ValueError(f"x.shape[3]={x.shape[3]} (input channels) must equal the weights' C={w.in_channels}")
+    if padding not in ("SAME", "VALID"):
+        raise ValueError(f"padding={padding!r} must be 'SAME' or 'VALID'")
+    if pool not in (1, 2):
+        raise ValueError(f"pool={pool!r} must be 1 (none) or 2 (a 2x2 max-pool with stride 2)")
+    if not (isinstance(out_pad, (int, np.integer)) and out_pad >= 0):
+        raise ValueError(f"out_pad={out_pad!r} must be an integer >= 0")
+    if not (isinstance(pad_value, (int, np.integer)) and 0 <= pad_value <= 255):
+        raise ValueError(f"pad_value={pad_value!r} must be an integer in [0, 255]")
+    bias_f64, mult_f64, zp, lo, hi = _fused_output_stage(w, bias, multiplier, zero_point, relu)
+    (r, s), (n_size, h, wd, _) = w.ksize, x.shape
+    pt, pl = ((r - 1) // 2, (s - 1) // 2) if padding == "SAME" else (0, 0)
+    out_h, out_w = (h, wd) if padding == "SAME" else (h - r + 1, wd - s + 1)
+    tw = _conv_tile_width(w.nv)
+    if out_h < 2 or out_w < tw:
+        raise ValueError(f"the fused kernel needs an output of at least 2 x {tw} pixels; got {out_h} x {out_w}")
+    if pool == 2 and (out_h % 2 or out_w % 2):
+        raise ValueError(f"pool=2 needs an even output height and width; got {out_h} x {out_w}")
+    # an expanded convolution reads C' bytes from each pixel on: a few beyond the last tap (times zero weights)
+    extra = -(-w.groups_per_segment * 4 // w.in_channels) - s if w.expand else 0
+    pads = ((pt, r - 1 - pt), (pl, s - 1 - pl + extra)) if padding == "SAME" else ((0, 0), (0, extra))
+    if any(p for pair in pads for p in pair):
+        x = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
+    x = np.ascontiguousarray(x)
+    out = np.empty((n_size, out_h // pool + 2 * out_pad, out_w // pool + 2 * out_pad, w.padded_channels), np.uint8)
+    _fused_conv_driver(w.nv, w.lanes, pool)(x, w.data, bias_f64, mult_f64, out, r, w.groups_per_segment, out_h,
+                                            out_w, out_pad, zp, lo, hi)
+    return out if w.padded_channels == w.out_channels else out[..., : w.out_channels]
+
+
+def _fused_gemm(a, w, bias_f64, mult_f64, out_dtype, zp, lo, hi, out_kind):
+    m_size = a.shape[0]
+    rows = _fc_rows(w.nv)
+    k_padded = w.data.shape[1] * 4
+    if m_size < rows or a.shape[1] != k_padded or not a.flags.c_contiguous:
+        padded = np.zeros((max(m_size, rows), k_padded), dtype=np.uint8)
+        padded[:m_size, : a.shape[1]] = a
+        a = padded
+    out = np.empty((a.shape[0], w.padded_channels), dtype=out_dtype)
+    _fused_gemm_driver(w.nv, w.lanes, out_kind)(a, w.data, bias_f64, mult_f64, out, zp, lo, hi)
+    return out[:m_size, : w.out_channels]
+
+
+def _check_fc_input(a, w):
+    _check_fused(w, "fc")
+    a = _check_u8(a, "a", 2, "(M, K)")
+    if a.shape[1] != w.in_channels:
+        raise ValueError(f"a.shape[1]={a.shape[1]} must equal the weights' K={w.in_channels}")
+    return a
+
+
+def gemm_u8s8u8_fused(a, w, bias, multiplier, zero_point=0, relu=True):
+    """An int8 FC layer in one pass: u8 (M, K) x packed s8 (K, N) + bias, requantized (+ ReLU) to u8 (M, N).
+
+    The arguments mean what they mean in :func:`conv2d_u8s8u8_fused`; the result equals
+    ``requantize(gemm_u8s8s32(a, w), ...)`` bit for bit.
+    """
+    a = _check_fc_input(a, w)
+    bias_f64, mult_f64, zp, lo, hi = _fused_output_stage(w, bias, multiplier, zero_point, relu)
+    return _fused_gemm(a, w, bias_f64, mult_f64, np.uint8, zp, lo, hi, "u8")
+
+
+def gemm_u8s8f32_fused(a, w, bias, scale):
+    """The last layer: u8 (M, K) x packed s8 (K, N) -> float32 ``(acc + bias) * scale`` (the logits).
+
+    ``scale`` is the accumulator's scale (input scale x weight scale, scalar or per column).
+    """
+    a = _check_fc_input(a, w)
+    bias_f64, scale_f64, _, _, _ = _fused_output_stage(w, bias, scale, 0, False)
+    return _fused_gemm(a, w, bias_f64, scale_f64, np.float32, 0.0, 0.0, 0.0, "f32")

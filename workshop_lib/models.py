@@ -1,15 +1,15 @@
-"""The labs' MNIST CNN (the slides' ``deepnn``), trained with the float32 kernels.
+"""The labs' MNIST CNN (the slides' ``deepnn``) in its three forms: a kernel chain, a ``tf`` graph, int8.
 
 conv 5x5x32 SAME + ReLU + maxpool 2 -> conv 5x5x64 SAME + ReLU + maxpool 2 ->
 FC 3136 -> 1024 + ReLU -> dropout -> FC 1024 -> 10. Layout NHWC, weights HWIO.
 The one idea: a network is a chain of the kernels' forward passes, and training
 is the same chain backwards plus an optimiser step (Adam here).
 
-The model comes in two forms with the same parameter names: a chain of kernel
-calls (``mnist_cnn_forward`` / ``mnist_cnn_backward``, trained by ``train_mnist_cnn``)
-and a ``workshop_lib.tf`` graph (``deepnn``, ``TrainingGraph``, ``train_mnist_cnn_tf``).
-``workshop train mnist`` writes ``data/models/mnist_cnn.npz`` (weights plus
-metadata), which lab 01 quantizes.
+The model comes in three forms with the same parameter names: a chain of kernel
+calls (``mnist_cnn_forward`` / ``mnist_cnn_backward``, trained by ``train_mnist_cnn``),
+a ``workshop_lib.tf`` graph (``deepnn``, ``TrainingGraph``, ``train_mnist_cnn_tf``),
+and int8 (:class:`QuantizedCNN`, fused layer by layer on CPUs with VNNI), the model
+that lab 01 quantizes. ``workshop train mnist`` writes the weights plus metadata.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__, kernels
 
-__all__ = ["deepnn", "TrainingGraph", "train_mnist_cnn_tf", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
+__all__ = ["QuantizedCNN", "deepnn", "TrainingGraph", "train_mnist_cnn_tf", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
            "accuracy", "save_model", "load_model", "default_model_path", "images_to_input"]
 
 SHAPES = {"conv1/w": (5, 5, 1, 32), "conv1/b": (32,), "conv2/w": (5, 5, 32, 64), "conv2/b": (64,),
@@ -224,7 +224,7 @@ def deepnn(x, data_format="NHWC"):
     """Build the CNN on images ``x`` (N, 784) float32; returns (logits, keep_prob placeholder).
 
     Variables are named like :data:`SHAPES` ("conv1/w", ...), so :func:`export_params` gives a dict
-    that :class:`workshop_lib.quantization.QuantizedCNN` and :func:`mnist_cnn_forward` accept.
+    that :class:`QuantizedCNN` and :func:`mnist_cnn_forward` accept.
     """
     import workshop_lib.tf as tf
 
@@ -327,3 +327,131 @@ def train_mnist_cnn_tf(steps=1000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0
         history["seconds"] = time.perf_counter() - t0
         params = model.export_params(sess)
     return params, history
+
+
+# ----------------------------------------------------------------------------------------------
+# The same CNN in int8 (the model that lab 01 quantizes)
+
+
+class QuantizedCNN:
+    """int8 inference of the CNN: u8 activations, s8 per-channel weights, s32 accumulation; float32 logits.
+
+    Calibrated on ``calibration_images`` (``method``: see :class:`workshop_lib.quantization.Calibrator`;
+    the default, the 99.99th percentile of |x|, keeps this model's top-1 on the 2,000 held-out images
+    equal to fp32's with 500 calibration images, where entropy's clip costs 0.25 points).
+    ``path`` chooses how it runs; every path gives the same bits:
+
+    - ``"fast"`` (what ``"auto"`` picks on a CPU with VNNI): the fused pipeline. Each layer is one
+      pass (:func:`workshop_lib.int8.conv2d_u8s8u8_fused` and friends): conv + bias + ReLU +
+      requantize + max-pool on ``vpdpbusd`` accumulators held in registers; u8 NHWC activations
+      from the first layer to the last (conv1 writes the zero border that conv2 reads); only the
+      logits leave int8.
+    - ``"portable"`` and ``"reference"``: the specification, one primitive per pass: the s32
+      convolution (im2col + :func:`workshop_lib.int8.gemm_u8s8s32` on that path),
+      :func:`workshop_lib.quantization.requantize` with the bias and ReLU, then max-pooling on u8
+      (exact: max commutes with a monotonic quantization).
+    """
+
+    STAGES = ("conv1", "conv2", "fc1", "logits")
+
+    def __init__(self, params, calibration_images, method="percentile", path="auto"):
+        from . import int8
+        from .quantization import Calibrator, QuantParams, choose_qparams, qrange, quantize
+
+        if path not in int8.PATHS:
+            raise ValueError(f"path={path!r} must be one of {int8.PATHS}")
+        isa = int8.vnni_isa()
+        if path == "fast" and isa is None:
+            raise RuntimeError("path='fast' needs avx512_vnni or avx_vnni, which this CPU lacks; use 'portable'")
+        self.path = path
+        self.fused = path in ("auto", "fast") and isa is not None
+        self.in_qp = QuantParams(np.float64(1 / 255), np.int32(0), np.dtype(np.uint8))  # raw pixels are u8 already
+        _, taps = mnist_cnn_forward(params, calibration_images, training=False, return_taps=True)
+        self.act_qp = {name: Calibrator(method).update(taps[name]).qparams(np.uint8) for name in ("a1", "a2", "a3")}
+        self.layers = {}
+        in_qp = self.in_qp
+        for name, act in (("conv1", "a1"), ("conv2", "a2"), ("fc1", "a3"), ("fc2", None)):
+            w, b = params[f"{name}/w"], params[f"{name}/b"]
+            w2d = w.reshape(-1, w.shape[-1])
+            wq = choose_qparams(w2d.min(0), w2d.max(0), np.int8, symmetric=True, axis=-1)
+            w_s8 = quantize(w2d, wq).reshape(w.shape)
+            acc_scale = in_qp.scale * wq.scale  # per output channel
+            out = self.act_qp.get(act)
+            layer = dict(w=w_s8, acc_scale=acc_scale, out=out, pad_value=int(in_qp.zero_point),
+                         bias=np.clip(np.rint(b / acc_scale), *qrange(np.int32)).astype(np.int32))
+            if out is not None:  # requantize's multiplier, computed as it computes it
+                layer["multiplier"] = np.broadcast_to(np.asarray(acc_scale, dtype=np.float64) / out.scale,
+                                                      (w.shape[-1],)).copy()
+                in_qp = out
+            if self.fused:
+                layer["packed"] = int8.pack_fused_weights(w_s8, isa)
+            self.layers[name] = layer
+
+    def _check_images(self, images_u8):
+        x = np.asarray(images_u8)
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+            raise TypeError(f"images must be uint8 (N, 28, 28); got dtype={x.dtype}, shape={x.shape}")
+        return x
+
+    def _fused_stages(self, x):
+        from . import int8
+
+        conv1, conv2, fc1, fc2 = (self.layers[n] for n in ("conv1", "conv2", "fc1", "fc2"))
+        border = (conv2["w"].shape[0] - 1) // 2  # conv1 writes the SAME padding that conv2 reads
+        a1 = int8.conv2d_u8s8u8_fused(x[..., None], conv1["packed"], conv1["bias"], conv1["multiplier"],
+                                      int(conv1["out"].zero_point), relu=True, pool=2, padding="SAME",
+                                      pad_value=conv1["pad_value"], out_pad=border)
+        a2 = int8.conv2d_u8s8u8_fused(a1, conv2["packed"], conv2["bias"], conv2["multiplier"],
+                                      int(conv2["out"].zero_point), relu=True, pool=2, padding="VALID")
+        a3 = int8.gemm_u8s8u8_fused(a2.reshape(len(a2), -1), fc1["packed"], fc1["bias"], fc1["multiplier"],
+                                    int(fc1["out"].zero_point), relu=True)
+        logits = int8.gemm_u8s8f32_fused(a3, fc2["packed"], fc2["bias"], fc2["acc_scale"])
+        return {"conv1": a1[:, border:-border or None, border:-border or None], "conv2": a2, "fc1": a3,
+                "logits": logits}
+
+    def _reference_stages(self, x):
+        from . import int8
+        from .quantization import requantize
+
+        gemm_path = "reference" if self.path == "reference" else "portable"
+        stages, a = {}, x[..., None]
+        for name in ("conv1", "conv2"):
+            layer = self.layers[name]
+            acc = int8.conv2d_u8s8s32(a, layer["w"], 1, "SAME", pad_value=layer["pad_value"], path=gemm_path)
+            a = requantize(acc, layer["acc_scale"], layer["out"], layer["bias"], relu=True)
+            a = stages[name] = kernels.maxpool_forward(a, 2, 2)[0]
+        fc1, fc2 = self.layers["fc1"], self.layers["fc2"]
+        acc = int8.gemm_u8s8s32(a.reshape(len(a), -1), fc1["w"], path=gemm_path)
+        a = stages["fc1"] = requantize(acc, fc1["acc_scale"], fc1["out"], fc1["bias"], relu=True)
+        acc = int8.gemm_u8s8s32(a, fc2["w"], path=gemm_path).astype(np.int64) + fc2["bias"]
+        stages["logits"] = (acc * fc2["acc_scale"]).astype(np.float32)
+        return stages
+
+    def stages(self, images_u8):
+        """Every layer's output for uint8 images (N, 28, 28): u8 ``"conv1"`` (N, 14, 14, 32) and ``"conv2"``
+        (N, 7, 7, 64) after pooling, u8 ``"fc1"`` (N, 1024), float32 ``"logits"`` (N, 10)."""
+        x = self._check_images(images_u8)
+        return self._fused_stages(x) if self.fused else self._reference_stages(x)
+
+    def logits(self, images_u8):
+        """float32 logits (N, 10) for uint8 images (N, 28, 28)."""
+        return self.stages(images_u8)["logits"]
+
+    def weight_bytes(self):
+        """Bytes of each layer's parameters, float32 vs int8: ``{layer: {"fp32": n, "int8": n}}``.
+
+        fp32: float32 weights and biases. int8: s8 weights, s32 biases and one float32 scale per
+        output channel (what an int8 model file holds). The weights dominate, so about 4x smaller.
+        """
+        sizes = {}
+        for name, layer in self.layers.items():
+            w, k = layer["w"], layer["w"].shape[-1]
+            sizes[name] = {"fp32": 4 * (w.size + k), "int8": w.size + 4 * k + 4 * k}
+        return sizes
+
+    def predict(self, images_u8, batch_size=256):
+        """Predicted classes (N,), in batches of ``batch_size``."""
+        x = self._check_images(images_u8)
+        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        return np.concatenate([self.logits(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])

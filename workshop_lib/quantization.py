@@ -1,4 +1,4 @@
-"""Quantization: mapping float32 tensors to int8/uint8 and back, calibration, and an int8 CNN.
+"""Quantization: mapping float32 tensors to int8/uint8 and back, and calibration.
 
 Mirrors oneDNN's int8 inference and ``torch.ao.quantization``: a real value x is
 stored as an integer q with ``x ~= scale * (q - zero_point)``; weights are
@@ -21,11 +21,10 @@ import numba
 import numpy as np
 
 from . import _validate as check
-from . import int8, kernels
 
 __all__ = [
     "QuantParams", "qrange", "choose_qparams", "quantize", "dequantize", "requantize",
-    "Calibrator", "entropy_threshold", "QuantizedCNN",
+    "Calibrator", "entropy_threshold",
 ]
 
 _RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtype(np.int16): (-32768, 32767),
@@ -326,68 +325,3 @@ class Calibrator:
     def qparams(self, dtype=np.uint8, symmetric=True):
         lo, hi = self.range()
         return choose_qparams(lo, hi, dtype, symmetric)
-
-
-# ----------------------------------------------------------------------------------------------
-# The labs' CNN in int8
-
-
-class QuantizedCNN:
-    """int8 inference of the labs' MNIST CNN (see :mod:`workshop_lib.models`).
-
-    conv and FC layers run in int8 (u8 activations x s8 per-channel weights ->
-    s32, requantized to u8 with bias and ReLU fused), pooling runs on u8 (max
-    commutes with a monotonic quantization, so it is exact), and the last layer
-    returns float32 logits.
-    """
-
-    def __init__(self, params, calibration_images, method="entropy", path="auto"):
-        from .models import mnist_cnn_forward
-
-        self.path = path
-        self.in_qp = QuantParams(np.float64(1 / 255), np.int32(0), np.dtype(np.uint8))  # raw pixels are u8 already
-        _, taps = mnist_cnn_forward(params, calibration_images, training=False, return_taps=True)
-        self.act_qp = {name: Calibrator(method).update(taps[name]).qparams(np.uint8) for name in ("a1", "a2", "a3")}
-        self.layers = {}
-        in_scale = self.in_qp.scale
-        for name, act in (("conv1", "a1"), ("conv2", "a2"), ("fc1", "a3"), ("fc2", None)):
-            w, b = params[f"{name}/w"], params[f"{name}/b"]
-            w2d = w.reshape(-1, w.shape[-1])
-            wq = choose_qparams(w2d.min(0), w2d.max(0), np.int8, symmetric=True, axis=-1)
-            w_s8 = quantize(w2d, wq)
-            acc_scale = in_scale * wq.scale  # per output channel
-            bias_s32 = np.clip(np.rint(b / acc_scale), *qrange(np.int32)).astype(np.int32)
-            isa = int8.vnni_isa() if path in ("auto", "fast") else None
-            packed = int8.pack_weights(w_s8, isa) if isa else w_s8
-            self.layers[name] = dict(w=packed, ksize=w.shape[:2] if w.ndim == 4 else None, acc_scale=acc_scale,
-                                     bias=bias_s32, out=self.act_qp.get(act))
-            if act:
-                in_scale = self.act_qp[act].scale
-
-    def _conv(self, x_u8, name):
-        layer = self.layers[name]
-        w = layer["w"]
-        w_arg = (w, layer["ksize"]) if isinstance(w, int8.PackedWeights) else w.reshape(*layer["ksize"], -1,
-                                                                                        w.shape[-1])
-        acc = int8.conv2d_u8s8s32(x_u8, w_arg, 1, "SAME", pad_value=0, path=self.path)
-        return requantize(acc, layer["acc_scale"], layer["out"], layer["bias"], relu=True)
-
-    def logits(self, images_u8):
-        """float32 logits (N, 10) for uint8 images (N, 28, 28)."""
-        x = np.asarray(images_u8)
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise TypeError(f"images must be uint8 (N, 28, 28); got dtype={x.dtype}, shape={x.shape}")
-        a = x[..., None]
-        a = kernels.maxpool_forward(self._conv(a, "conv1"), 2, 2)[0]
-        a = kernels.maxpool_forward(self._conv(a, "conv2"), 2, 2)[0]
-        a = a.reshape(len(a), -1)
-        fc1 = self.layers["fc1"]
-        a = requantize(int8.gemm_u8s8s32(a, fc1["w"], path=self.path), fc1["acc_scale"], fc1["out"], fc1["bias"],
-                       relu=True)
-        fc2 = self.layers["fc2"]
-        acc = int8.gemm_u8s8s32(a, fc2["w"], path=self.path).astype(np.int64) + fc2["bias"]
-        return (acc * fc2["acc_scale"]).astype(np.float32)
-
-    def predict(self, images_u8, batch_size=256):
-        return np.concatenate([self.logits(images_u8[i : i + batch_size]).argmax(1)
-                               for i in range(0, len(images_u8), batch_size)])

@@ -24,6 +24,7 @@ __all__ = [
     "FEATURES",
     "cpu_model",
     "cpu_features",
+    "amx_status",
     "core_counts",
     "numba_info",
     "data_status",
@@ -50,8 +51,15 @@ FEATURES = {
     "avx512_vnni": ("avx512_vnni", "avx512vnni", "AVX512VNNI"),
     "avx_vnni": ("avx_vnni", "avxvnni", "AVXVNNI"),
     "avx512_bf16": ("avx512_bf16", "avx512bf16", "AVX512BF16"),
+    "amx_tile": ("amx_tile", "amx-tile", "AMX_TILE"),
     "amx_int8": ("amx_int8", "amx-int8", "AMX_INT8"),
 }
+
+# Linux's x86-64 arch_prctl: a process must ask for the AMX tile state (XTILEDATA) before its first tile
+# instruction, or the kernel kills it with SIGILL (Linux >= 5.16; see Documentation/arch/x86/xstate.rst)
+_SYS_ARCH_PRCTL = 158
+ARCH_REQ_XCOMP_PERM = 0x1023
+XFEATURE_XTILEDATA = 18
 
 
 def _proc_cpuinfo() -> str:
@@ -111,6 +119,38 @@ def cpu_features() -> dict:
         text = " ".join(_sysctl(k) for k in ("machdep.cpu.features", "machdep.cpu.leaf7_features")).upper()
         return {name: mac in text.split() for name, (_, _, mac) in FEATURES.items()}
     return {name: False for name in FEATURES}
+
+
+def _request_tile_permission() -> str | None:
+    """Ask Linux for the AMX tile state for this process: None if granted, else why not."""
+    import ctypes
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"tile state is requested from Linux on x86-64; this is {sys.platform} on {platform.machine()}"
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc = libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(ARCH_REQ_XCOMP_PERM),
+                      ctypes.c_long(XFEATURE_XTILEDATA))
+    if rc != 0:
+        errno = ctypes.get_errno()
+        return f"the kernel refused the tile state: arch_prctl(ARCH_REQ_XCOMP_PERM) failed with {os.strerror(errno)}"
+    return None
+
+
+def amx_status() -> tuple:
+    """``(usable, reason)``: whether this process may issue AMX-INT8 instructions.
+
+    Both must hold: the CPU has ``amx_tile`` and ``amx_int8`` (Sapphire Rapids and later), and
+    Linux grants the tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, which
+    this function asks for; the permission then holds for the whole process).
+    """
+    features = cpu_features()
+    missing = [name for name in ("amx_tile", "amx_int8") if not features.get(name)]
+    if missing:
+        return False, f"the CPU has no {' or '.join(missing)}"
+    refused = _request_tile_permission()
+    if refused:
+        return False, refused
+    return True, "amx_tile and amx_int8, and the kernel granted the tile state"
 
 
 def core_counts() -> dict:
@@ -386,6 +426,7 @@ def report(mpi_check: bool = True) -> dict:
         "cpu": cpu_model(),
         "cores": core_counts(),
         "features": cpu_features(),
+        "amx": amx_status(),
         "numba": numba_info(),
         "data": data_status(),
         "mpi_library": mpi_library_version(),
@@ -428,6 +469,9 @@ def format_report(info: dict) -> str:
         rows.append(("cgroup CPU quota", "none" if quota is None else f"{quota:g} CPUs"
                      + (" (fewer than the usable cores: give each rank fewer threads)" if quota < cores["usable"] else "")))
     rows += [(f"  {name}", "yes" if present else "no") for name, present in info["features"].items()]
+    if "amx" in info:
+        usable, reason = info["amx"]
+        rows.append(("AMX usable", f"{'yes' if usable else 'no'} ({reason})"))
     nb = info["numba"]
     rows += [
         ("numba", f"{nb['version']}, threading layer {nb.get('threading_layer')}, {nb['threads'] or '?'} threads"),
