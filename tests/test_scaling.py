@@ -101,3 +101,17 @@ def test_scaling_bench_prints_model_next_to_measurement(root):
                            "--nbytes", "262144", "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr
     assert "model / measured" in proc.stdout and "4096" in proc.stdout and "parameter_server" in proc.stdout
+
+
+@pytest.mark.mpi
+def test_lab_link_timing_script_runs_its_launch_line_and_its_times_fit(mpirun, root):
+    """Lab 03 runs solutions/scripts/link_timing.py (as its docstring says) and fits its times."""
+    import json
+
+    script = root / "solutions" / "scripts" / "link_timing.py"
+    assert "mpiexec -n 2 python link_timing.py" in script.read_text()
+    proc = mpirun(2, ["link_timing.py", "--sizes", "8", "65536", "--repeats", "2"], cwd=script.parent)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ranks"] == 2 and result["bytes"] == [8, 65536] and len(result["seconds"]) == 2
+    link = scaling.fit_link(result["bytes"], result["seconds"])
+    assert link.beta > 0 and link.alpha >= 0

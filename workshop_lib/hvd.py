@@ -38,6 +38,7 @@ chains them), as Horovod's coordinator guarantees.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import weakref
