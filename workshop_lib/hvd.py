@@ -36,7 +36,7 @@ import weakref
 
 import numpy as np
 
-from . import tf
+from . import placement, tf
 from .comm import FUSION_THRESHOLD, Communicator
 from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
 
@@ -81,6 +81,7 @@ def init(comm=None):
     global _state
     if _state is not None:
         return
+    placement.place(comm)  # Horovod: pin each process to its share of the node's cores and threads
     _state = _State(Communicator(comm))
     _state.previous_excepthook, _state.previous_exit = sys.excepthook, sys.exit
     sys.excepthook = _abort_on_uncaught_exception

@@ -26,6 +26,8 @@ import sys
 import numba
 import numpy as np
 
+from . import placement
+
 
 __all__ = [
     "gemm_reference", "gemm_forward", "gemm_backward",
@@ -114,7 +116,7 @@ def gemm_forward(a, b, trans_a=False, trans_b=False, algorithm="blas"):
     if opa.shape[1] != opb.shape[0]:
         raise ValueError(f"op(a).shape={opa.shape} and op(b).shape={opb.shape} do not multiply")
     if algorithm == "blas":
-        c = opa @ opb
+        c = placement.matmul(opa, opb)
     elif algorithm == "reference":
         c = gemm_reference(opa, opb)
     else:
@@ -126,7 +128,7 @@ def gemm_backward(dc, cache):
     """(da, db) for C = op(A) @ op(B)."""
     a, b, trans_a, trans_b = cache
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
-    d_opa, d_opb = dc @ opb.T, opa.T @ dc
+    d_opa, d_opb = placement.matmul(dc, opb.T), placement.matmul(opa.T, dc)
     return (d_opa.T if trans_a else d_opa), (d_opb.T if trans_b else d_opb)
 
 
@@ -294,7 +296,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     cols = None
     if algorithm == "im2col":
         cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, ((pt, pb), (pl, pr)))
-        out = (cols @ w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
+        out = placement.matmul(cols, w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
         if data_format == "NCHW":
             out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
     elif algorithm == "direct":
@@ -317,7 +319,7 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     ``need_dw=False`` likewise for dw;
     ``gemm="reference"`` does the two products with the reference GEMM instead of BLAS.
     """
-    matmul = (lambda a, b: a @ b) if gemm == "blas" else gemm_reference
+    matmul = placement.matmul if gemm == "blas" else gemm_reference
     x, w, stride, pads, data_format = cache[:5]
     cols = cache[5] if len(cache) > 5 else None
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)

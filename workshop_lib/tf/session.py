@@ -4,8 +4,8 @@ A run (1) works out which ops the fetches need, (2) rewrites that plan with the
 graph optimizations that are on (fusion of conv/matmul + bias + ReLU), and (3)
 executes it, op after op, or several independent ops at once when
 ``inter_op_parallelism_threads > 1``. ``intra_op_parallelism_threads`` sets
-numba's threads inside each op. With ``WORKSHOP_VERBOSE=1`` every primitive
-prints a line, like MKLDNN_VERBOSE: kind, kernel, layout, shapes, milliseconds.
+numba's and the BLAS's threads inside each op. With ``WORKSHOP_VERBOSE=1`` every
+primitive prints a line, like MKLDNN_VERBOSE: kind, kernel, layout, shapes, milliseconds.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numba
 import numpy as np
 
-from .. import kernels
+from .. import kernels, placement
 from .core import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -308,7 +308,8 @@ class Session:
         flat, rebuild = _flatten(fetches)
         targets = [self._element(f) for f in flat]
         feeds = self._feeds(feed_dict or {})
-        values = self._execute(targets, feeds)
+        with placement.op_threads(self.config.intra_op_parallelism_threads):  # numba's and the BLAS's threads
+            values = self._execute(targets, feeds)
         stored = {id(v) for v in self._variables.values()}
         # a variable's array is updated in place by later runs: hand the caller a copy, as TensorFlow does
         out = [None if isinstance(t, Operation) else (values[t].copy() if id(values[t]) in stored else values[t])
@@ -438,7 +439,7 @@ class Session:
             numba.set_num_threads(intra)
         try:
             if self.config.inter_op_parallelism_threads > 1 and len(plan) > 2:
-                self._execute_parallel(plan, values, ctx, verbose, intra)
+                self._execute_parallel(plan, values, ctx, verbose, intra or numba.get_num_threads())
             else:
                 consumed = {t for op in plan for t in op.inputs}
                 for op in plan:
