@@ -11,14 +11,8 @@ from workshop_lib import placement, sysinfo
 pytestmark = [pytest.mark.mpi, pytest.mark.timeout(300)]
 
 SCRIPT = "tests/mpi_scripts/placement_check.py"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "BLIS_NUM_THREADS", "OMP_WAIT_POLICY")
-
-
 def _clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
-    env.update(extra)
-    return env
+    return {**placement.without_thread_settings(), **extra}
 
 
 def _ranks(proc):

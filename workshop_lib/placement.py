@@ -29,13 +29,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Placement", "usable_cpus", "plan", "place", "current", "blas_threads", "op_threads", "matmul",
+__all__ = ["Placement", "THREAD_VARIABLES", "without_thread_settings", "usable_cpus", "plan", "place", "current", "blas_threads", "op_threads", "matmul",
            "format_cpus", "format_plan"]
 
 # the variables a user sets to choose thread counts; numba reads NUMBA_NUM_THREADS itself, the BLAS
 # libraries read theirs (and OMP_NUM_THREADS) when they load, so a set variable means "leave it alone"
 NUMBA_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
 BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS")
+# every variable by which a user chooses threads or their spinning: a run "with nothing set" has none of them
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
 _BINDINGS = {"workshop": "bound by workshop_lib", "inherited": "affinity as started"}
 
 
@@ -65,6 +68,11 @@ class Placement:
                 f"cores {format_cpus(self.cores)} ({_BINDINGS[self.binding]}), numba threads {self.numba_threads}, "
                 f"BLAS threads {blas}")
         return text + "".join(f"; {note}" for note in self.notes)
+
+
+def without_thread_settings(env=None) -> dict:
+    """A copy of ``env`` (default ``os.environ``) without :data:`THREAD_VARIABLES`: what a new user runs with."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in THREAD_VARIABLES}
 
 
 def usable_cpus() -> tuple:
@@ -224,9 +232,18 @@ def _numba_workers_sleep_when_idle():
     GNU OpenMP reads ``OMP_WAIT_POLICY`` once, when numba loads it for its first parallel loop; its
     default spin takes the cores from the GEMM slices that follow and, on a shared CPU, from the
     other programs (measured in the README). The user's own setting, or a pool already started, wins.
+    The variable is removed again once the pool has read it: child processes and other OpenMP
+    libraries loaded later (PyTorch's) see the user's environment.
     """
-    if "OMP_WAIT_POLICY" not in os.environ and "numba.np.ufunc.omppool" not in sys.modules:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    import numba
+
+    if "OMP_WAIT_POLICY" in os.environ or "numba.np.ufunc.omppool" in sys.modules:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        numba.get_num_threads()  # starts the pool: GNU OpenMP reads its environment as it loads
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def current() -> Placement | None:
