@@ -10,9 +10,6 @@ STAMP  := $(VENV)/.installed-stamp
 PORT   ?= 8888
 IP     ?= 127.0.0.1
 PYTEST_ARGS ?=
-# How long idle worker threads spin before sleeping (numba's OpenMP, OpenBLAS): short, so that the two
-# runtimes do not take cores from each other; see workshop_lib/__init__.py. Timing only, never results.
-RUNTIME_ENV := OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} OPENBLAS_THREAD_TIMEOUT=$${OPENBLAS_THREAD_TIMEOUT:-4}
 
 .PHONY: lab test setup labs check-labs browser solutions clean
 
@@ -32,7 +29,7 @@ labs: $(STAMP)
 
 lab: labs
 	@echo "Starting JupyterLab on labs/ (Ctrl-C to stop); open the URL with its token below."
-	PATH="$(abspath $(BIN)):$$PATH" $(RUNTIME_ENV) $(BIN)/jupyter lab --ServerApp.root_dir=labs --ServerApp.ip=$(IP) --ServerApp.port=$(PORT) \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab --ServerApp.root_dir=labs --ServerApp.ip=$(IP) --ServerApp.port=$(PORT) \
 		$$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 # Headless Chromium for the browser smoke test: installed on Debian/Ubuntu when we are root,
@@ -45,14 +42,14 @@ browser:
 	fi
 
 test: $(STAMP) browser
-	PATH="$(abspath $(BIN)):$$PATH" $(RUNTIME_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check-labs: $(STAMP)
 	$(BIN)/workshop build-labs --check
 
 # Re-execute the solution notebooks in place so solutions/ carries fresh outputs.
 solutions: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(RUNTIME_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 		--ExecutePreprocessor.timeout=1200 solutions/*.ipynb
 	$(BIN)/workshop build-labs
 

@@ -7,6 +7,12 @@ Each configuration runs the lab's Horovod MNIST script (solutions/scripts/tensor
 mpiexec on the same number of images in total (N ranks run steps // N steps each); the figure is the
 training images per second that rank 0 reports, the training loop only (start-up and evaluation excluded).
 Target: 2 ranks x 1 thread >= 1.7x the throughput of 1 rank x 1 thread.
+
+Then the slides' way: tests/tf_programs/deepnn_hvd.py (the seed's deepnn with Horovod's six steps, no
+ConfigProto) under plain ``mpiexec -n 1`` and ``-n 2`` with no thread variable in the environment, and the
+2 ranks once more pinned by hand (OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1). What
+hvd.init()'s placement gives: targets 2 ranks unset >= 0.9x hand-pinned and >= 1.0x 1 rank unset.
+Only that part: ``python benchmarks/horovod_bench.py --part slides``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 SCRIPT = ROOT / "solutions" / "scripts" / "tensorflow_mnist.py"
 CONFIGS = [(1, 1), (1, 2), (2, 1)]  # (ranks, threads per rank)
+SLIDES_SCRIPT = ROOT / "tests" / "tf_programs" / "deepnn_hvd.py"
+HAND_PINNED = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
 def run(ranks, threads, steps, batch, workdir):
@@ -34,18 +42,58 @@ def run(ranks, threads, steps, batch, workdir):
     return json.loads(results.read_text())
 
 
+def run_slides(ranks, pinned, steps, workdir):
+    """images/s of the slide-style script under plain mpiexec: nothing set, or pinned by hand."""
+    from workshop_lib import placement, sysinfo
+
+    env = placement.without_thread_settings()
+    env.update(HAND_PINNED if pinned else {})
+    results = Path(workdir) / f"slides{ranks}{int(pinned)}.json"
+    sysinfo.run_mpi(ranks, [str(SLIDES_SCRIPT), steps, str(results)], timeout=3600, threads_per_rank=None, env=env)
+    return json.loads(results.read_text())["images_per_second"]
+
+
+def slides(steps, repeats):
+    runs = {"1 rank, nothing set": (1, False), "2 ranks, nothing set": (2, False),
+            "2 ranks, pinned by hand": (2, True)}
+    got = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as workdir:
+        for _ in range(repeats):  # interleaved: a noisy minute hurts every configuration alike
+            for name, (ranks, pinned) in runs.items():
+                got[name].append(run_slides(ranks, pinned, steps, workdir))
+    print(f"\nThe slides' way (tests/tf_programs/deepnn_hvd.py, no ConfigProto), {steps} steps x 50 images in "
+          f"total, best of {repeats} (all runs shown):")
+    best = {name: max(v) for name, v in got.items()}
+    for name, values in got.items():
+        print(f"{name:>26s} {best[name]:7.0f} images/s   runs: {', '.join(f'{v:.0f}' for v in values)}")
+    unset, pinned, one = best["2 ranks, nothing set"], best["2 ranks, pinned by hand"], best["1 rank, nothing set"]
+    print(f"2 ranks nothing set / 2 ranks pinned by hand = {unset / pinned:.2f}x (target >= 0.9)")
+    print(f"2 ranks nothing set / 1 rank nothing set     = {unset / one:.2f}x (target >= 1.0)")
+    return {"images_per_second": got, "unset_over_pinned": unset / pinned, "two_over_one": unset / one}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="steps for one rank (N ranks: steps // N each)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best counts")
+    parser.add_argument("--part", choices=["all", "lab", "slides"], default="all",
+                        help="the lab's script (ranks x threads), the slides' way (placement by default), or both")
+    parser.add_argument("--slides-steps", type=int, default=160, help="steps in total of the slides' script")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
     from workshop_lib import sysinfo
 
     print(f"CPU: {sysinfo.cpu_model()}; MPI: {sysinfo.mpi_library_version()}")
-    print(f"{args.steps} steps x {args.batch_size} images in total per configuration, best of {args.repeats}\n")
+    figures = {}
+    if args.part in ("all", "slides"):
+        figures["slides"] = slides(args.slides_steps, args.repeats)
+    if args.part == "slides":
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return
+    print(f"\n{args.steps} steps x {args.batch_size} images in total per configuration, best of {args.repeats}\n")
     best = {}
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.repeats):  # interleaved, so that a noisy minute hurts every configuration alike
@@ -63,7 +111,7 @@ def main():
     print(f"\n2 ranks x 1 thread / 1 rank x 1 thread = {ratio:.2f}x (target >= 1.7)")
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "runs": best,
-                                         "ratio_2x1_over_1x1": ratio}, indent=2))
+                                         "ratio_2x1_over_1x1": ratio, **figures}, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ Data: the Hubble Deep Field photograph tiled to the requested number of pixels
 centroids and runs the same number of iterations in this process; the figures
 are wall-clock per iteration (total Lloyd time / iterations) and the ratios
 are computed from numbers measured in this run. The last part times one
-distributed Lloyd run under `mpiexec -n 1` and `-n 2`, one thread per rank.
+distributed Lloyd run, written the original workshop's way (``daalinit``, a
+slice per ``my_procid``, distributed ``kmeans_init`` + ``kmeans``), under
+`mpiexec -n 1` and `-n 2`: one thread per rank set by hand (target 2 x 1 >=
+1.8x 1 x 1), and plain, with no thread variable set (placement by default:
+target 2 ranks faster than 1).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workshop_lib import d4p, sysinfo  # noqa: E402
+from workshop_lib import d4p, placement, sysinfo  # noqa: E402
 from workshop_lib.data import load_image  # noqa: E402
 
 
@@ -76,8 +80,9 @@ def worker(args):
     """Under mpiexec: each rank clusters its band of the pixels; rank 0 prints per-iteration time as JSON."""
     from mpi4py import MPI
 
+    d4p.daalinit()
     comm = MPI.COMM_WORLD
-    X = np.array_split(pixels(args.pixels), comm.Get_size())[comm.Get_rank()].copy()
+    X = np.array_split(pixels(args.pixels), d4p.num_procs())[d4p.my_procid()].copy()
     k = args.ks[0]
     C0 = d4p.kmeans_init(k, method="plusPlusDense", distributed=True).compute(X).centroids
     algo = d4p.kmeans(k, args.iterations, accuracyThreshold=0.0, assignFlag=False, distributed=True)
@@ -99,6 +104,7 @@ def main():
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-mpi", action="store_true", help="skip the 1 vs 2 ranks part")
+    parser.add_argument("--mpi-only", action="store_true", help="only the 1 vs 2 ranks part")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -117,7 +123,7 @@ def main():
     print(f"daal4py: {_daal4py_version() if daal4py else 'not installed (skipped)'}")
     figures = {"pixels": len(X), "threads": numba.get_num_threads(), "k": {}}
 
-    for k in args.ks:
+    for k in [] if args.mpi_only else args.ks:
         C0 = d4p.kmeans_init(k, method="plusPlusDense").compute(X).centroids  # shared start
         lloyd_ours(X, C0, 1)  # compile / load the kernels
         row = {}
@@ -168,15 +174,20 @@ def main():
 
     if not args.no_mpi and sysinfo.mpiexec_path():
         k = args.ks[0]
-        results = {}
+        plain_env = placement.without_thread_settings()
+        results = {"pinned": {}, "plain": {}}
         for n in (1, 2):
-            proc = sysinfo.run_mpi(n, [__file__, "--worker", "--pixels", args.pixels, "--ks", k,
-                                       "--iterations", args.iterations, "--repeats", args.repeats],
-                                   timeout=900, threads_per_rank=1)
-            results[n] = json.loads(proc.stdout.strip().splitlines()[-1])["ms_per_iteration"]
+            for how, threads, env in (("pinned", 1, None), ("plain", None, plain_env)):
+                proc = sysinfo.run_mpi(n, [__file__, "--worker", "--pixels", args.pixels, "--ks", k,
+                                           "--iterations", args.iterations, "--repeats", args.repeats],
+                                       timeout=900, threads_per_rank=threads, env=env)
+                results[how][n] = json.loads(proc.stdout.strip().splitlines()[-1])["ms_per_iteration"]
         figures["ranks"] = results
-        print(f"\nDistributed Lloyd, k = {k}, one thread per rank: 1 rank {results[1]:.1f} ms, 2 ranks "
-              f"{results[2]:.1f} ms per iteration -> {results[1] / results[2]:.2f}x (target >= 1.7x)")
+        pinned, plain = results["pinned"], results["plain"]
+        print(f"\nDistributed Lloyd, k = {k}, one thread per rank set by hand: 1 rank {pinned[1]:.1f} ms, 2 ranks "
+              f"{pinned[2]:.1f} ms per iteration -> 2 x 1 / 1 x 1 = {pinned[1] / pinned[2]:.2f}x (target >= 1.8x)")
+        print(f"Plain mpiexec, no thread variable set: 1 rank {plain[1]:.1f} ms, 2 ranks {plain[2]:.1f} ms per "
+              f"iteration -> 2 ranks / 1 rank = {plain[1] / plain[2]:.2f}x (target > 1.0x)")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -16,12 +16,14 @@ def test_kmeans_bench_runs_at_a_tiny_size(root, tmp_path):
         cwd=root, capture_output=True, text=True, timeout=280,
     )
     assert proc.returncode == 0, proc.stderr
-    for expected in ("Lloyd per iteration", "k-means++ (1 trial)", "Distributed Lloyd, k = 4"):
+    for expected in ("Lloyd per iteration", "k-means++ (1 trial)", "Distributed Lloyd, k = 4",
+                     "2 x 1 / 1 x 1 = ", "Plain mpiexec, no thread variable set"):
         assert expected in proc.stdout
     import json
 
     figures = json.loads(out.read_text())
-    assert figures["pixels"] == 20000 and set(figures["ranks"]) == {"1", "2"}
+    assert figures["pixels"] == 20000
+    assert {how: set(runs) for how, runs in figures["ranks"].items()} == {"pinned": {"1", "2"}, "plain": {"1", "2"}}
 
 
 def test_int8_bench_runs_in_quick_mode(root, tmp_path):
@@ -41,8 +43,10 @@ def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
 
     out = tmp_path / "cnn.json"
     proc = subprocess.run([sys.executable, "benchmarks/cnn_bench.py", "--num-batches", "2", "--num-warmup", "1",
-                           "--no-torch", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=280)
+                           "--no-torch", "--background-load", "1", "--json", str(out)], cwd=root, capture_output=True,
+                          text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
+    assert "background load: 1 busy process(es)" in proc.stdout and "(under 1 busy process(es)" in proc.stdout
     assert "images/sec:" in proc.stdout and "(jitter = " in proc.stdout and "Executive summary" in proc.stdout
     assert "optimized / default = " in proc.stdout
     assert set(json.loads(out.read_text())["images_per_second"]) == {"default", "optimized"}
@@ -60,8 +64,13 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
 
     out = tmp_path / "hvd.json"
     proc = subprocess.run([sys.executable, "benchmarks/horovod_bench.py", "--steps", "8", "--batch-size", "10",
-                           "--repeats", "1", "--json", str(out)], cwd=root, capture_output=True, text=True, timeout=280)
+                           "--repeats", "1", "--slides-steps", "4", "--json", str(out)], cwd=root, capture_output=True,
+                          text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "2 ranks x 1 thread / 1 rank x 1 thread = " in proc.stdout
+    assert "2 ranks nothing set / 2 ranks pinned by hand = " in proc.stdout
+    assert "2 ranks nothing set / 1 rank nothing set     = " in proc.stdout
     figures = json.loads(out.read_text())
+    assert set(figures["slides"]["images_per_second"]) == {"1 rank, nothing set", "2 ranks, nothing set",
+                                                           "2 ranks, pinned by hand"}
     assert set(figures["runs"]) == {"1x1", "1x2", "2x1"} and figures["runs"]["2x1"]["steps_per_rank"] == 4

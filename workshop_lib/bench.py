@@ -7,6 +7,7 @@ same thread count, change one thing, and report ratios from one run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import numpy as np
 
 from .data import atomic_write
 
-__all__ = ["RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary",
+__all__ = ["background_load", "RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary",
            "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
 
@@ -99,6 +100,32 @@ def record(name, value, how, unit=None, path=None):
         text = json.dumps({"figures": figures}, indent=1, sort_keys=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+@contextlib.contextmanager
+def background_load(n):
+    """Keep ``n`` busy processes running inside the block (a shared classroom node), stopped after.
+
+    Each is a Python loop that never sleeps, so the measurement sees ``n`` other programs wanting a core.
+
+    Raises
+    ------
+    ValueError
+        If ``n`` is not a non-negative int.
+    """
+    import subprocess
+    import sys
+
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"n={n!r} must be a non-negative int (busy processes)")
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def best_time(fn, repeats=3, warmup=True):

@@ -9,7 +9,7 @@ import sys
 
 
 def _check(args) -> int:
-    from . import sysinfo
+    from . import placement, sysinfo
 
     try:
         info = sysinfo.report(mpi_check=not args.no_mpi)
@@ -20,6 +20,7 @@ def _check(args) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(sysinfo.format_report(info))
+        print(placement.format_plan(args.ranks))
     found = sysinfo.problems(info)
     for problem in found:
         print(f"ERROR: {problem}", file=sys.stderr)
@@ -206,6 +207,12 @@ def _version():
     return f"workshop {__version__}"
 
 
+def _positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workshop", description="Deep Learning at Scale: course tools")
     parser.add_argument("--version", action="version", version=_version())
@@ -214,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="report CPU features, threads and MPI; fail if something essential is broken")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--no-mpi", action="store_true", help="skip starting 2 MPI ranks")
+    check.add_argument("--ranks", type=_positive_int, default=1,
+                       help="show the cores and threads each of N ranks on this node would get (default 1)")
     check.set_defaults(func=_check)
 
     build = sub.add_parser("build-labs", help="generate labs/ from solutions/")

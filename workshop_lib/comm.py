@@ -47,6 +47,8 @@ import traceback
 
 import numpy as np
 
+from . import placement
+
 __all__ = ["OPS", "DTYPES", "ALGORITHMS", "SMALL_BYTES", "SHM_MIN_BYTES", "SHM_MAX_BYTES", "FUSION_THRESHOLD",
            "Communicator", "CollectiveTimeout", "NodeGroups", "ring_schedule", "simulate_ring", "JobGuard", "guard_job",
            "release_job"]
@@ -320,6 +322,7 @@ class Communicator:
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        placement.place(self.comm)  # each rank's share of the node's cores, decided once per process
         self.small_bytes, self.segment_bytes, self.timeout = small_bytes, segment_bytes, timeout
         self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes
         self._window = None

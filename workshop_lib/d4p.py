@@ -41,6 +41,8 @@ import math
 import numba
 import numpy as np
 
+from . import placement
+
 __all__ = [
     "daalinit",
     "daalfini",
@@ -99,6 +101,7 @@ def daalinit(nthreads=None):
         Threads each rank uses for its chunk (numba's thread count). Must be at
         most ``NUMBA_NUM_THREADS`` (set it before Python starts to allow more).
     """
+    placement.place(_state.mpi())  # each rank's share of the node's cores; nthreads below overrides numba's
     if nthreads is not None:
         limit = numba.config.NUMBA_NUM_THREADS
         if not isinstance(nthreads, (int, np.integer)) or not 1 <= nthreads <= limit:

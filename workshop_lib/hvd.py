@@ -45,7 +45,7 @@ import weakref
 
 import numpy as np
 
-from . import tf, timeline
+from . import placement, tf, timeline
 from .comm import ENDED, FUSION_THRESHOLD, Communicator, guard_job, release_job
 from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
 
@@ -93,6 +93,7 @@ def init(comm=None):
     global _state
     if _state is not None:
         return
+    placement.place(comm)  # Horovod: pin each process to its share of the node's cores and threads
     _state = _State(Communicator(comm))
     path = os.environ.get(timeline.ENV, "").strip()
     if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective

@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from . import _validate as check
+from . import placement
 
 
 __all__ = [
@@ -152,7 +153,7 @@ def gemm_forward(a, b, trans_a=False, trans_b=False, algorithm="blas"):
     b = check.array(b, "b", 2, check.REALS)
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
     _check_gemm(opa, opb, "op(a)", "op(b)")
-    c = opa @ opb if algorithm == "blas" else gemm_reference(opa, opb)
+    c = placement.matmul(opa, opb) if algorithm == "blas" else gemm_reference(opa, opb)
     return c, (a, b, trans_a, trans_b)
 
 
@@ -162,7 +163,7 @@ def gemm_backward(dc, cache):
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
     dc = check.array(dc, "dc", 2, check.REALS)
     check.shape(dc, "dc", (opa.shape[0], opb.shape[1]), "the shape of the forward output C")
-    d_opa, d_opb = dc @ opb.T, opa.T @ dc
+    d_opa, d_opb = placement.matmul(dc, opb.T), placement.matmul(opa.T, dc)
     return (d_opa.T if trans_a else d_opa), (d_opb.T if trans_b else d_opb)
 
 
@@ -391,7 +392,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     cols = None
     if algorithm == "im2col":
         cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, ((pt, pb), (pl, pr)))
-        out = (cols @ w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
+        out = placement.matmul(cols, w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
         if data_format == "NCHW":
             out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
     else:
@@ -413,7 +414,7 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     ``gemm="reference"`` does the two products with the reference GEMM instead of BLAS.
     """
     check.option(gemm, "gemm", ("blas", "reference"))
-    matmul = (lambda a, b: a @ b) if gemm == "blas" else gemm_reference
+    matmul = placement.matmul if gemm == "blas" else gemm_reference
     x, w, stride, pads, data_format, cols = cache
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape

@@ -14,14 +14,13 @@ the ranks at every step. The six steps of the slides are marked (1) to (6).
 import argparse
 import json
 import math
-import os
 import time
 
-import numba
 import numpy as np
 
 import workshop_lib.hvd as hvd
 import workshop_lib.tf as tf
+from workshop_lib import placement
 from workshop_lib.data import load_mnist
 
 layers = tf.layers
@@ -152,11 +151,10 @@ def main():
         tf.train.LoggingTensorHook(tensors={"step": global_step, "loss": loss}, every_n_iter=args.log_every),
     ]
 
-    # (2) Horovod: pin each rank to its share of the cores (on GPUs: one GPU per local rank).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads = args.threads or max(1, cores // hvd.local_size())
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS)  # the most threads this process can start
-    config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
+    # (2) Horovod: pin each rank to its share of the cores (on GPUs: one GPU per local rank). On CPUs hvd.init()
+    # did it: placement.current() says which cores and threads this rank got; --threads overrides the threads.
+    threads = args.threads or placement.current().numba_threads
+    config = tf.ConfigProto(intra_op_parallelism_threads=args.threads, inter_op_parallelism_threads=1)
     config.gpu_options.allow_growth = True
     config.gpu_options.visible_device_list = str(hvd.local_rank())
 

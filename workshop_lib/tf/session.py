@@ -3,7 +3,8 @@
 A run (1) plans: works out which ops the fetches need, in an order where each op comes after its inputs;
 (2) rewrites that plan with the graph passes that are on (:mod:`.passes`: fusion, layout propagation);
 (3) executes it, entry after entry, or several independent ones at once when
-``inter_op_parallelism_threads > 1``; ``intra_op_parallelism_threads`` sets numba's threads inside each op.
+``inter_op_parallelism_threads > 1``; ``intra_op_parallelism_threads`` sets numba's and the BLAS's threads inside each op
+(:mod:`workshop_lib.placement`).
 The session holds the variables' values; ops reach them, and their random state, through a
 :class:`RunContext`. ``WORKSHOP_VERBOSE=1`` prints a line per primitive (:mod:`.trace`).
 """
@@ -16,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numba
 import numpy as np
 
-from .. import kernels
+from .. import kernels, placement
 from . import passes
 from .core import (
     FailedPreconditionError,
@@ -206,7 +207,8 @@ class Session:
         flat, rebuild = _flatten(fetches)
         targets = [self._element(f) for f in flat]
         feeds = self._feeds(feed_dict or {})
-        values = self._execute(targets, feeds, Trace())  # WORKSHOP_VERBOSE is read here, once per run
+        with placement.op_threads(self.config.intra_op_parallelism_threads):  # numba's and the BLAS's threads
+            values = self._execute(targets, feeds, Trace())  # WORKSHOP_VERBOSE is read here, once per run
         stored = {id(v) for v in self._variables.values()}
         # a variable's array is updated in place by later runs: hand the caller a copy, as TensorFlow does
         out = [None if isinstance(t, Operation) else (values[t].copy() if id(values[t]) in stored else values[t])
@@ -272,7 +274,7 @@ class Session:
             numba.set_num_threads(intra)
         try:
             if self.config.inter_op_parallelism_threads > 1 and len(plan) > 2:
-                self._execute_parallel(plan, values, ctx, trace, intra)
+                self._execute_parallel(plan, values, ctx, trace, intra or numba.get_num_threads())
             else:
                 for entry in plan:
                     values.update(zip(entry.outputs, self._run_entry(entry, values, ctx, trace)))

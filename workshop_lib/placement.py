@@ -1,0 +1,377 @@
+"""Placement: which cores this rank runs on, and how many threads numba and the BLAS use there.
+
+Mirrors Horovod's second step, "pin each process to its resources" (one GPU per
+process there, a share of the cores here), and what ``mpiexec --bind-to core``
+or Slurm's ``--cpus-per-task`` do. The one idea: the ranks on one node share its
+cores, so each rank gets ``len(os.sched_getaffinity(0)) // local_size`` of them
+(at least 1) for numba's threads and for the BLAS's, and, when nothing has bound
+the ranks yet, its own disjoint set of cores. N ranks then never run more
+threads than there are cores; one process started without mpiexec keeps them all.
+
+What the user set wins: ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS`` (numba and the
+BLAS), ``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS``/``BLIS_NUM_THREADS`` (the
+BLAS), a binding made by mpiexec, Slurm or ``taskset`` (the ranks' affinities
+differ, or are narrower than the ranks), and inside ``Session.run``,
+``ConfigProto(intra_op_parallelism_threads=N)`` (:func:`op_threads`).
+
+:func:`place` decides once per process, from ``hvd.init()``, ``d4p.daalinit()``
+or a ``comm.Communicator``; :func:`plan` is the same decision as a pure function
+(``workshop check --ranks N`` prints it); ``WORKSHOP_VERBOSE=1`` prints each
+rank's placement once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Placement", "THREAD_VARIABLES", "without_thread_settings", "usable_cpus", "plan", "place", "current", "blas_threads", "op_threads", "matmul",
+           "format_cpus", "format_plan"]
+
+# the variables a user sets to choose thread counts; numba reads NUMBA_NUM_THREADS itself, the BLAS
+# libraries read theirs (and OMP_NUM_THREADS) when they load, so a set variable means "leave it alone"
+NUMBA_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
+BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "OMP_NUM_THREADS")
+# every variable by which a user chooses threads or their spinning: a run "with nothing set" has none of them
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "BLIS_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+_BINDINGS = {"workshop": "bound by workshop_lib", "inherited": "affinity as started"}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank runs: its cores and its numba and BLAS thread counts.
+
+    ``binding`` is "workshop" when :func:`place` bound the rank to ``cores``, "inherited" when the
+    affinity it started with was kept. ``notes`` say which of the user's settings decided what.
+    ``blas_threads`` is None in a plan when the user's variable leaves the BLAS at its own count.
+    """
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cores: tuple
+    numba_threads: int
+    blas_threads: int | None
+    binding: str
+    notes: tuple = field(default=())
+
+    def describe(self) -> str:
+        """One line: rank, cores, numba threads, BLAS threads, and why."""
+        blas = "the user's" if self.blas_threads is None else self.blas_threads
+        text = (f"rank {self.rank}/{self.size} (local {self.local_rank}/{self.local_size}): "
+                f"cores {format_cpus(self.cores)} ({_BINDINGS[self.binding]}), numba threads {self.numba_threads}, "
+                f"BLAS threads {blas}")
+        return text + "".join(f"; {note}" for note in self.notes)
+
+
+def without_thread_settings(env=None) -> dict:
+    """A copy of ``env`` (default ``os.environ``) without :data:`THREAD_VARIABLES`: what a new user runs with."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if k not in THREAD_VARIABLES}
+
+
+def usable_cpus() -> tuple:
+    """The CPUs this process may run on (``os.sched_getaffinity(0)``: cgroups, Slurm, taskset), sorted."""
+    try:
+        return tuple(sorted(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows: no affinity API, every CPU
+        return tuple(range(os.cpu_count() or 1))
+
+
+def format_cpus(cpus) -> str:
+    """``(0, 1, 2, 5)`` -> ``"0-2,5"``, as ``taskset -c`` and lscpu write CPU lists."""
+    cpus = sorted(cpus)
+    runs, start = [], None
+    for i, cpu in enumerate(cpus):
+        if start is None:
+            start = cpu
+        if i + 1 == len(cpus) or cpus[i + 1] != cpu + 1:
+            runs.append(str(start) if start == cpu else f"{start}-{cpu}")
+            start = None
+    return ",".join(runs) or "-"
+
+
+def _user_count(env, names):
+    """(name, value) of the first of ``names`` set in ``env`` to a positive integer (OMP's "4,2" counts 4)."""
+    for name in names:
+        text = env.get(name, "").split(",")[0].strip()
+        if text.isdigit() and int(text) > 0:
+            return name, int(text)
+    return None, None
+
+
+def plan(cpus, local_size=1, local_rank=0, env=None, numba_limit=None, shared_affinity=True, rank=None, size=None):
+    """The placement of local rank ``local_rank`` of ``local_size`` ranks that share ``cpus``.
+
+    Parameters
+    ----------
+    cpus : sequence of int
+        The CPUs the rank may use (its affinity).
+    local_size, local_rank : int
+        Ranks on this node, and this one's index among them.
+    env : mapping, optional
+        The environment to read the user's thread variables from (default ``os.environ``).
+    numba_limit : int, optional
+        numba's pool size (``numba.config.NUMBA_NUM_THREADS``), the most threads numba can use.
+    shared_affinity : bool
+        True when every rank on the node has the same affinity, i.e. nothing bound them one by one.
+    rank, size : int, optional
+        The global rank and job size, for the description (default: the local ones).
+
+    Returns
+    -------
+    Placement
+
+    Raises
+    ------
+    ValueError
+        If ``cpus`` is empty or ``local_rank`` is not in ``0 .. local_size - 1``.
+    """
+    cpus = tuple(sorted(int(c) for c in cpus))
+    if not cpus:
+        raise ValueError("cpus=() is empty: a rank needs at least one CPU")
+    if not isinstance(local_size, int) or local_size < 1:
+        raise ValueError(f"local_size={local_size!r} must be a positive int")
+    if not isinstance(local_rank, int) or not 0 <= local_rank < local_size:
+        raise ValueError(f"local_rank={local_rank!r} must be an int in 0 .. local_size - 1 = {local_size - 1}")
+    env = os.environ if env is None else env
+    notes = []
+    # a binding somebody else made wins: the ranks' affinities differ, or there are fewer CPUs than ranks
+    splittable = local_size > 1 and shared_affinity and len(cpus) >= local_size
+    if splittable:
+        cores = cpus[local_rank * len(cpus) // local_size:(local_rank + 1) * len(cpus) // local_size]
+    else:
+        cores = cpus
+        if local_size > 1 and not shared_affinity:
+            notes.append("kept the binding set by mpiexec, Slurm or taskset")
+    if splittable or not shared_affinity:
+        share = len(cores)  # its own cores, ours or the ones mpiexec/Slurm gave it
+    else:
+        share = max(1, len(cpus) // local_size)  # more ranks than CPUs: one thread each
+    name, count = _user_count(env, NUMBA_VARIABLES)
+    numba_threads = count if name else share
+    if name:
+        notes.append(f"{name}={count} set by the user")
+    if numba_limit is not None:
+        numba_threads = min(numba_threads, numba_limit)
+    blas_name, blas_count = _user_count(env, BLAS_VARIABLES)
+    blas = None if blas_name else share
+    if blas_name and blas_name != name:
+        notes.append(f"{blas_name}={blas_count} set by the user")
+    # more threads than the rank's own cores (the user asked for them): leave them to the OS's scheduler
+    bind = splittable and max(numba_threads, blas_count or 0) <= len(cores)
+    if splittable and not bind:
+        notes.append("not bound: the user's thread count exceeds this rank's share of the cores")
+    return Placement(rank=local_rank if rank is None else rank, size=local_size if size is None else size,
+                     local_rank=local_rank, local_size=local_size, cores=cores if bind else cpus,
+                     numba_threads=numba_threads, blas_threads=blas, binding="workshop" if bind else "inherited",
+                     notes=tuple(notes))
+
+
+def format_plan(n_ranks, cpus=None, env=None) -> str:
+    """What each of ``n_ranks`` ranks started on this node would get (``workshop check --ranks N``)."""
+    import numba
+
+    if not isinstance(n_ranks, int) or n_ranks < 1:
+        raise ValueError(f"n_ranks={n_ranks!r} must be a positive int")
+    cpus = usable_cpus() if cpus is None else tuple(cpus)
+    lines = [f"Placement of {n_ranks} rank(s) on this node ({len(cpus)} usable CPUs: {format_cpus(cpus)}):"]
+    for r in range(n_ranks):
+        p = plan(cpus, n_ranks, r, env, numba_limit=numba.config.NUMBA_NUM_THREADS)
+        lines.append("  " + p.describe())
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying it
+
+_current: Placement | None = None
+_blas = None  # threadpoolctl's controller of the BLAS libraries, found once
+
+
+def _blas_libraries():
+    global _blas
+    if _blas is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    return _blas
+
+
+def blas_threads() -> int | None:
+    """Threads the BLAS uses now (the largest over the loaded BLAS libraries; None if none is loaded)."""
+    counts = [lib.num_threads for lib in _blas_libraries()]
+    return max(counts) if counts else None
+
+
+def _set_blas_threads(n):
+    for lib in _blas_libraries():
+        lib.set_num_threads(n)
+
+
+def _bind_every_thread(cores):
+    """Bind the whole process: ``sched_setaffinity(0)`` moves only the calling thread, not the BLAS's threads."""
+    try:
+        tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tasks = [0]
+    for tid in tasks:
+        with contextlib.suppress(OSError):  # a thread may end while we walk the list
+            os.sched_setaffinity(tid, cores)
+    os.sched_setaffinity(0, cores)
+
+
+def _numba_workers_sleep_when_idle():
+    """Ask numba's OpenMP workers to sleep, not spin, between parallel loops (before its pool starts).
+
+    GNU OpenMP reads ``OMP_WAIT_POLICY`` once, when numba loads it for its first parallel loop; its
+    default spin takes the cores from the GEMM slices that follow and, on a shared CPU, from the
+    other programs (measured in the README). The user's own setting, or a pool already started, wins.
+    The variable is removed again once the pool has read it: child processes and other OpenMP
+    libraries loaded later (PyTorch's) see the user's environment.
+    """
+    import numba
+
+    if "OMP_WAIT_POLICY" in os.environ or "numba.np.ufunc.omppool" in sys.modules:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        numba.get_num_threads()  # starts the pool: GNU OpenMP reads its environment as it loads
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
+
+
+def current() -> Placement | None:
+    """This process's placement once :func:`place` ran, else None."""
+    return _current
+
+
+def place(comm=None) -> Placement:
+    """Decide and apply this rank's placement, once per process (collective on ``comm`` the first time).
+
+    The ranks of ``comm`` (default ``MPI.COMM_WORLD``) that share a node (``MPI.COMM_TYPE_SHARED``)
+    split its CPUs: each is bound to its own cores when nothing bound them yet, and numba's and the
+    BLAS's thread counts are set to its share unless the user set them (see :func:`plan`). Threads
+    that exist already (the BLAS's) are bound too; numba's pool, started afterwards, inherits the
+    binding. With ``WORKSHOP_VERBOSE=1`` each rank prints its placement to stderr.
+
+    Returns
+    -------
+    Placement
+        What the rank got, read back from the OS, numba and the BLAS.
+    """
+    global _current
+    if _current is not None:
+        return _current
+    import numba
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    cpus = usable_cpus()
+    shared = all(c == cpus for c in local.allgather(cpus))
+    wanted = plan(cpus, local.Get_size(), local.Get_rank(), numba_limit=numba.config.NUMBA_NUM_THREADS,
+                  shared_affinity=shared, rank=comm.Get_rank(), size=comm.Get_size())
+    local.Free()
+    if wanted.binding == "workshop" and hasattr(os, "sched_setaffinity"):
+        _bind_every_thread(wanted.cores)  # before numba's pool starts, so that its threads inherit it
+    _numba_workers_sleep_when_idle()
+    numba.set_num_threads(wanted.numba_threads)
+    if wanted.blas_threads is not None:
+        _set_blas_threads(wanted.blas_threads)
+    _current = Placement(rank=wanted.rank, size=wanted.size, local_rank=wanted.local_rank,
+                         local_size=wanted.local_size, cores=usable_cpus(), numba_threads=numba.get_num_threads(),
+                         blas_threads=blas_threads(), binding=wanted.binding, notes=wanted.notes)
+    if os.environ.get("WORKSHOP_VERBOSE", "0") not in ("", "0"):
+        print(f"workshop_verbose,placement,{_current.describe()}", file=sys.stderr, flush=True)
+    return _current
+
+
+_in_steps = 0  # how many op_threads blocks are open (the BLAS is single-threaded while any is)
+_gemm_pool = None  # the threads that run matmul's slices beside the calling thread
+_PARTITION_MIN_FLOPS = 1 << 21  # below, one slice: a thread hand-off costs more than it saves
+_PARTITION_MIN_ROWS = 32
+
+
+@contextlib.contextmanager
+def op_threads(threads=0):
+    """A step's threads: numba (in this thread) runs ``threads``, the BLAS one, and :func:`matmul` splits
+    each GEMM over ``threads`` threads (0 keeps this thread's numba count, the rank's placement).
+
+    ``Session.run`` wraps its ops in this with ``ConfigProto.intra_op_parallelism_threads``. One owner of
+    the cores: numba's pool and the step's GEMM slices never run at once (ops run one after another on
+    each thread), and the BLAS never starts threads of its own that would spin beside them. The previous
+    counts come back after.
+
+    Raises
+    ------
+    ValueError
+        If ``threads`` is not a non-negative int.
+    """
+    global _in_steps
+    import numba
+
+    if not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads={threads!r} must be a non-negative int (0 keeps the current counts)")
+    _numba_workers_sleep_when_idle()
+    numba_before, blas_before = numba.get_num_threads(), blas_threads()
+    if threads:
+        numba.set_num_threads(threads)
+    if blas_before is not None and blas_before != 1:
+        _set_blas_threads(1)
+    _in_steps += 1
+    try:
+        yield
+    finally:
+        _in_steps -= 1
+        numba.set_num_threads(numba_before)
+        if blas_before is not None and blas_before != 1 and not _in_steps:
+            _set_blas_threads(blas_before)
+
+
+def matmul(a, b):
+    """``a @ b`` for 2-D arrays; inside :func:`op_threads`, split into one slice per thread of the step.
+
+    The slices (rows of ``a``, or columns of ``b`` when ``a`` has few rows) are independent BLAS calls
+    on a single-threaded BLAS, joined once: a thread the OS parks for a while (another program on the
+    same cores) delays one slice, where a multi-threaded BLAS GEMM waits for it at every block. Outside
+    a step, the BLAS's own threads do the work.
+
+    Raises
+    ------
+    ValueError
+        If ``a`` and ``b`` are not 2-D arrays whose inner dimensions agree.
+    """
+    import numba
+
+    global _gemm_pool
+    if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"a.shape={getattr(a, 'shape', None)} and b.shape={getattr(b, 'shape', None)} "
+                         "must be 2-D with a.shape[1] == b.shape[0]")
+    m, n = a.shape[0], b.shape[1]
+    parts = numba.get_num_threads() if _in_steps else 1
+    by_rows = m >= parts * _PARTITION_MIN_ROWS
+    if parts < 2 or 2 * m * n * a.shape[1] < _PARTITION_MIN_FLOPS or not (by_rows or n >= parts * _PARTITION_MIN_ROWS):
+        return a @ b
+    if _gemm_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _gemm_pool = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1), "workshop-gemm")
+    out = np.empty((m, n), dtype=np.result_type(a, b))
+    size = m if by_rows else n
+    bounds = [size * i // parts for i in range(parts + 1)]
+    slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    if by_rows:
+        jobs = [(a[s], b, out[s]) for s in slices]
+    else:
+        jobs = [(a, b[:, s], out[:, s]) for s in slices]
+    futures = [_gemm_pool.submit(np.matmul, x, y, out=o) for x, y, o in jobs[1:]]
+    np.matmul(*jobs[0][:2], out=jobs[0][2])
+    for future in futures:
+        future.result()
+    return out
