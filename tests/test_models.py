@@ -242,3 +242,20 @@ def test_int8_weights_are_about_four_times_smaller(int8_models):
     fp32, int8_bytes = (sum(s[kind] for s in sizes.values()) for kind in ("fp32", "int8"))
     assert fp32 == 4 * sum(int(np.prod(shape)) for shape in models.SHAPES.values())
     assert 3.9 < fp32 / int8_bytes < 4.0
+
+
+@pytest.mark.parametrize("train", [models.train_mnist_cnn, models.train_mnist_cnn_tf])
+@pytest.mark.parametrize("kwargs, error, rule", [
+    (dict(steps=-5), ValueError, "steps=-5 must be >= 1"),
+    (dict(steps=2.5), TypeError, "steps=2.5 must be an integer"),
+    (dict(batch_size=0), ValueError, r"batch_size=0 must be in \[1, 8000\]"),
+    (dict(batch_size=9000), ValueError, r"batch_size=9000 must be in \[1, 8000\]"),
+    (dict(lr=0.0), ValueError, "lr=0.0 must be in"),
+    (dict(keep_prob=float("nan")), ValueError, "keep_prob=nan must be finite"),
+])
+def test_the_trainers_refuse_bad_arguments_before_any_work(train, kwargs, error, rule):
+    """steps=-5 used to train nothing and return a NaN loss."""
+    from workshop_lib.data import load_mnist
+
+    with pytest.raises(error, match=rule):
+        train(**{"steps": 1, **kwargs}, data=load_mnist())

@@ -20,7 +20,10 @@ def _check(args) -> int:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(sysinfo.format_report(info))
-        print(placement.format_plan(args.ranks))
+        try:
+            print(placement.format_plan(args.ranks))
+        except Exception as exc:  # noqa: BLE001 - e.g. numba refuses NUMBA_NUM_THREADS=0: the problems below say why
+            print(f"Placement of {args.ranks} rank(s): unavailable ({type(exc).__name__}: {exc})")
     found = sysinfo.problems(info)
     for problem in found:
         print(f"ERROR: {problem}", file=sys.stderr)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, kernels
+from . import _validate as check
 
 __all__ = ["QuantizedCNN", "deepnn", "TrainingGraph", "train_mnist_cnn_tf", "init_mnist_cnn", "mnist_cnn_forward", "mnist_cnn_backward", "Adam", "train_mnist_cnn",
            "accuracy", "save_model", "load_model", "default_model_path", "images_to_input"]
@@ -116,6 +117,14 @@ def accuracy(params, images, labels, batch_size=500):
     return correct / len(images)
 
 
+def _check_training(steps, batch_size, lr, keep_prob, n_examples):
+    """Both trainers' arguments: a bad one raises here, before any work (steps=-5 gave a NaN loss)."""
+    check.integer(steps, "steps", 1)
+    check.integer(batch_size, "batch_size", 1, n_examples)
+    check.real(lr, "lr", 0, low_open=True)
+    check.real(keep_prob, "keep_prob", 0, 1, low_open=True)
+
+
 def _minibatches(n_examples, batch_size, steps, rng, progress, desc):
     """(step, indices) for ``steps`` batches: reshuffled each epoch, seeded; a tqdm bar when ``progress``."""
     order, cursor = rng.permutation(n_examples), 0
@@ -148,6 +157,7 @@ def train_mnist_cnn(steps=2000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0, d
 
         data = load_mnist()
     (x_train, y_train), (x_test, y_test) = data
+    _check_training(steps, batch_size, lr, keep_prob, len(x_train))
     params = init_mnist_cnn(seed)
     opt = Adam(params, lr)
     rng = np.random.default_rng(seed + 1)
@@ -310,6 +320,7 @@ def train_mnist_cnn_tf(steps=1000, batch_size=50, lr=1e-3, keep_prob=0.5, seed=0
 
         data = load_mnist()
     (x_train, y_train), (x_test, y_test) = data
+    _check_training(steps, batch_size, lr, keep_prob, len(x_train))
     model = TrainingGraph(lr, seed, data_format)
     history = {"loss": [], "eval_step": [], "eval_accuracy": []}
     rng = np.random.default_rng(seed + 1)

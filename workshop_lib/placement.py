@@ -288,7 +288,9 @@ def place(comm=None) -> Placement:
                          local_size=wanted.local_size, cores=usable_cpus(), numba_threads=numba.get_num_threads(),
                          blas_threads=blas_threads(), binding=wanted.binding, notes=wanted.notes)
     if os.environ.get("WORKSHOP_VERBOSE", "0") not in ("", "0"):
-        print(f"workshop_verbose,placement,{_current.describe()}", file=sys.stderr, flush=True)
+        # one write per line: print() writes the text and its newline apart, and two ranks' lines interleave
+        sys.stderr.write(f"workshop_verbose,placement,{_current.describe()}\n")
+        sys.stderr.flush()
     return _current
 
 
