@@ -48,3 +48,14 @@ def _results_in_a_temporary_folder(tmp_path_factory):
         os.environ.pop("WORKSHOP_RESULTS", None)
     else:
         os.environ["WORKSHOP_RESULTS"] = previous
+
+
+@pytest.fixture
+def fresh_graph():
+    """An empty default graph for a test of workshop_lib.tf (and quiet tf.logging), emptied again after it."""
+    import workshop_lib.tf as tf
+
+    tf.reset_default_graph()
+    tf.logging.set_verbosity(tf.logging.WARN)
+    yield
+    tf.reset_default_graph()

@@ -13,11 +13,12 @@ import pytest
 
 import workshop_lib.tf as tf
 from conftest import ROOT
-from test_tf import fresh_graph  # noqa: F401 - autouse: every test starts from an empty default graph
 from workshop_lib.data import is_temporary
 
 LOOP = ROOT / "tests" / "tf_programs" / "save_in_a_loop.py"
 KILLS = 30
+
+pytestmark = pytest.mark.usefixtures("fresh_graph")  # every test starts from an empty default graph
 
 
 def _temporaries(directory):

@@ -9,12 +9,7 @@ import pytest
 import workshop_lib.tf as tf
 
 
-@pytest.fixture(autouse=True)
-def fresh_graph():
-    tf.reset_default_graph()
-    tf.logging.set_verbosity(tf.logging.WARN)
-    yield
-    tf.reset_default_graph()
+pytestmark = pytest.mark.usefixtures("fresh_graph")  # every test starts from an empty default graph
 
 
 def test_the_issue_snippet_runs_unchanged():

@@ -9,11 +9,7 @@ from workshop_lib.tf import passes
 from workshop_lib.tf.core import Operation, topological_order
 
 
-@pytest.fixture(autouse=True)
-def fresh_graph():
-    tf.reset_default_graph()
-    yield
-    tf.reset_default_graph()
+pytestmark = pytest.mark.usefixtures("fresh_graph")  # every test starts from an empty default graph
 
 
 def plan_for(*fetches):

@@ -16,12 +16,7 @@ from workshop_lib.tf.core import make_op
 PACKAGE = Path(__file__).resolve().parent.parent / "workshop_lib"
 
 
-@pytest.fixture(autouse=True)
-def fresh_graph():
-    tf.reset_default_graph()
-    tf.logging.set_verbosity(tf.logging.WARN)
-    yield
-    tf.reset_default_graph()
+pytestmark = pytest.mark.usefixtures("fresh_graph")  # every test starts from an empty default graph
 
 
 def _session_private_names():
