@@ -179,11 +179,13 @@ def report_lines(title, speeds, losses=None, every=10, out=print):
 
 
 def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20, num_warmup=3, threads=2,
-                data_format="NHWC", layout="native", fusion=None, images=None, labels=None, progress=False):
+                data_format="NHWC", layout="native", fusion=None, images=None, labels=None, progress=False,
+                inter_op=1):
     """Images/second of the labs' CNN on workshop_lib.tf; returns (speeds per batch, losses or None).
 
     ``variant`` picks the kernels and fusion ("default" or "optimized"); ``fusion`` and ``layout``
-    override them one at a time, so one measurement changes one thing.
+    override them one at a time, so one measurement changes one thing; ``threads`` and ``inter_op`` are
+    ConfigProto's ``intra_op_parallelism_threads`` and ``inter_op_parallelism_threads``.
     """
     import workshop_lib.tf as tf
 
@@ -195,7 +197,7 @@ def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20
     base = _variants()[variant]
     options = tf.GraphOptions(kernels=base.kernels, fusion=base.fusion if fusion is None else fusion, layout=layout)
     model = models.TrainingGraph(seed=0, data_format=data_format)
-    config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1,
+    config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=inter_op,
                             graph_options=options)
     rng = np.random.default_rng(0)
     speeds, losses = [], []

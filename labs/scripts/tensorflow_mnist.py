@@ -113,6 +113,19 @@ def parse_args():
     return args
 
 
+class LossHistoryHook(tf.train.SessionRunHook):
+    """Asks for ``loss`` at every step and keeps it (rank 0's go into the --results file)."""
+
+    def __init__(self, loss):
+        self.loss, self.history = loss, []
+
+    def before_run(self, run_context):
+        return tf.train.SessionRunArgs(self.loss)
+
+    def after_run(self, run_context, run_values):
+        self.history.append(float(run_values.results))
+
+
 def main():
     args = parse_args()
 
@@ -150,6 +163,8 @@ def main():
 
         tf.train.LoggingTensorHook(tensors={"step": global_step, "loss": loss}, every_n_iter=args.log_every),
     ]
+    losses = LossHistoryHook(loss)  # every step's loss on this rank, for the lab's loss curves
+    hooks.append(losses)
 
     # (2) Horovod: pin each rank to its share of the cores (on GPUs: one GPU per local rank). On CPUs hvd.init()
     # did it: placement.current() says which cores and threads this rank got; --threads overrides the threads.
@@ -181,7 +196,7 @@ def main():
         summary = {"ranks": hvd.size(), "threads_per_rank": threads, "steps_per_rank": steps_run,
                    "batch_per_rank": args.batch_size, "learning_rate": args.lr * hvd.size(), "seconds": seconds,
                    "images_per_second": steps_run * args.batch_size * hvd.size() / seconds if seconds else 0.0,
-                   "test_accuracy": accuracy}
+                   "test_accuracy": accuracy, "loss_history": losses.history}
         print(f"ranks={hvd.size()} steps/rank={steps_run} time={seconds:.1f}s "
               f"images/s={summary['images_per_second']:.0f} test accuracy={accuracy:.4f}", flush=True)
         if args.results:
