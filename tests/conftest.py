@@ -36,20 +36,6 @@ def mpirun():
     return run
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _results_in_a_temporary_folder(tmp_path_factory):
-    """Figures recorded by tests and notebooks (``workshop_lib.bench.record``) never reach the learner's home."""
-    import os
-
-    previous = os.environ.get("WORKSHOP_RESULTS")
-    os.environ["WORKSHOP_RESULTS"] = str(tmp_path_factory.mktemp("results") / "results.json")
-    yield
-    if previous is None:
-        os.environ.pop("WORKSHOP_RESULTS", None)
-    else:
-        os.environ["WORKSHOP_RESULTS"] = previous
-
-
 @pytest.fixture
 def fresh_graph():
     """An empty default graph for a test of workshop_lib.tf (and quiet tf.logging), emptied again after it."""

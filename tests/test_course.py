@@ -341,5 +341,5 @@ def test_make_labs_on_an_edited_tree_keeps_every_edit(root, tmp_path):
     (sol / "scripts" / "run.py").write_text("x = 10\n### BEGIN SOLUTION Exercise 1.1: y\ny = 2\n### END SOLUTION\n")
     out = subprocess.run(make, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
     assert edited.read_text() == "x = 1\nmy_answer = 2\n" and (labs / "my_notes.ipynb").exists()
-    assert f"kept labs/scripts/run.py (your edits); new version: labs/scripts/run.updated.py" in out
+    assert "kept labs/scripts/run.py (your edits); new version: labs/scripts/run.updated.py" in out
     assert (labs / "scripts" / "run.updated.py").read_text().startswith("x = 10\n# YOUR CODE HERE")
