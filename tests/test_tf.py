@@ -375,7 +375,7 @@ def test_fusion_and_kernel_choice_change_speed_not_results(capsys, monkeypatch):
                 assert "_FusedConv2DBiasAddRelu" in trace and "_FusedMatMulBiasAddRelu" in trace
             else:
                 assert "_Fused" not in trace and ",Conv2D," in trace
-            assert ("direct" if kernels == "reference" else "im2col") in trace
+            assert ("direct" if kernels == "reference" else "jit") in trace
     ref = results[("reference", False)]
     for value in results.values():
         np.testing.assert_allclose(value, ref, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from . import _validate as check
-from . import placement
+from . import jit_conv, placement
 
 
 __all__ = [
@@ -353,8 +353,14 @@ def conv2d_cache(x, w, stride=1, padding="SAME", data_format="NHWC", cols=None):
     return ConvCache(x, w, stride, _conv_padding(padding, h, wd, w.shape[0], w.shape[1], stride), data_format, cols)
 
 
-def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm="im2col"):
-    """2-D convolution (cross-correlation, as in every DL framework).
+def _jit_fits(x, w, stride, data_format):
+    """Whether the register-blocked kernels of :mod:`jit_conv` run this convolution (else im2col does)."""
+    return (stride == (1, 1) and data_format == "NHWC" and x.dtype == np.float32 and w.dtype == np.float32
+            and jit_conv.simd_lanes() is not None)
+
+
+def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm="im2col", bias=None, relu=False):
+    """2-D convolution (cross-correlation, as in every DL framework), optionally followed by bias and ReLU.
 
     Parameters
     ----------
@@ -362,12 +368,17 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     w : (R, S, C, K), HWIO
     stride : int or (sh, sw)
     padding : "SAME", "VALID", int, or ((top, bottom), (left, right))
-    algorithm : "im2col" (receptive fields as rows, then one GEMM) or "direct" (loops)
+    algorithm : "im2col" (receptive fields as rows, then one GEMM), "direct" (loops), or "jit" (the
+        register-blocked SIMD kernels of :mod:`workshop_lib.jit_conv` where they apply: stride 1, NHWC,
+        float32, an AVX-512F or AVX2 + FMA CPU; im2col otherwise)
+    bias : (K,) or None, added to every output pixel (in the jit kernel's epilogue, else in place afterwards)
+    relu : bool, max(0, .) after the bias (likewise)
 
     Returns
     -------
     out : (N, OH, OW, K) or (N, K, OH, OW)
-    cache : ConvCache, for :func:`conv2d_backward` (``cache.cols`` is im2col's workspace, None for "direct")
+    cache : ConvCache, for :func:`conv2d_backward` (``cache.cols`` is im2col's workspace, None for "direct"
+        and for the jit kernels)
     Raises
     ------
     ValueError
@@ -376,7 +387,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
         If ``x`` or ``w`` is not float32/float64.
     """
     _check_format(data_format)
-    check.option(algorithm, "algorithm", ("im2col", "direct"))
+    check.option(algorithm, "algorithm", ("im2col", "direct", "jit"))
     x = _check_image(x, "x", data_format, check.FLOATS)
     w = check.array(w, "w", 4, check.FLOATS, "(R, S, C, K), HWIO")
     if min(w.shape) < 1:
@@ -389,9 +400,17 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     (pt, pb), (pl, pr) = _conv_padding(padding, h, wd, r, s, stride)
     out_h, out_w = _output_hw(h, wd, r, s, stride, ((pt, pb), (pl, pr)))
     _check_output(out_h, out_w, f"the {r}x{s} kernel w", padding, stride, h, wd)
-    cols = None
-    if algorithm == "im2col":
+    if bias is not None:
+        bias = check.array(bias, "bias", 1, check.REALS, f"({k},)")
+        check.shape(bias, "bias", (k,), "one value per output channel")
+    cache = ConvCache(x, w, stride, ((pt, pb), (pl, pr)), data_format, None)
+    if algorithm == "jit" and _jit_fits(x, w, stride, data_format):
+        out = jit_conv.conv2d_nhwc_f32(x, w, ((pt, pb), (pl, pr)), None if bias is None else bias.astype(np.float32),
+                                       relu)
+        return out, cache
+    if algorithm in ("im2col", "jit"):
         cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, ((pt, pb), (pl, pr)))
+        cache = cache._replace(cols=cols)
         out = placement.matmul(cols, w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
         if data_format == "NCHW":
             out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
@@ -402,18 +421,26 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
         else:
             out = np.empty((n_size, k, out_h, out_w), dtype=np.result_type(x, w))
             _conv2d_direct_nchw(np.ascontiguousarray(x), np.ascontiguousarray(w), stride[0], stride[1], pt, pl, out)
-    return out, ConvCache(x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
+    if bias is not None:
+        out += bias if data_format == "NHWC" else bias.reshape(-1, 1, 1)  # in place: no extra tensor
+    if relu:
+        np.maximum(out, 0, out=out)
+    return out, cache
 
 
-def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
-    """(dx, dw) of :func:`conv2d_forward`; both algorithms share this GEMM-based backward pass.
+def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algorithm="im2col"):
+    """(dx, dw) of :func:`conv2d_forward`; every algorithm shares this GEMM-based backward pass, except dx below.
 
     The receptive fields (im2col's columns) are reused from the forward pass when it kept them;
     ``need_dx=False`` skips dx (the first layer's input needs no gradient) and returns None for it,
     ``need_dw=False`` likewise for dw;
     ``gemm="reference"`` does the two products with the reference GEMM instead of BLAS.
+    ``algorithm="jit"`` (with ``gemm="blas"``) computes dx as a direct convolution of the padded ``dout``
+    with the flipped, transposed filter, by :mod:`jit_conv`'s kernels, where the forward's geometry fits
+    them (stride 1, NHWC, float32); otherwise, and with ``"im2col"`` or ``"direct"``, dx is a GEMM + col2im.
     """
     check.option(gemm, "gemm", ("blas", "reference"))
+    check.option(algorithm, "algorithm", ("im2col", "direct", "jit"))
     matmul = placement.matmul if gemm == "blas" else gemm_reference
     x, w, stride, pads, data_format, cols = cache
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
@@ -432,6 +459,8 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
         dw = matmul(cols.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw
+    if algorithm == "jit" and gemm == "blas" and dout.dtype == np.float32 and _jit_fits(x, w, stride, data_format):
+        return jit_conv.conv2d_backward_data_nhwc_f32(dout, w, (h, wd), pads), dw
     # dx: the columns' gradient (one GEMM), folded back onto the pixels (col2im), a few images at a time so
     # that each block of columns is still in cache when col2im reads it
     wt = np.ascontiguousarray(w.reshape(-1, k).T)

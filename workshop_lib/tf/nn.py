@@ -66,7 +66,8 @@ def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format
             return kernels.conv2d_cache(xv, wv, strides, padding, data_format, cols)
 
         dx = make_op("Conv2DBackpropInput", [g, xin, win], lambda ctx, gv, xv, wv: (kernels.conv2d_backward(
-            gv, cache(xv, wv, None), need_dw=False, gemm=ctx.gemm_algorithm)[0],), [xin.dtype], [xin.shape],
+            gv, cache(xv, wv, None), need_dw=False, gemm=ctx.gemm_algorithm,
+            algorithm=ctx.conv_algorithm)[0],), [xin.dtype], [xin.shape],
             attrs={"data_format": data_format}).outputs[0]
         dw = make_op("Conv2DBackpropFilter", [g, xin, win, workspace], lambda ctx, gv, xv, wv, cols: (
             kernels.conv2d_backward(gv, cache(xv, wv, cols), need_dx=False, gemm=ctx.gemm_algorithm)[1],),

@@ -48,15 +48,15 @@ class FusedOp:
 
     def compute(self, ctx, x, w, b):
         a = self.attrs
-        if self.main.type == "Conv2D":
-            y, cache = kernels.conv2d_forward(x, w, a["strides"], a["padding"], a["data_format"], ctx.conv_algorithm)
-            y += b if a["data_format"] == "NHWC" else b.reshape(-1, 1, 1)
-        else:
-            y = kernels.gemm_forward(x, w, a["transpose_a"], a["transpose_b"], ctx.gemm_algorithm)[0]
-            y += b  # bias added to the GEMM's output in place: no extra tensor
+        if self.main.type == "Conv2D":  # bias and ReLU in the kernel's epilogue (jit) or in place on its output
+            y, cache = kernels.conv2d_forward(x, w, a["strides"], a["padding"], a["data_format"], ctx.conv_algorithm,
+                                              bias=b, relu=self.relu)
+            return y, cache.cols  # cols: the workspace the gradient reuses (None where the kernel made none)
+        y = kernels.gemm_forward(x, w, a["transpose_a"], a["transpose_b"], ctx.gemm_algorithm)[0]
+        y += b  # bias added to the GEMM's output in place: no extra tensor
         if self.relu:
             np.maximum(y, 0, out=y)
-        return (y, cache.cols) if self.main.type == "Conv2D" else (y,)  # cols: the workspace the gradient reuses
+        return (y,)
 
 
 def _is_bias_add(op, main_output):

@@ -109,7 +109,7 @@ class RunContext:
         self.session = session
         opts = session.config.graph_options
         self.gemm_algorithm = "blas" if opts.kernels == "optimized" else "reference"
-        self.conv_algorithm = "im2col" if opts.kernels == "optimized" else "direct"
+        self.conv_algorithm = "jit" if opts.kernels == "optimized" else "direct"
         self.layout = opts.layout if opts.kernels == "optimized" else "native"
 
     def read_variable(self, var):
