@@ -172,7 +172,7 @@ def test_no_kernel_when_numba_compiles_for_another_cpu(monkeypatch):
         assert jit_conv.simd_lanes() is None
         with pytest.raises(RuntimeError, match="neither AVX-512F nor AVX2"):
             jit_conv.conv2d_nhwc_f32(f32(1, 3, 3, 1), f32(1, 1, 1, 1), VALID)
-        out, cache = K.conv2d_forward(f32(1, 3, 3, 1), f32(1, 1, 1, 2), 1, "VALID", algorithm="jit")
+        _, cache = K.conv2d_forward(f32(1, 3, 3, 1), f32(1, 1, 1, 2), 1, "VALID", algorithm="jit")
         assert cache.cols is not None  # im2col ran instead
     finally:
         jit_conv.simd_lanes.cache_clear()
