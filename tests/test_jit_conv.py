@@ -88,6 +88,9 @@ def test_bias_and_relu_epilogue_match_the_reference(case, lanes):
     assert (relu == 0).mean() > 0.2  # the ReLU did clip: the case exercises it
     no_bias_relu = jit_conv.conv2d_nhwc_f32(x, wt, pads, relu=True, lanes=lanes)
     np.testing.assert_allclose(no_bias_relu, np.maximum(ref - b, 0), rtol=1e-4, atol=1e-4)
+    x[0, 0, 0, 0] = np.nan  # a NaN passes through the ReLU, as through np.maximum(., 0)
+    poisoned = jit_conv.conv2d_nhwc_f32(x, wt, pads, b, relu=True, lanes=lanes)
+    np.testing.assert_array_equal(np.isnan(poisoned), np.isnan(conv_reference(x, wt, pads)))
 
 
 @needs_simd
@@ -153,7 +156,7 @@ def test_kernels_jit_algorithm_falls_back_to_im2col_where_the_kernel_does_not_ap
 
 @pytest.mark.parametrize("lanes", [16, 8])
 def test_tile_shapes_fit_the_rows_and_the_vector_registers(lanes):
-    registers, broadcast = (32, 0) if lanes == 16 else (16, 1)
+    registers, broadcast = (32 if lanes == 16 else 16), 1
     for n_vectors in range(1, 9):
         for out_w in range(1, 60):
             pixels, nv = jit_conv._tile_shape(n_vectors, out_w, lanes)
