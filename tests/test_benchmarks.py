@@ -52,6 +52,14 @@ def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
     assert set(json.loads(out.read_text())["images_per_second"]) == {"default", "optimized"}
 
 
+def test_conv_bench_prints_each_convolution_and_the_ratios(root):
+    proc = subprocess.run([sys.executable, "benchmarks/conv_bench.py", "--batch-size", "2", "--repetitions", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    if "no jit_conv kernels" not in proc.stdout:
+        assert proc.stdout.count("GFLOP/s") == 9 and "conv2 backward-data: jit / GEMM alone = " in proc.stdout
+
+
 def test_allreduce_bench_runs_at_a_tiny_size(root):
     proc = subprocess.run([sys.executable, "benchmarks/allreduce_bench.py", "--ranks", "2", "--max-bytes", "16384",
                            "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=200)
