@@ -405,6 +405,15 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     return out, ConvCache(x, w, stride, ((pt, pb), (pl, pr)), data_format, cols)
 
 
+def _direct_wgrad_fits(gemm, stride, x, dout):
+    """Whether dw goes to :func:`jit_conv.conv2d_backward_filter_nhwc` (no columns) rather than im2col + GEMM."""
+    if gemm != "blas" or stride != (1, 1) or x.dtype != np.float32 or dout.dtype != np.float32:
+        return False
+    from .jit_conv import wgrad_lanes
+
+    return wgrad_lanes() is not None
+
+
 def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     """(dx, dw) of :func:`conv2d_forward`; both algorithms share this GEMM-based backward pass.
 
@@ -427,9 +436,14 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True):
     d2 = np.ascontiguousarray(dout_nhwc).reshape(-1, k)
     dw = None
     if need_dw:
-        if cols is None:
-            cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
-        dw = matmul(cols.T, d2).reshape(w.shape)
+        if _direct_wgrad_fits(gemm, stride, x, dout):
+            from .jit_conv import conv2d_backward_filter_nhwc
+
+            dw = conv2d_backward_filter_nhwc(x_nhwc, d2.reshape(n_size, out_h, out_w, k), r, s, pads)
+        else:
+            if cols is None:
+                cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
+            dw = matmul(cols.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw
     # dx: the columns' gradient (one GEMM), folded back onto the pixels (col2im), a few images at a time so
