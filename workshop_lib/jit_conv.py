@@ -237,15 +237,6 @@ def _wgrad_plan(r_size: int, s_size: int, c_size: int, k_size: int, lanes: int):
     return taps, variants, variant_of, nv * lanes, _np.array(blocks, dtype=_np.int64)
 
 
-@_numba.njit(parallel=True, cache=True)
-def _wgrad_pad_nhwc(x, pt, pl, out):  # IN x (N, H, W, C); OUT out (N, H + pt + pb, W + pl + pr, C), zeroed
-    h_size, w_size = x.shape[1], x.shape[2]
-    for n in _numba.prange(x.shape[0]):
-        for h in range(h_size):
-            for w in range(w_size):
-                out[n, pt + h, pl + w, :] = x[n, h, w, :]
-
-
 def _wgrad_pads(pads):
     rule = "must be ((top, bottom), (left, right)) of non-negative ints"
     try:
@@ -325,7 +316,7 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
     x = _np.ascontiguousarray(x)
     if taps and (pt or pb or pl or pr):
         padded = _np.zeros((n_size, h_size + pt + pb, w_size + pl + pr, c_size), dtype=_np.float32)
-        _wgrad_pad_nhwc(x, pt, pl, padded)
+        padded[:, pt : pt + h_size, pl : pl + w_size, :] = x
         x, pt, pl = padded, 0, 0
     image_bytes = (x[0].nbytes + dy[0].nbytes)
     chunk = max(1, _WGRAD_CHUNK_BYTES // image_bytes)
