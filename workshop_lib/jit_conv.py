@@ -36,9 +36,9 @@ from numba.extending import intrinsic as _intrinsic
 
 from . import _validate
 
-# lanes -> (accumulator registers a tile may use, most dy vectors per tile): 32 zmm or 16 ymm registers,
-# less the dy vectors and the broadcast
-_WGRAD_BUDGET = {16: (24, 4), 8: (12, 3)}
+# lanes -> (accumulator registers a tile may use, most dy vectors per tile): AVX-512 has 32 zmm registers
+# (24 accumulators, 4 dy vectors, the broadcast rides on the FMA), AVX2 16 ymm (12 + 2 + 1 broadcast)
+_WGRAD_BUDGET = {16: (24, 4), 8: (12, 2)}
 _WGRAD_CHUNK_BYTES = 384 * 1024  # x + dy of the images one thread holds in its L2 at a time
 
 
