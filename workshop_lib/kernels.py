@@ -428,6 +428,15 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     return out, cache
 
 
+def _direct_wgrad_fits(gemm, stride, x, dout):
+    """Whether dw goes to :func:`jit_conv.conv2d_backward_filter_nhwc` (no columns) rather than im2col + GEMM."""
+    if gemm != "blas" or stride != (1, 1) or x.dtype != np.float32 or dout.dtype != np.float32:
+        return False
+    from .jit_conv import wgrad_lanes
+
+    return wgrad_lanes() is not None
+
+
 def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algorithm="im2col"):
     """(dx, dw) of :func:`conv2d_forward`; every algorithm shares this GEMM-based backward pass, except dx below.
 
@@ -454,9 +463,14 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algori
     d2 = np.ascontiguousarray(dout_nhwc).reshape(-1, k)
     dw = None
     if need_dw:
-        if cols is None:
-            cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
-        dw = matmul(cols.T, d2).reshape(w.shape)
+        if _direct_wgrad_fits(gemm, stride, x, dout):
+            from .jit_conv import conv2d_backward_filter_nhwc
+
+            dw = conv2d_backward_filter_nhwc(x_nhwc, d2.reshape(n_size, out_h, out_w, k), r, s, pads)
+        else:
+            if cols is None:
+                cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, pads)
+            dw = matmul(cols.T, d2).reshape(w.shape)
     if not need_dx:
         return None, dw
     if algorithm == "jit" and gemm == "blas" and dout.dtype == np.float32 and _jit_fits(x, w, stride, data_format):
