@@ -34,8 +34,8 @@ from . import placement
 __all__ = [
     "gemm_reference", "gemm_forward", "gemm_backward",
     "conv2d_forward", "conv2d_backward", "conv2d_output_size", "ConvCache", "conv2d_cache", "hw_pair",
-    "maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward",
-    "relu_forward", "relu_backward", "tanh_forward", "tanh_backward", "elu_forward", "elu_backward",
+    "maxpool_forward", "maxpool_backward", "maxpool_relu_backward", "avgpool_forward", "avgpool_backward",
+    "relu_forward", "relu_backward", "relu_bias_backward", "tanh_forward", "tanh_backward", "elu_forward", "elu_backward",
     "bias_add_forward", "bias_add_backward",
     "batchnorm_forward", "batchnorm_backward",
     "softmax", "log_softmax", "softmax_xent_forward", "softmax_xent_backward",
@@ -476,6 +476,32 @@ def _maxpool_nhwc(x, kh, kw, sh, sw, pt, pl, out, argmax):  # OUT out (N,OH,OW,C
 
 
 @numba.njit(parallel=True, cache=True)
+def _maxpool_2x2_nhwc(x, out, argmax):  # OUT out (N,OH,OW,C), argmax: the 2x2 stride-2 VALID window, unrolled
+    n_size, h_size, w_size, c_size = x.shape
+    out_h, out_w = out.shape[1], out.shape[2]
+    for row in numba.prange(n_size * out_h):
+        n, oh = row // out_h, row % out_h
+        ih = 2 * oh
+        for ow in range(out_w):
+            iw = 2 * ow
+            top = ((n * h_size + ih) * w_size + iw) * c_size
+            below = top + w_size * c_size
+            for c in range(c_size):  # the same order and strict > as _maxpool_nhwc: the first maximum wins
+                best, where = x[n, ih, iw, c], top + c
+                v = x[n, ih, iw + 1, c]
+                if v > best:
+                    best, where = v, top + c_size + c
+                v = x[n, ih + 1, iw, c]
+                if v > best:
+                    best, where = v, below + c
+                v = x[n, ih + 1, iw + 1, c]
+                if v > best:
+                    best, where = v, below + c_size + c
+                out[n, oh, ow, c] = best
+                argmax[n, oh, ow, c] = where
+
+
+@numba.njit(parallel=True, cache=True)
 def _maxpool_backward_nhwc(dout, argmax, dx_flat):  # OUT dx_flat (N*H*W*C,), zeroed: a scatter, no division
     n_size, out_h, out_w, c_size = dout.shape
     for n in numba.prange(n_size):
@@ -568,17 +594,68 @@ def maxpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
     x, x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format, check.REALS)
     out = np.empty(shape, dtype=x.dtype)
     argmax = np.empty(shape, dtype=np.int64)
-    _maxpool_nhwc(x_nhwc, ksize[0], ksize[1], stride[0], stride[1], pt, pl, out, argmax)
-    return _to_format(out, data_format), (x_nhwc.shape, argmax, data_format)
+    if ksize == (2, 2) and stride == (2, 2) and (pt, pl) == (0, 0):  # the CNN's pooling
+        _maxpool_2x2_nhwc(x_nhwc, out, argmax)
+    else:
+        _maxpool_nhwc(x_nhwc, ksize[0], ksize[1], stride[0], stride[1], pt, pl, out, argmax)
+    disjoint = stride[0] >= ksize[0] and stride[1] >= ksize[1]  # no input cell lies in two windows
+    return _to_format(out, data_format), (x_nhwc.shape, argmax, data_format, disjoint)
 
 
 def maxpool_backward(dout, cache):
     """dx of :func:`maxpool_forward`: each output's gradient goes to the input that was the maximum."""
-    shape, argmax, data_format = cache
+    shape, argmax, data_format, _ = cache
     dout = _check_pool_grad(dout, argmax.shape, data_format, check.REALS)
     dx = np.zeros(shape, dtype=dout.dtype)
     _maxpool_backward_nhwc(_from_format(dout, data_format), argmax, dx.reshape(-1))
     return _to_format(dx, data_format)
+
+
+@numba.njit(parallel=True, cache=True)
+def _maxpool_relu_backward_nhwc(dout, argmax, pooled, one, zero, windows_overlap, dx, db_rows):
+    # IN dout, argmax, pooled (N,OH,OW,C); OUT dx (N,H,W,C), every cell written; db_rows (N,C): each image's
+    # bias gradient. pooled is the maximum of the ReLU's outputs in each window, i.e. the winner's own value,
+    # so pooled > 0 exactly where ReluGrad lets the winner's gradient through. The mask is a select, not a
+    # branch: half the windows pass, at random, and a mispredicted branch costs more than the product.
+    n_size, out_h, out_w, c_size = dout.shape
+    plane = dx.shape[1] * dx.shape[2] * c_size
+    dx_flat = dx.reshape(-1)
+    for n in numba.prange(n_size):
+        dx_flat[n * plane : (n + 1) * plane] = 0  # one image at a time: zeroed, then scattered into, in cache
+        acc = np.zeros(c_size, dtype=np.float64)
+        for oh in range(out_h):
+            for ow in range(out_w):
+                for c in range(c_size):
+                    g = dout[n, oh, ow, c] * (one if pooled[n, oh, ow, c] > 0 else zero)
+                    if windows_overlap:  # a cell may win several windows: add (as _maxpool_backward_nhwc)
+                        dx_flat[argmax[n, oh, ow, c]] += g
+                    else:  # each cell wins at most once: a store keeps -0.0 as the unfused product does
+                        dx_flat[argmax[n, oh, ow, c]] = g
+                    acc[c] += g
+        db_rows[n, :] = acc
+
+
+def maxpool_relu_backward(dout, cache, pooled, need_db=True):
+    """(dx, db) of ``maxpool(relu(z + b))`` with respect to z, in one pass: MaxPoolGrad, ReluGrad, BiasAddGrad.
+
+    The pooled gradient is scattered to each window's winner and masked by the ReLU in the same pass, and
+    the bias gradient (the sum of dx over every axis but the channels') is summed from the same values, in
+    float64, while they are in registers. ``cache`` is :func:`maxpool_forward`'s cache of the pooling of the
+    ReLU's output, ``pooled`` its output; dx equals ``relu_backward(maxpool_backward(dout, cache), y)`` bit
+    for bit for windows that do not overlap (with overlapping windows, a masked cell may hold +0.0 where the unfused
+    product holds -0.0). ``db`` is None unless ``need_db``.
+    """
+    shape, argmax, data_format, disjoint = cache
+    dout = _check_pool_grad(dout, argmax.shape, data_format, check.REALS)
+    pooled = check.array(pooled, "pooled", 4, check.REALS)
+    check.shape(pooled, "pooled", dout.shape, "the shape of dout (the pooling's output)")
+    dx = np.empty(shape, dtype=dout.dtype)
+    db_rows = np.empty((shape[0], shape[3]), dtype=np.float64)
+    one, zero = dx.dtype.type(1), dx.dtype.type(0)
+    _maxpool_relu_backward_nhwc(_from_format(dout, data_format), argmax, _from_format(pooled, data_format), one, zero,
+                                not disjoint, dx, db_rows)
+    db = db_rows.sum(axis=0).astype(dout.dtype) if need_db else None
+    return _to_format(dx, data_format), db
 
 
 def avgpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
@@ -620,8 +697,61 @@ def relu_forward(x):
     return y, y
 
 
+@numba.njit(parallel=True, cache=True)
+def _relu_backward_flat(dout, y, one, zero, dx):  # IN dout, y; OUT dx (flat, same length)
+    for i in numba.prange(dx.shape[0]):
+        dx[i] = dout[i] * (one if y[i] > 0 else zero)  # the product, as numpy's dout * (y > 0): -0.0 and NaN alike
+
+
+@numba.njit(parallel=True, cache=True)
+def _relu_bias_backward_rows(dout, y, rows_per_chunk, one, zero, dx, db_chunks):
+    # IN dout, y (rows, C); OUT dx (rows, C), db_chunks (chunks, C): each chunk of rows' bias gradient, in float64
+    rows, c_size = dout.shape
+    for chunk in numba.prange(db_chunks.shape[0]):
+        db_chunks[chunk, :] = 0
+        for r in range(chunk * rows_per_chunk, min(rows, (chunk + 1) * rows_per_chunk)):
+            for c in range(c_size):
+                g = dout[r, c] * (one if y[r, c] > 0 else zero)
+                dx[r, c] = g
+                db_chunks[chunk, c] += g
+
+
+def _same_float_arrays(dout, y):
+    dout = _check_elementwise_grad(dout, y)
+    y = np.asarray(y)
+    if dout.dtype != y.dtype or dout.dtype not in check.FLOATS:
+        return None
+    return np.ascontiguousarray(dout), np.ascontiguousarray(y)
+
+
 def relu_backward(dout, cache):
-    return _check_elementwise_grad(dout, cache) * (cache > 0)  # y > 0 exactly where x > 0
+    """dx of :func:`relu_forward`: ``dout * (y > 0)`` (y > 0 exactly where x > 0), one parallel pass for floats."""
+    arrays = _same_float_arrays(dout, cache)
+    if arrays is None:
+        return dout * (cache > 0)
+    dx = np.empty(arrays[0].shape, dtype=arrays[0].dtype)
+    one, zero = dx.dtype.type(1), dx.dtype.type(0)
+    _relu_backward_flat(arrays[0].reshape(-1), arrays[1].reshape(-1), one, zero, dx.reshape(-1))
+    return dx
+
+
+def relu_bias_backward(dout, cache):
+    """(dx, db) of ``relu(x + b)`` with channels last, in one pass: ReluGrad and BiasAddGrad together.
+
+    ``cache`` is the ReLU's output y (:func:`relu_forward`'s cache); dx equals ``relu_backward(dout, y)``
+    bit for bit and db is its sum over every axis but the last, accumulated in float64 (in chunks of rows
+    that depend on the shape only, so the result does not depend on the number of threads).
+    """
+    arrays = _same_float_arrays(dout, cache)
+    if arrays is None or arrays[0].ndim < 2:
+        raise TypeError(f"dout and y must be float32 or float64 arrays of one dtype with a batch and channels; "
+                        f"got {np.asarray(dout).dtype} and {np.asarray(cache).dtype}, shape {np.shape(dout)}")
+    g, y = (a.reshape(-1, a.shape[-1]) for a in arrays)
+    rows_per_chunk = max(16, -(-g.shape[0] // 64))  # at most 64 chunks, of 16 rows or more
+    chunks = -(-g.shape[0] // rows_per_chunk)
+    dx, db_chunks = np.empty(arrays[0].shape, dtype=g.dtype), np.empty((chunks, g.shape[1]), dtype=np.float64)
+    _relu_bias_backward_rows(g, y, rows_per_chunk, g.dtype.type(1), g.dtype.type(0), dx.reshape(g.shape), db_chunks)
+    return dx, db_chunks.sum(axis=0).astype(g.dtype)
 
 
 def tanh_forward(x):

@@ -145,7 +145,7 @@ class Session:
         self._closed = False
         self._plans = {}
         self._lock = threading.RLock()
-        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0}
+        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0, "fused_gradients": 0}
         kernels.keep_freed_memory()  # reuse big temporaries from step to step, as TF's own allocator does
 
     # context management ---------------------------------------------------------------------
@@ -251,10 +251,10 @@ class Session:
                                  + list(op.control_inputs))
         fetched = {t for t in targets if isinstance(t, Tensor)}
         if opts.fusion:
-            plan = passes.fuse(plan, fetched)
+            plan = passes.fuse_gradients(passes.fuse(plan, fetched), fetched)
         if layout == "blocked":
             plan = passes.propagate_layout(plan, fetched)
-        self._plans[key] = plan, passes.reorder_counts(plan)
+        self._plans[key] = plan, passes.reorder_counts(plan), passes.fused_gradient_count(plan)
         return self._plans[key]
 
     def _run_entry(self, entry, values, ctx, trace):
@@ -265,7 +265,7 @@ class Session:
         return result
 
     def _execute(self, targets, feeds, trace):
-        plan, reorders = self._plan(targets, feeds)
+        plan, reorders, fused_gradients = self._plan(targets, feeds)
         ctx = RunContext(self)
         values = dict(feeds)
         intra = self.config.intra_op_parallelism_threads
@@ -285,6 +285,7 @@ class Session:
         for stat, count in reorders.items():
             self.stats[stat] += count
         self.stats["ops_executed"] += len(plan) - sum(reorders.values())
+        self.stats["fused_gradients"] += fused_gradients
         return values
 
     def _execute_parallel(self, plan, values, ctx, trace, intra):
