@@ -628,3 +628,37 @@ def test_the_2x2_max_pooling_fast_path_breaks_ties_as_the_general_kernel():
     np.testing.assert_array_equal(out, ref_out)
     np.testing.assert_array_equal(argmax, ref_argmax)
     assert disjoint
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("keep_prob", [0.5, 0.7, 1 / 3])
+def test_dropout_draws_the_generators_stream_and_gives_numpys_masks(dtype, keep_prob):
+    x = RNG.standard_normal((30, 70)).astype(dtype)
+    out, mask = K.dropout_forward(x, keep_prob, rng=np.random.default_rng(9))
+    uniform = np.random.default_rng(9).random(x.shape, dtype=np.float32)
+    want = (uniform < keep_prob).astype(dtype) / dtype(keep_prob)
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_array_equal(out, x * want)
+    assert out.dtype == mask.dtype == dtype
+    # a draw equal to float32(keep_prob) is dropped, as numpy's float32 comparison drops it
+    edge = np.array([np.float32(keep_prob), np.nextafter(np.float32(keep_prob), np.float32(0))], np.float32)
+    got, kept = np.empty(2, dtype), np.empty(2, dtype)
+    K._dropout_flat(np.ones(2, dtype), edge, np.float32(keep_prob), dtype(1) / dtype(keep_prob), dtype(0), got, kept)
+    np.testing.assert_array_equal(kept, (edge < keep_prob).astype(dtype) / dtype(keep_prob))
+
+
+def test_adam_update_on_one_thread_and_in_parallel_is_the_same_step():
+    rng = np.random.default_rng(4)
+    for size in (K._SERIAL_BELOW - 1, K._SERIAL_BELOW):  # either side of the switch to the parallel loop
+        w, g = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size).astype(np.float32)
+        m, v = rng.standard_normal(size).astype(np.float32), rng.random(size).astype(np.float32)
+        args = [a.copy() for a in (w, g, m, v)]
+        K.adam_update(*args, 1e-3)
+        w64, g64, m64, v64 = (a.astype(np.float64) for a in (w, g, m, v))
+        m64, v64 = 0.9 * m64 + 0.1 * g64, 0.999 * v64 + 0.001 * g64 * g64
+        np.testing.assert_allclose(args[0], w64 - 1e-3 * m64 / (np.sqrt(v64) + 1e-8), rtol=1e-6, atol=1e-9)
+        other = [a.copy() for a in (w, g, m, v)]
+        kernel = K._adam_update if size < K._SERIAL_BELOW else K._adam_update_serial
+        kernel(other[0], other[1], other[2], other[3], *(np.float32(a) for a in (1e-3, 0.9, 0.999, 1e-8)))
+        for got, want in zip(args, other):
+            np.testing.assert_array_equal(got, want)

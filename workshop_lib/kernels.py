@@ -928,6 +928,14 @@ def truncated_standard_normal(rng, shape):
     return x
 
 
+@numba.njit(parallel=True, cache=True)
+def _dropout_flat(x, uniform, threshold, scale, zero, out, mask):  # IN x, uniform; OUT out, mask (flat)
+    for i in numba.prange(x.shape[0]):
+        kept = scale if uniform[i] < threshold else zero
+        mask[i] = kept
+        out[i] = x[i] * kept
+
+
 def dropout_forward(x, keep_prob, training=True, rng=None):
     """Inverted dropout: keep each element with probability ``keep_prob`` and scale it by 1/keep_prob."""
     keep_prob = check.real(keep_prob, "keep_prob", 0, 1, low_open=True)
@@ -937,8 +945,14 @@ def dropout_forward(x, keep_prob, training=True, rng=None):
     if not training or keep_prob == 1:
         return x, None
     rng = rng if rng is not None else np.random.default_rng()
-    mask = (rng.random(x.shape, dtype=np.float32) < keep_prob).astype(x.dtype) / x.dtype.type(keep_prob)
-    return x * mask, mask
+    uniform = rng.random(x.shape, dtype=np.float32)  # the generator's stream, drawn as always: same masks
+    x = np.ascontiguousarray(x)
+    out, mask = np.empty_like(x), np.empty_like(x)
+    # the threshold in float32, as numpy compares float32 values with a Python float (u < keep_prob)
+    scale = x.dtype.type(1) / x.dtype.type(keep_prob)
+    _dropout_flat(x.reshape(-1), uniform.reshape(-1), np.float32(keep_prob), scale, x.dtype.type(0),
+                  out.reshape(-1), mask.reshape(-1))
+    return out, mask
 
 
 def dropout_backward(dout, cache):
@@ -958,6 +972,20 @@ def _adam_update(w, g, m, v, lr_t, beta1, beta2, eps):  # IN g; IN/OUT w, m, v (
         vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i]
         m[i], v[i] = mi, vi
         w[i] -= lr_t * mi / (np.sqrt(vi) + eps)
+
+
+@numba.njit(cache=True)
+def _adam_update_serial(w, g, m, v, lr_t, beta1, beta2, eps):  # the same arithmetic on one thread
+    for i in range(w.shape[0]):
+        mi = beta1 * m[i] + (1 - beta1) * g[i]
+        vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i]
+        m[i], v[i] = mi, vi
+        w[i] -= lr_t * mi / (np.sqrt(vi) + eps)
+
+
+# Below this many elements a parallel loop costs more than it saves: waking numba's sleeping workers takes
+# 10-40 us, an Adam step of 10,000 float32 values on one thread about 20 us (measured on the AMD EPYC).
+_SERIAL_BELOW = 16384
 
 
 def adam_step_size(lr, beta1_power, beta2_power):
@@ -981,8 +1009,9 @@ def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
     lr_t = check.real(lr_t, "lr_t")
     beta1, beta2 = check.real(beta1, "beta1", 0, 1, high_open=True), check.real(beta2, "beta2", 0, 1, high_open=True)
     eps = check.real(eps, "eps", 0, low_open=True)
-    _adam_update(w.reshape(-1), np.ascontiguousarray(g, dtype=w.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
-                 w.dtype.type(lr_t), w.dtype.type(beta1), w.dtype.type(beta2), w.dtype.type(eps))
+    kernel = _adam_update_serial if w.size < _SERIAL_BELOW else _adam_update
+    kernel(w.reshape(-1), np.ascontiguousarray(g, dtype=w.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
+           w.dtype.type(lr_t), w.dtype.type(beta1), w.dtype.type(beta2), w.dtype.type(eps))
 
 
 # ----------------------------------------------------------------------------------------------
