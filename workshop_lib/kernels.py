@@ -967,19 +967,22 @@ def dropout_backward(dout, cache):
 
 
 @numba.njit(parallel=True, cache=True)
-def _adam_update(w, g, m, v, lr_t, beta1, beta2, eps):  # IN g; IN/OUT w, m, v (flat, same length)
+def _adam_update(w, g, m, v, lr_t, beta1, beta2, eps, one_minus_beta1, one_minus_beta2):
+    # IN g; IN/OUT w, m, v (flat, same length). Every scalar comes in w's dtype, so float32 variables are
+    # updated in float32 arithmetic, as TensorFlow's ApplyAdam does: a constant such as (1 - beta1) written
+    # here would be a float64, and would turn the whole update into float64 divisions and square roots.
     for i in numba.prange(w.shape[0]):
-        mi = beta1 * m[i] + (1 - beta1) * g[i]
-        vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i]
+        mi = beta1 * m[i] + one_minus_beta1 * g[i]
+        vi = beta2 * v[i] + one_minus_beta2 * g[i] * g[i]
         m[i], v[i] = mi, vi
         w[i] -= lr_t * mi / (np.sqrt(vi) + eps)
 
 
 @numba.njit(cache=True)
-def _adam_update_serial(w, g, m, v, lr_t, beta1, beta2, eps):  # the same arithmetic on one thread
-    for i in range(w.shape[0]):
-        mi = beta1 * m[i] + (1 - beta1) * g[i]
-        vi = beta2 * v[i] + (1 - beta2) * g[i] * g[i]
+def _adam_update_serial(w, g, m, v, lr_t, beta1, beta2, eps, one_minus_beta1, one_minus_beta2):
+    for i in range(w.shape[0]):  # the same arithmetic on one thread
+        mi = beta1 * m[i] + one_minus_beta1 * g[i]
+        vi = beta2 * v[i] + one_minus_beta2 * g[i] * g[i]
         m[i], v[i] = mi, vi
         w[i] -= lr_t * mi / (np.sqrt(vi) + eps)
 
@@ -997,6 +1000,8 @@ def adam_step_size(lr, beta1_power, beta2_power):
 def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
     """One Adam step in place, in one pass over memory: m, v <- moments; w -= lr_t * m / (sqrt(v) + eps).
 
+    The arithmetic is in w's dtype (float32 for the labs' variables), as TensorFlow's ApplyAdam computes.
+
     ``lr_t`` already includes the bias corrections (:func:`adam_step_size`), as TensorFlow's ApplyAdam takes it.
     ``w``, ``m`` and ``v`` are updated in place: writeable C-contiguous float32/float64 arrays of one shape and
     dtype; ``g`` has their shape.
@@ -1011,8 +1016,9 @@ def adam_update(w, g, m, v, lr_t, beta1=0.9, beta2=0.999, eps=1e-8):
     beta1, beta2 = check.real(beta1, "beta1", 0, 1, high_open=True), check.real(beta2, "beta2", 0, 1, high_open=True)
     eps = check.real(eps, "eps", 0, low_open=True)
     kernel = _adam_update_serial if w.size < _SERIAL_BELOW else _adam_update
+    real = w.dtype.type
     kernel(w.reshape(-1), np.ascontiguousarray(g, dtype=w.dtype).reshape(-1), m.reshape(-1), v.reshape(-1),
-           w.dtype.type(lr_t), w.dtype.type(beta1), w.dtype.type(beta2), w.dtype.type(eps))
+           real(lr_t), real(beta1), real(beta2), real(eps), real(1) - real(beta1), real(1) - real(beta2))
 
 
 # ----------------------------------------------------------------------------------------------
