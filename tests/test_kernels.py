@@ -537,3 +537,130 @@ def test_public_kernels_stay_in_bounds_on_edge_shapes_under_numba_boundscheck(ro
                           capture_output=True, text=True, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok"), proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# the backward fusions (MaxPoolGrad -> ReluGrad -> BiasAddGrad, ReluGrad -> BiasAddGrad)
+
+
+def _pooled_relu_case(shape, ksize, stride, padding, data_format, dtype):
+    z = RNG.standard_normal(shape).astype(dtype)
+    b = RNG.standard_normal(shape[3] if data_format == "NHWC" else shape[1]).astype(dtype)
+    b_shape = (-1,) if data_format == "NHWC" else (-1, 1, 1)
+
+    def forward():
+        y = np.maximum(z + b.reshape(b_shape), 0)
+        return (y, *K.maxpool_forward(y, ksize, stride, padding, data_format))
+
+    return z, b, b_shape, forward
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("shape, ksize, stride, padding", [
+    ((3, 8, 8, 5), (2, 2), (2, 2), "VALID"),  # the CNN's pooling (the unrolled fast path)
+    ((2, 7, 9, 4), (2, 2), (2, 2), "VALID"),  # odd sizes: a last row and column no window covers
+    ((2, 7, 9, 17), (3, 3), (2, 2), "SAME"),  # overlapping windows: a cell can win twice
+    ((1, 6, 6, 3), (3, 3), (3, 3), "VALID"),
+])
+def test_maxpool_relu_backward_equals_the_unfused_ops_and_central_differences(shape, ksize, stride, padding,
+                                                                               data_format):
+    layout_shape = shape if data_format == "NHWC" else (shape[0], shape[3], shape[1], shape[2])
+    _, _, b_shape, forward32 = _pooled_relu_case(layout_shape, ksize, stride, padding, data_format, np.float32)
+    y, pooled, cache = forward32()
+    g = RNG.standard_normal(pooled.shape).astype(np.float32)
+    dx, db = K.maxpool_relu_backward(g, cache, pooled)
+    unfused = K.relu_backward(K.maxpool_backward(g, cache), y)
+    np.testing.assert_array_equal(dx, unfused)
+    if stride[0] >= ksize[0] and stride[1] >= ksize[1]:  # disjoint windows: bit for bit, the sign of zero too
+        assert (np.signbit(dx) == np.signbit(unfused)).all()
+    channel_axes = (0, 1, 2) if data_format == "NHWC" else (0, 2, 3)
+    assert db.dtype == np.float32
+    np.testing.assert_allclose(db, unfused.astype(np.float64).sum(axis=channel_axes), rtol=1e-6, atol=1e-6)
+    assert K.maxpool_relu_backward(g, cache, pooled, need_db=False)[1] is None
+
+    z, b, _, forward = _pooled_relu_case(layout_shape, ksize, stride, padding, data_format, np.float64)
+    z[np.abs(z + b.reshape(b_shape)) < 1e-3] += 0.01  # keep away from the ReLU's kink
+    g = RNG.standard_normal(forward()[1].shape)
+    dz, db = K.maxpool_relu_backward(g, forward()[2], forward()[1])
+    loss = lambda: (forward()[1] * g).sum()  # noqa: E731
+    assert_grad(dz, numerical_grad(loss, z))
+    assert_grad(db, numerical_grad(loss, b))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (50, 1024), (2, 5, 6, 33)])
+def test_relu_bias_backward_equals_the_unfused_ops_and_central_differences(shape):
+    y = np.maximum(RNG.standard_normal(shape), 0).astype(np.float32)
+    g = RNG.standard_normal(shape).astype(np.float32)
+    g[0, 0] = -0.0
+    dx, db = K.relu_bias_backward(g, y)
+    unfused = g * (y > 0)
+    np.testing.assert_array_equal(dx, unfused)
+    assert (np.signbit(dx) == np.signbit(unfused)).all()
+    np.testing.assert_allclose(db, unfused.astype(np.float64).reshape(-1, shape[-1]).sum(axis=0), rtol=1e-6,
+                               atol=1e-6)
+
+    x, b = RNG.standard_normal(shape), RNG.standard_normal(shape[-1])
+    x[np.abs(x + b) < 1e-3] += 0.01
+    g = RNG.standard_normal(shape)
+    dx, db = K.relu_bias_backward(g, np.maximum(x + b, 0))
+    loss = lambda: (np.maximum(x + b, 0) * g).sum()  # noqa: E731
+    assert_grad(dx, numerical_grad(loss, x))
+    assert_grad(db, numerical_grad(loss, b))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        K.relu_bias_backward(g.astype(np.float32), np.maximum(x + b, 0))
+
+
+def test_relu_backward_is_numpys_product_with_nan_and_signed_zeros():
+    y = np.array([1.0, 0.0, 2.0, 0.0, 3.0], np.float32)
+    g = np.array([np.nan, np.nan, -0.0, -1.0, 2.0], np.float32)
+    got, want = K.relu_backward(g, y), g * (y > 0)
+    np.testing.assert_array_equal(got, want)
+    assert (np.signbit(got) == np.signbit(want)).all()
+    np.testing.assert_array_equal(K.relu_backward(np.arange(4), np.array([1, 0, 2, 0])), [0, 0, 2, 0])  # integers
+
+
+def test_the_2x2_max_pooling_fast_path_breaks_ties_as_the_general_kernel():
+    x = RNG.integers(0, 3, (3, 6, 8, 5)).astype(np.float32)  # many ties: the first maximum in the window wins
+    x[0, 0, 0, 0] = np.nan
+    out, (_, argmax, _, disjoint) = K.maxpool_forward(x, 2, 2, "VALID")
+    ref_out, ref_argmax = np.empty_like(out), np.empty_like(argmax)
+    K._maxpool_nhwc(x, 2, 2, 2, 2, 0, 0, ref_out, ref_argmax)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(argmax, ref_argmax)
+    assert disjoint
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("keep_prob", [0.5, 0.7, 1 / 3])
+def test_dropout_draws_the_generators_stream_and_gives_numpys_masks(dtype, keep_prob):
+    x = RNG.standard_normal((30, 70)).astype(dtype)
+    out, mask = K.dropout_forward(x, keep_prob, rng=np.random.default_rng(9))
+    uniform = np.random.default_rng(9).random(x.shape, dtype=np.float32)
+    want = (uniform < keep_prob).astype(dtype) / dtype(keep_prob)
+    np.testing.assert_array_equal(mask, want)
+    np.testing.assert_array_equal(out, x * want)
+    assert out.dtype == mask.dtype == dtype
+    # a draw equal to float32(keep_prob) is dropped, as numpy's float32 comparison drops it
+    edge = np.array([np.float32(keep_prob), np.nextafter(np.float32(keep_prob), np.float32(0))], np.float32)
+    got, kept = np.empty(2, dtype), np.empty(2, dtype)
+    K._dropout_flat(np.ones(2, dtype), edge, np.float32(keep_prob), dtype(1) / dtype(keep_prob), dtype(0), got, kept)
+    np.testing.assert_array_equal(kept, (edge < keep_prob).astype(dtype) / dtype(keep_prob))
+
+
+def test_adam_update_computes_in_the_variables_dtype_on_one_thread_and_in_parallel():
+    rng = np.random.default_rng(4)
+    f32 = np.float32
+    for size in (K._SERIAL_BELOW - 1, K._SERIAL_BELOW):  # either side of the switch to the parallel loop
+        w, g = rng.standard_normal(size).astype(f32), rng.standard_normal(size).astype(f32)
+        m, v = rng.standard_normal(size).astype(f32), rng.random(size).astype(f32)
+        args = [a.copy() for a in (w, g, m, v)]
+        K.adam_update(*args, 1e-3)
+        # float32 numpy, one rounding per operation, as TensorFlow's ApplyAdam on float32 variables: bit for bit
+        m32 = f32(0.9) * m + (f32(1) - f32(0.9)) * g
+        v32 = f32(0.999) * v + (f32(1) - f32(0.999)) * g * g
+        w32 = w - f32(1e-3) * m32 / (np.sqrt(v32) + f32(1e-8))
+        for got, want in zip((args[0], args[2], args[3]), (w32, m32, v32)):
+            np.testing.assert_array_equal(got, want)
+        w64, g64, m64, v64 = (a.astype(np.float64) for a in (w, g, m, v))
+        m64, v64 = 0.9 * m64 + 0.1 * g64, 0.999 * v64 + 0.001 * g64 * g64
+        np.testing.assert_allclose(args[0], w64 - 1e-3 * m64 / (np.sqrt(v64) + 1e-8), rtol=1e-6, atol=1e-9)

@@ -121,3 +121,64 @@ def test_a_fetched_blocked_value_is_reordered_back_once_for_all_its_readers():
     for got, want in zip(results["blocked"], results["native"]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     assert results["blocked"][0].shape == (2, 6, 6, 20)  # fetched in the graph's own layout, padding dropped
+
+
+def _types(plan):
+    return [e.type for e in plan]
+
+
+def test_fuse_gradients_replaces_the_pool_relu_bias_and_relu_bias_gradient_chains():
+    model = models.TrainingGraph(seed=0)
+    with model.graph.as_default():
+        plan = passes.fuse(plan_for(model.train_op, model.loss), {model.loss})
+        given = list(plan)
+        fused = passes.fuse_gradients(plan, {model.loss})
+    assert plan == given  # the pass returns a new plan; the one it was given is unchanged
+    assert_valid_order(fused)
+    types = _types(fused)
+    # conv1 and conv2: pooled, biased, ReLU'd; fc1: biased and ReLU'd; fc2 has no ReLU: its BiasAddGrad stays
+    assert types.count("_FusedMaxPoolGradReluGradBiasAddGrad") == 2 and types.count("_FusedReluGradBiasAddGrad") == 1
+    assert "MaxPoolGrad" not in types and "ReluGrad" not in types and types.count("BiasAddGrad") == 1
+    assert len(fused) == len(plan) - 2 * 2 - 1 and passes.fused_gradient_count(fused) == 3
+    entry = next(e for e in fused if e.type == "_FusedMaxPoolGradReluGradBiasAddGrad")
+    relu_grad, bias_grad = entry.ops[1], entry.ops[2]
+    assert entry.outputs == [relu_grad.outputs[0], bias_grad.outputs[0]]
+    assert entry.inputs[2] is entry.pool.outputs[0]  # the pooled values, not the ReLU's larger output
+
+
+def test_fuse_gradients_needs_the_pool_to_read_the_relu_and_keeps_a_fetched_pool_gradient():
+    x = tf.placeholder(tf.float32, [2, 4, 4, 3])
+    b = tf.Variable(np.ones(3, np.float32))
+    y = tf.nn.relu(tf.nn.bias_add(x, b))
+    pooled_elsewhere = tf.nn.max_pool(tf.identity(y) * 1.0, [1, 2, 2, 1], [1, 2, 2, 1], "VALID")
+    loss = tf.reduce_sum(pooled_elsewhere)
+    (dx,) = tf.gradients(loss, [x])
+    assert "_FusedMaxPoolGradReluGradBiasAddGrad" not in _types(passes.fuse_gradients(plan_for(dx), {dx}))
+    pooled = tf.nn.max_pool(y, [1, 2, 2, 1], [1, 2, 2, 1], "VALID")
+    dx, db = tf.gradients(tf.reduce_sum(pooled * pooled), [x, b])
+    plan = plan_for(dx, db)
+    assert "_FusedMaxPoolGradReluGradBiasAddGrad" in _types(passes.fuse_gradients(plan, {dx, db}))
+    pool_grad = next(e for e in plan if e.type == "MaxPoolGrad").outputs[0]
+    kept = passes.fuse_gradients(plan, {dx, db, pool_grad})
+    assert "MaxPoolGrad" in _types(kept) and "_FusedReluGradBiasAddGrad" in _types(kept)  # relu + bias still fuse
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_fused_gradients_equal_the_unfused_ones_and_are_counted_in_session_stats(data_format):
+    model = models.TrainingGraph(seed=3, data_format=data_format)
+    with model.graph.as_default():
+        names = sorted(model.params)
+        grads = tf.gradients(model.loss, [model.params[n] for n in names])
+    rng = np.random.default_rng(5)
+    feed = model.feed(rng.random((4, 784), dtype=np.float32), rng.integers(0, 10, 4))
+    results = {}
+    for fusion in (False, True):
+        with model.session(tf.ConfigProto(graph_options=tf.GraphOptions(fusion=fusion))) as sess:
+            results[fusion] = dict(zip(names, sess.run(grads, feed)))
+            assert sess.stats["fused_gradients"] == (3 if fusion else 0)
+    for name in names:
+        got, want = results[True][name], results[False][name]
+        if name.endswith("/b"):  # summed in another order (in float64): equal to rounding
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        else:  # the weights' gradients read dx, which the fused pass computes bit for bit
+            np.testing.assert_array_equal(got, want, err_msg=name)

@@ -161,3 +161,29 @@ def test_arguments_that_would_change_results_raise_and_harmless_ones_are_accepte
     config = tf.ConfigProto()
     config.gpu_options.visible_device_list = "0"
     config.gpu_options.allow_growth = True
+
+
+def test_a_run_frees_each_value_after_its_last_reader_and_keeps_the_fetched_ones():
+    import weakref
+
+    produced, alive_later = [], []
+
+    def make(v):
+        out = v * 2
+        produced.append(weakref.ref(out))
+        return out
+
+    def look(v):
+        alive_later.append(produced[-1]() is not None)
+        return v
+
+    x = tf.placeholder(tf.float32, [3])
+    a = tf.py_func(make, [x], tf.float32)
+    b = tf.py_func(look, [a + 1], tf.float32)  # runs after a's last reader (the Add)
+    xv = np.arange(3, dtype=np.float32)
+    with tf.Session() as sess:
+        np.testing.assert_array_equal(sess.run(b, {x: xv}), 2 * xv + 1)
+        assert alive_later == [False]  # a was dead, and freed, before look ran
+        got_a, got_b = sess.run([a, b], {x: xv})  # fetched: kept to the end
+        assert alive_later == [False, True]
+        np.testing.assert_array_equal(got_a, 2 * xv)

@@ -102,9 +102,24 @@ def check_pool():
                 dx = dx if fmt == "NHWC" else K.nchw_to_nhwc(dx)
                 # every window's gradient lands inside x and nowhere else: the totals agree
                 close(dx.astype(np.float64).sum(), dout.astype(np.float64).sum(), f"{what} {kind} {fmt} dx")
+                if kind == "max":  # the fused MaxPoolGrad -> ReluGrad -> BiasAddGrad on the same cache
+                    y = x if fmt == "NHWC" else K.nhwc_to_nchw(x)
+                    dy = K.relu_backward(backward(dout if fmt == "NHWC" else K.nhwc_to_nchw(dout), cache), y)
+                    fused, db = K.maxpool_relu_backward(dout if fmt == "NHWC" else K.nhwc_to_nchw(dout), cache, out)
+                    assert (fused == dy).all(), f"{what} fused {fmt}"
+                    axes = (0, 1, 2) if fmt == "NHWC" else (0, 2, 3)
+                    close(db, dy.astype(np.float64).sum(axis=axes), f"{what} fused {fmt} db")
         u8 = RNG.integers(0, 256, (n, h, w, c), dtype=np.uint8)
         out, _ = K.maxpool_forward(u8, ksize, stride, padding)
         assert out.dtype == np.uint8 and (out == pool_reference(u8, ksize, stride, pads, "max")).all(), what
+    for shape in ((1, 1), (1, 5), (3, 1), (2, 1, 1, 3), (17, 33)):
+        y = np.maximum(RNG.standard_normal(shape), 0).astype(np.float32)
+        g = RNG.standard_normal(shape).astype(np.float32)
+        dx, db = K.relu_bias_backward(g, y)
+        assert (dx == g * (y > 0)).all() and (K.relu_backward(g, y) == dx).all(), shape
+        close(db, (g * (y > 0)).astype(np.float64).reshape(-1, shape[-1]).sum(axis=0), f"relu_bias_backward {shape}")
+        out, mask = K.dropout_forward(g, 0.5, rng=np.random.default_rng(1))
+        assert (out == g * mask).all(), shape
     print(f"max/avg pooling forward/backward, float32 and u8: {len(POOL)} edge shapes")
 
 

@@ -146,7 +146,8 @@ def bias_add(value, bias, data_format="NHWC", name=None):
 
     def grad(op, g):
         db = make_op("BiasAddGrad", [g], lambda ctx, gv: (kernels.bias_add_backward(
-            gv, (kernels._channel_axis(gv.ndim, data_format), gv.ndim))[1],), [b.dtype], [b.shape]).outputs[0]
+            gv, (kernels._channel_axis(gv.ndim, data_format), gv.ndim))[1],), [b.dtype], [b.shape],
+            attrs={"data_format": data_format}).outputs[0]
         return [g, db]
 
     return make_op("BiasAdd", [x, b], lambda ctx, xv, bv: (kernels.bias_add_forward(xv, bv, data_format)[0],),

@@ -346,6 +346,8 @@ def _reduce_grad(scale_by_count):
         axes, keepdims = op.attrs["axis"], op.attrs["keepdims"]
 
         def compute(ctx, gv, xv):
+            if np.ndim(gv) == 0:  # a loss's mean or sum: fill, without broadcasting and copying (same values)
+                return (np.full(np.shape(xv), gv * (1 / xv.size) if scale_by_count else gv, dtype=xv.dtype),)
             if not keepdims:
                 gv = np.expand_dims(gv, tuple(range(xv.ndim)) if axes is None else tuple(a % xv.ndim for a in axes))
             out = np.broadcast_to(gv, xv.shape)

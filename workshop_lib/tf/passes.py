@@ -7,6 +7,9 @@ put in their place. Every entry has ``inputs``, ``outputs``, ``control_inputs``,
 - :func:`fuse` (``GraphOptions(fusion=True)``): Conv2D/MatMul -> BiasAdd (-> Relu) becomes one
   primitive that adds the bias and applies the ReLU in place on the GEMM's output (oneDNN's post-ops):
   one pass over memory instead of three.
+- :func:`fuse_gradients` (``GraphOptions(fusion=True)``): the backward of that, MaxPoolGrad -> ReluGrad
+  (-> BiasAddGrad) and ReluGrad -> BiasAddGrad, becomes one pass that scatters the pooled gradient, masks
+  it with the ReLU and sums the bias gradient (:func:`fused_gradient_count` counts these entries).
 - :func:`propagate_layout` (``GraphOptions(layout="blocked")``): convolutions with 16 or more input
   channels, and the pooling and ReLU after them, run in nChw16c (16 channels = one AVX-512 register of
   float32); values stay blocked from op to op, and a :class:`Reorder` entry converts them only where a
@@ -24,7 +27,7 @@ import numpy as np
 from .. import kernels
 from .trace import describe, op_fields
 
-__all__ = ["FusedOp", "fuse", "Reorder", "BlockedOp", "BlockedValue", "propagate_layout", "reorder_counts"]
+__all__ = ["FusedOp", "fuse", "FusedGradOp", "fuse_gradients", "fused_gradient_count", "Reorder", "BlockedOp", "BlockedValue", "propagate_layout", "reorder_counts"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +107,101 @@ def fuse(plan, fetched=()):
         fused.update(chain)
         replacement[chain[-1]] = FusedOp(chain)
     return [replacement.get(op, op) for op in plan if op in replacement or op not in fused]
+
+
+# ----------------------------------------------------------------------------------------------
+# fusion of the backward pass
+
+
+class FusedGradOp:
+    """A plan entry replacing MaxPoolGrad -> ReluGrad (-> BiasAddGrad), or ReluGrad -> BiasAddGrad.
+
+    It computes the ReLU's input gradient (which the convolution's or matmul's gradients read next) and the
+    bias gradient in one pass over memory, on :func:`kernels.maxpool_relu_backward` or
+    :func:`kernels.relu_bias_backward`.
+    """
+
+    def __init__(self, ops, pool=None):
+        self.ops, self.pool = ops, pool
+        self.relu_grad = next(op for op in ops if op.type == "ReluGrad")
+        self.bias_grad = ops[-1] if ops[-1].type == "BiasAddGrad" else None
+        self.type = "_Fused" + "".join(op.type for op in ops)
+        self.name = ops[0].name + "/fused"
+        self.attrs = pool.attrs if pool is not None else {}
+        if pool is not None:  # the pooled gradient, the pooling's argmax, and its output (the winners' values)
+            self.inputs = [ops[0].inputs[0], ops[0].inputs[1], pool.outputs[0]]
+        else:  # the gradient and the ReLU's output
+            self.inputs = list(self.relu_grad.inputs)
+        self.outputs = [self.relu_grad.outputs[0]] + ([self.bias_grad.outputs[0]] if self.bias_grad else [])
+        self.control_inputs = [c for op in ops for c in op.control_inputs]
+
+    def compute(self, ctx, *args):
+        if self.pool is not None:
+            dx, db = kernels.maxpool_relu_backward(*args, need_db=self.bias_grad is not None)
+        else:
+            dx, db = kernels.relu_bias_backward(*args)
+        return (dx, db) if self.bias_grad is not None else (dx,)
+
+
+def _sole_consumer(tensor, consumers, fetched, op_type):
+    """The one entry reading ``tensor``, if it has type ``op_type`` and ``tensor`` is not fetched; else None."""
+    users = consumers.get(tensor, [])
+    if len(users) != 1 or users[0].type != op_type or tensor in fetched or users[0].control_inputs:
+        return None
+    return users[0]
+
+
+def _bias_grad_of(relu_grad, consumers, data_format):
+    """The BiasAddGrad reading ``relu_grad``'s output (a convolution's or matmul's bias gradient), if any.
+
+    Its channel axis must be the fused kernel's: that of ``data_format``, or the last one ("channels_last").
+    """
+    for user in consumers.get(relu_grad.outputs[0], []):
+        if user.type != "BiasAddGrad" or user.control_inputs:
+            continue
+        fmt, ndim = user.attrs.get("data_format"), len(user.inputs[0].shape.dims or ())
+        if fmt == data_format or (data_format == "channels_last" and (fmt == "NHWC" or ndim == 2)):
+            return user
+    return None
+
+
+def fuse_gradients(plan, fetched=()):
+    """Replace MaxPoolGrad -> ReluGrad (-> BiasAddGrad) and ReluGrad -> BiasAddGrad with :class:`FusedGradOp`.
+
+    These are the gradients of ``max_pool(relu(conv + b))`` and ``relu(matmul + b)``: three passes over the
+    largest tensors of the backward pass become one. The pooled gradient's tensor must have no other reader
+    and not be fetched; the ReLU's input gradient stays an output (the convolution's gradients read it). The
+    fused entry takes the place of the chain's first op: its inputs come from earlier entries.
+    """
+    consumers, fetched = _consumers(plan), set(fetched)
+    fused, replacement = set(), {}
+    for op in plan:
+        if op in fused:
+            continue
+        if op.type == "MaxPoolGrad" and op.inputs[1].op.type == "MaxPool":
+            pool = op.inputs[1].op
+            relu_grad = _sole_consumer(op.outputs[0], consumers, fetched, "ReluGrad")
+            # the pooling must read the ReLU's output, so that its maxima are the winners' values
+            if relu_grad is None or relu_grad.inputs != [op.outputs[0], pool.inputs[0]]:
+                continue
+            bias_grad = _bias_grad_of(relu_grad, consumers, pool.attrs["data_format"])
+            chain = [op, relu_grad] + ([bias_grad] if bias_grad else [])
+            replacement[op] = FusedGradOp(chain, pool)
+        elif op.type == "ReluGrad":
+            bias_grad = _bias_grad_of(op, consumers, "channels_last")
+            if bias_grad is None:
+                continue
+            chain = [op, bias_grad]
+            replacement[op] = FusedGradOp(chain)
+        else:
+            continue
+        fused.update(chain)
+    return [replacement.get(op, op) for op in plan if op in replacement or op not in fused]
+
+
+def fused_gradient_count(plan):
+    """How many :class:`FusedGradOp` entries one run of ``plan`` executes."""
+    return sum(isinstance(entry, FusedGradOp) for entry in plan)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,8 +144,9 @@ class Session:
         self._rngs = {}
         self._closed = False
         self._plans = {}
+        self._liveness = {}  # (plan, fetches) -> the values each entry reads last (see _last_reads)
         self._lock = threading.RLock()
-        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0}
+        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0, "fused_gradients": 0}
         kernels.keep_freed_memory()  # reuse big temporaries from step to step, as TF's own allocator does
 
     # context management ---------------------------------------------------------------------
@@ -251,11 +252,28 @@ class Session:
                                  + list(op.control_inputs))
         fetched = {t for t in targets if isinstance(t, Tensor)}
         if opts.fusion:
-            plan = passes.fuse(plan, fetched)
+            plan = passes.fuse_gradients(passes.fuse(plan, fetched), fetched)
         if layout == "blocked":
             plan = passes.propagate_layout(plan, fetched)
-        self._plans[key] = plan, passes.reorder_counts(plan)
+        self._plans[key] = plan, passes.reorder_counts(plan), passes.fused_gradient_count(plan)
         return self._plans[key]
+
+    def _last_reads(self, plan, targets):
+        """For each entry of ``plan``, the values no later entry reads and nobody fetched: freed after it runs.
+
+        A step's large temporaries (im2col columns, activations' gradients) then go back to the allocator as
+        soon as they are dead, and the next ones reuse that memory while it is still in cache.
+        """
+        key = (id(plan), tuple(id(t) for t in targets))
+        if key not in self._liveness:
+            keep, seen, reads = {t for t in targets if isinstance(t, Tensor)}, set(), []
+            for entry in reversed(plan):
+                dead = [t for t in entry.inputs if t not in seen and t not in keep]
+                seen.update(entry.inputs)
+                dead += [t for t in entry.outputs if t not in seen and t not in keep]  # outputs nobody reads
+                reads.append(dead)
+            self._liveness[key] = reads[::-1]
+        return self._liveness[key]
 
     def _run_entry(self, entry, values, ctx, trace):
         args = [values[t] for t in entry.inputs]
@@ -265,7 +283,7 @@ class Session:
         return result
 
     def _execute(self, targets, feeds, trace):
-        plan, reorders = self._plan(targets, feeds)
+        plan, reorders, fused_gradients = self._plan(targets, feeds)
         ctx = RunContext(self)
         values = dict(feeds)
         intra = self.config.intra_op_parallelism_threads
@@ -275,9 +293,14 @@ class Session:
         try:
             if self.config.inter_op_parallelism_threads > 1 and len(plan) > 2:
                 self._execute_parallel(plan, values, ctx, trace, intra or numba.get_num_threads())
-            else:
+            elif trace.on:
                 for entry in plan:
                     values.update(zip(entry.outputs, self._run_entry(entry, values, ctx, trace)))
+            else:  # the same loop without the trace's two calls per entry, freeing each value after its last reader
+                for entry, last_read in zip(plan, self._last_reads(plan, targets)):
+                    values.update(zip(entry.outputs, entry.compute(ctx, *[values[t] for t in entry.inputs])))
+                    for t in last_read:
+                        values.pop(t, None)
         finally:
             if intra:
                 numba.set_num_threads(previous)
@@ -285,6 +308,7 @@ class Session:
         for stat, count in reorders.items():
             self.stats[stat] += count
         self.stats["ops_executed"] += len(plan) - sum(reorders.values())
+        self.stats["fused_gradients"] += fused_gradients
         return values
 
     def _execute_parallel(self, plan, values, ctx, trace, intra):
