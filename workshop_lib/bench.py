@@ -334,7 +334,7 @@ def measure_torch_cnn(mode="train", batch_size=50, num_batches=20, num_warmup=3,
             loss = loss_fn(net(x), torch.from_numpy(labels[idx].astype(np.int64)))
             loss.backward()
             opt.step()
-            loss = float(loss)
+            loss = float(loss.detach())
         else:
             with torch.no_grad():
                 net(x)
