@@ -97,13 +97,16 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
 
     out = tmp_path / "hvd.json"
     proc = subprocess.run([sys.executable, "benchmarks/horovod_bench.py", "--steps", "8", "--batch-size", "10",
-                           "--repeats", "1", "--slides-steps", "4", "--json", str(out)], cwd=root, capture_output=True,
+                           "--repeats", "1", "--slides-steps", "4", "--overhead-steps", "4", "--json", str(out)], cwd=root, capture_output=True,
                           text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "2 ranks x 1 thread / 1 rank x 1 thread = " in proc.stdout
     assert "2 ranks nothing set / 2 ranks pinned by hand = " in proc.stdout
     assert "2 ranks nothing set / 1 rank nothing set     = " in proc.stdout
+    assert re.search(r"^tensorflow_mnist.py 1 rank / cnn_bench engine = \d+\.\d\dx \(target >= 0.9\)$", proc.stdout,
+                     re.M)
     figures = json.loads(out.read_text())
     assert set(figures["slides"]["images_per_second"]) == {"1 rank, nothing set", "2 ranks, nothing set",
                                                            "2 ranks, pinned by hand"}
+    assert len(figures["overhead"]["script"]) == len(figures["overhead"]["engine"]) == 1
     assert set(figures["runs"]) == {"1x1", "1x2", "2x1"} and figures["runs"]["2x1"]["steps_per_rank"] == 4
