@@ -52,8 +52,8 @@ def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
     assert "images/sec:" in proc.stdout and "(jitter = " in proc.stdout and "Executive summary" in proc.stdout
     for name in ("stock", "reference", "optimized"):
         assert f"== workshop_lib.tf, {name}\n" in proc.stdout
-    assert re.search(r"^optimized / stock = \d+\.\d\dx \(target >= 5x\)$", proc.stdout, re.M)
-    assert re.search(r"^optimized / reference = \d+\.\d\dx$", proc.stdout, re.M)
+    assert re.search(r"^optimized / stock = \d+\.\d\dx \(target >= 5x\)$", proc.stdout, re.MULTILINE)
+    assert re.search(r"^optimized / reference = \d+\.\d\dx$", proc.stdout, re.MULTILINE)
     assert "optimized / PyTorch = " not in proc.stdout and "optimized / TensorFlow = " not in proc.stdout
     assert set(json.loads(out.read_text())["images_per_second"]) == {"stock", "reference", "optimized"}
 
@@ -104,7 +104,7 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
     assert "2 ranks nothing set / 2 ranks pinned by hand = " in proc.stdout
     assert "2 ranks nothing set / 1 rank nothing set     = " in proc.stdout
     assert re.search(r"^tensorflow_mnist.py 1 rank / cnn_bench engine = \d+\.\d\dx \(target >= 0.9\)$", proc.stdout,
-                     re.M)
+                     re.MULTILINE)
     figures = json.loads(out.read_text())
     assert set(figures["slides"]["images_per_second"]) == {"1 rank, nothing set", "2 ranks, nothing set",
                                                            "2 ranks, pinned by hand"}

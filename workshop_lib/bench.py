@@ -178,7 +178,7 @@ def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20
 
     - ``"stock"``: the reference kernels compiled for a ``sandybridge`` target (AVX, no AVX2/FMA/AVX-512), no
       fusion, as a stock TensorFlow wheel of the slides' time. numba picks its target when it is imported, so
-      unless this process was started with ``tf.session.STOCK_NUMBA_ENV``, the measurement runs in a new Python
+      unless this process was started with ``tf.options.STOCK_NUMBA_ENV``, the measurement runs in a new Python
       started with it (a few seconds more, for numba's import and its compilation for that target);
     - ``"reference"``: the same kernels compiled for this CPU, no fusion;
     - ``"optimized"``: the fast kernels and fusion.
@@ -188,7 +188,7 @@ def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20
     ``inter_op_parallelism_threads``.
     """
     import workshop_lib.tf as tf
-    from workshop_lib.tf import session as tf_session
+    from workshop_lib.tf import options as tf_options
 
     from . import models
     from .data import load_mnist
@@ -200,7 +200,7 @@ def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20
         raise ValueError(f"mode={mode!r} must be 'train' or 'inference'")
     args = dict(mode=mode, batch_size=batch_size, num_batches=num_batches, num_warmup=num_warmup, threads=threads,
                 data_format=data_format, layout=layout, fusion=fusion, inter_op=inter_op)
-    if variant == "stock" and not tf_session.targets_stock():
+    if variant == "stock" and not tf_options.targets_stock():
         return _measure_in_stock_process(args, images, labels)
     if images is None:
         (images, labels), _ = load_mnist()
@@ -262,7 +262,7 @@ def _measure_in_stock_process(args, images, labels):
     import sys
     import tempfile
 
-    from workshop_lib.tf.session import STOCK_NUMBA_ENV
+    from workshop_lib.tf.options import STOCK_NUMBA_ENV
 
     package_parent = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, **STOCK_NUMBA_ENV,
@@ -273,7 +273,7 @@ def _measure_in_stock_process(args, images, labels):
             data = os.path.join(tmp, "batch_source.npz")
             np.savez(data, images=images, labels=labels if labels is not None else np.zeros(len(images), np.int64))
         proc = subprocess.run([sys.executable, "-c", _STOCK_CHILD, json.dumps({**args, "data": data})], env=env,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"the stock measurement's Python (NUMBA_CPU_NAME={STOCK_NUMBA_ENV['NUMBA_CPU_NAME']}) "
                            f"failed with exit code {proc.returncode}:\n{proc.stderr[-2000:]}")
