@@ -13,6 +13,11 @@ ConfigProto) under plain ``mpiexec -n 1`` and ``-n 2`` with no thread variable i
 2 ranks once more pinned by hand (OMP_NUM_THREADS=1 NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1). What
 hvd.init()'s placement gives: targets 2 ranks unset >= 0.9x hand-pinned and >= 1.0x 1 rank unset.
 Only that part: ``python benchmarks/horovod_bench.py --part slides``.
+
+Last, what the script itself costs (``--part overhead``): the lab's script on 1 rank (2 threads, batch 50,
+lab 03's 240 steps and its --log-every 60) against ``benchmarks/cnn_bench.py --variants optimized`` at the same
+batch, threads and steps, each in its own Python, interleaved. Target: script / engine >= 0.9 (feeding,
+hooks, logging and checkpoints cost at most 10%).
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ SLIDES_SCRIPT = ROOT / "tests" / "tf_programs" / "deepnn_hvd.py"
 HAND_PINNED = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def run(ranks, threads, steps, batch, workdir):
+def run(ranks, threads, steps, batch, workdir, log_every=10 ** 9):
     from workshop_lib import sysinfo
 
     results = Path(workdir) / f"r{ranks}t{threads}.json"
     sysinfo.run_mpi(ranks, [str(SCRIPT), "--steps", steps, "--batch-size", batch, "--threads", threads,
-                            "--log-every", 10 ** 9, "--checkpoint-dir", str(Path(workdir) / f"ckpt{ranks}{threads}"),
+                            "--log-every", log_every, "--checkpoint-dir", str(Path(workdir) / f"ckpt{ranks}{threads}"),
                             "--results", str(results)], timeout=3600, threads_per_rank=threads)
     return json.loads(results.read_text())
 
@@ -72,13 +77,42 @@ def slides(steps, repeats):
     return {"images_per_second": got, "unset_over_pinned": unset / pinned, "two_over_one": unset / one}
 
 
+def run_engine(steps, batch, threads, workdir):
+    """images/s of cnn_bench's optimized engine at this size (its own Python, as the script gets)."""
+    import subprocess
+
+    out = Path(workdir) / "engine.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cnn_bench.py"), "--variants", "optimized",
+                    "--no-torch", "--no-tensorflow", "--batch-size", str(batch), "--num-batches", str(steps),
+                    "--threads", str(threads), "--json", str(out)], check=True, capture_output=True, timeout=3600)
+    return json.loads(out.read_text())["images_per_second"]["optimized"]
+
+
+def overhead(steps, batch, repeats, threads=2):
+    """The script on 1 rank against the bare engine, same size, interleaved; best of ``repeats`` each."""
+    script, engine = [], []
+    with tempfile.TemporaryDirectory() as workdir:
+        for _ in range(repeats):
+            result = run(1, threads, steps, batch, workdir, log_every=60)
+            script.append(result["images_per_second"])
+            engine.append(run_engine(steps, batch, threads, workdir))
+    ratio = max(script) / max(engine)
+    print(f"\nThe script's own cost: 1 rank x {threads} threads, {steps} steps x {batch} images, best of {repeats}")
+    print(f"{'tensorflow_mnist.py (1 rank)':>30s} {max(script):7.0f} images/s   runs: {', '.join(f'{v:.0f}' for v in script)}")
+    print(f"{'cnn_bench.py, optimized':>30s} {max(engine):7.0f} images/s   runs: {', '.join(f'{v:.0f}' for v in engine)}")
+    print(f"tensorflow_mnist.py 1 rank / cnn_bench engine = {ratio:.2f}x (target >= 0.9)")
+    return {"script": script, "engine": engine, "script_over_engine": ratio}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="steps for one rank (N ranks: steps // N each)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2, help="runs per configuration; the best counts")
-    parser.add_argument("--part", choices=["all", "lab", "slides"], default="all",
-                        help="the lab's script (ranks x threads), the slides' way (placement by default), or both")
+    parser.add_argument("--part", choices=["all", "lab", "slides", "overhead"], default="all",
+                        help="the lab's script (ranks x threads), the slides' way (placement by default), the "
+                             "script's own cost against the bare engine, or all three")
+    parser.add_argument("--overhead-steps", type=int, default=240, help="steps of the script-vs-engine part")
     parser.add_argument("--slides-steps", type=int, default=160, help="steps in total of the slides' script")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -89,7 +123,9 @@ def main():
     figures = {}
     if args.part in ("all", "slides"):
         figures["slides"] = slides(args.slides_steps, args.repeats)
-    if args.part == "slides":
+    if args.part in ("all", "overhead"):
+        figures["overhead"] = overhead(args.overhead_steps, args.batch_size, args.repeats)
+    if args.part in ("slides", "overhead"):
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
         return

@@ -1,8 +1,10 @@
 """Benchmarks stay runnable: each script runs at a tiny size and prints its figures (no timing is asserted)."""
 
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,13 +45,44 @@ def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
 
     out = tmp_path / "cnn.json"
     proc = subprocess.run([sys.executable, "benchmarks/cnn_bench.py", "--num-batches", "2", "--num-warmup", "1",
-                           "--no-torch", "--background-load", "1", "--json", str(out)], cwd=root, capture_output=True,
-                          text=True, timeout=280)
+                           "--no-torch", "--no-tensorflow", "--background-load", "1", "--json", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "background load: 1 busy process(es)" in proc.stdout and "(under 1 busy process(es)" in proc.stdout
     assert "images/sec:" in proc.stdout and "(jitter = " in proc.stdout and "Executive summary" in proc.stdout
-    assert "optimized / default = " in proc.stdout
-    assert set(json.loads(out.read_text())["images_per_second"]) == {"default", "optimized"}
+    for name in ("stock", "reference", "optimized"):
+        assert f"== workshop_lib.tf, {name}\n" in proc.stdout
+    assert re.search(r"^optimized / stock = \d+\.\d\dx \(target >= 5x\)$", proc.stdout, re.MULTILINE)
+    assert re.search(r"^optimized / reference = \d+\.\d\dx$", proc.stdout, re.MULTILINE)
+    assert "optimized / PyTorch = " not in proc.stdout and "optimized / TensorFlow = " not in proc.stdout
+    assert set(json.loads(out.read_text())["images_per_second"]) == {"stock", "reference", "optimized"}
+
+
+def test_cnn_bench_ratio_lines_name_both_sides_and_skip_what_was_not_measured(root):
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import cnn_bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    lines = cnn_bench.ratio_lines({"stock": 100.0, "reference": 150.0, "optimized": 600.0, "tensorflow": 800.0},
+                                  "train")
+    assert lines == ["optimized / stock = 6.00x (target >= 5x)", "optimized / reference = 4.00x",
+                     "reference / stock = 1.50x (the compiler used your ISA)", "optimized / TensorFlow = 0.75x"]
+
+
+def test_stock_is_measured_in_a_subprocess_with_the_reference_numerics():
+    """stock and reference run the same reference code (two ISAs): the same losses, to float32 rounding."""
+    from workshop_lib import bench
+    from workshop_lib.data import load_mnist
+
+    (images, labels), _ = load_mnist()
+    common = dict(num_batches=2, num_warmup=1, batch_size=20, images=images[:200], labels=labels[:200])
+    stock_speeds, stock_losses = bench.measure_cnn("stock", **common)
+    _, reference_losses = bench.measure_cnn("reference", **common)
+    assert len(stock_speeds) == 2 and all(s > 0 for s in stock_speeds)
+    np.testing.assert_allclose(stock_losses, reference_losses, rtol=1e-4)
+    with pytest.raises(ValueError, match="mode='training' must be 'train' or 'inference'"):
+        bench.measure_cnn("stock", mode="training")
 
 
 def test_conv_bench_prints_each_convolution_and_the_ratios(root):
@@ -72,13 +105,16 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
 
     out = tmp_path / "hvd.json"
     proc = subprocess.run([sys.executable, "benchmarks/horovod_bench.py", "--steps", "8", "--batch-size", "10",
-                           "--repeats", "1", "--slides-steps", "4", "--json", str(out)], cwd=root, capture_output=True,
+                           "--repeats", "1", "--slides-steps", "4", "--overhead-steps", "4", "--json", str(out)], cwd=root, capture_output=True,
                           text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "2 ranks x 1 thread / 1 rank x 1 thread = " in proc.stdout
     assert "2 ranks nothing set / 2 ranks pinned by hand = " in proc.stdout
     assert "2 ranks nothing set / 1 rank nothing set     = " in proc.stdout
+    assert re.search(r"^tensorflow_mnist.py 1 rank / cnn_bench engine = \d+\.\d\dx \(target >= 0.9\)$", proc.stdout,
+                     re.MULTILINE)
     figures = json.loads(out.read_text())
     assert set(figures["slides"]["images_per_second"]) == {"1 rank, nothing set", "2 ranks, nothing set",
                                                            "2 ranks, pinned by hand"}
+    assert len(figures["overhead"]["script"]) == len(figures["overhead"]["engine"]) == 1
     assert set(figures["runs"]) == {"1x1", "1x2", "2x1"} and figures["runs"]["2x1"]["steps_per_rank"] == 4

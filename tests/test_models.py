@@ -259,3 +259,20 @@ def test_the_trainers_refuse_bad_arguments_before_any_work(train, kwargs, error,
 
     with pytest.raises(error, match=rule):
         train(**{"steps": 1, **kwargs}, data=load_mnist())
+
+
+def test_the_training_graph_is_the_same_in_tensorflow_compat_v1(data):
+    """The benchmarks' TensorFlow peer: TrainingGraph built with tf.compat.v1, given our weights, gives our logits."""
+    tensorflow = pytest.importorskip("tensorflow")
+    tf1 = tensorflow.compat.v1
+    (images, _), _ = data
+    ours = models.TrainingGraph(seed=0)
+    with ours.session() as sess:
+        params = ours.export_params(sess)
+        logits = sess.run(ours.logits, ours.feed(images[:16]))
+    theirs = models.TrainingGraph(seed=0, tf=tf1)
+    assert set(theirs.params) == set(params) == set(models.SHAPES)
+    with theirs.session(tf1.ConfigProto(intra_op_parallelism_threads=1)) as sess:
+        for name, var in theirs.params.items():
+            var.load(params[name], sess)
+        np.testing.assert_allclose(sess.run(theirs.logits, theirs.feed(images[:16])), logits, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .data import atomic_write
 
-__all__ = ["background_load", "RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_torch_cnn", "executive_summary",
+__all__ = ["background_load", "RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_tensorflow_cnn", "measure_torch_cnn", "executive_summary",
            "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
 
@@ -143,16 +143,7 @@ def best_time(fn, repeats=3, warmup=True):
     return best
 
 
-def _variants():
-    import workshop_lib.tf as tf
-
-    return {
-        "default": tf.GraphOptions(kernels="reference", fusion=False),
-        "optimized": tf.GraphOptions(kernels="optimized", fusion=True),
-    }
-
-
-VARIANTS = ("default", "optimized")
+VARIANTS = ("stock", "reference", "optimized")  # tf.GraphOptions(kernels=NAME); see measure_cnn
 
 
 def summarize(speeds):
@@ -183,46 +174,134 @@ def measure_cnn(variant="optimized", mode="train", batch_size=50, num_batches=20
                 inter_op=1):
     """Images/second of the labs' CNN on workshop_lib.tf; returns (speeds per batch, losses or None).
 
-    ``variant`` picks the kernels and fusion ("default" or "optimized"); ``fusion`` and ``layout``
-    override them one at a time, so one measurement changes one thing; ``threads`` and ``inter_op`` are
-    ConfigProto's ``intra_op_parallelism_threads`` and ``inter_op_parallelism_threads``.
+    ``variant`` is one of :data:`VARIANTS`, i.e. ``tf.GraphOptions(kernels=variant)``:
+
+    - ``"stock"``: the reference kernels compiled for a ``sandybridge`` target (AVX, no AVX2/FMA/AVX-512), no
+      fusion, as a stock TensorFlow wheel of the slides' time. numba picks its target when it is imported, so
+      unless this process was started with ``tf.options.STOCK_NUMBA_ENV``, the measurement runs in a new Python
+      started with it (a few seconds more, for numba's import and its compilation for that target);
+    - ``"reference"``: the same kernels compiled for this CPU, no fusion;
+    - ``"optimized"``: the fast kernels and fusion.
+
+    ``fusion`` and ``layout`` override the variant's one at a time, so one measurement changes one thing
+    (stock has neither); ``threads`` and ``inter_op`` are ConfigProto's ``intra_op_parallelism_threads`` and
+    ``inter_op_parallelism_threads``.
     """
     import workshop_lib.tf as tf
+    from workshop_lib.tf import options as tf_options
 
     from . import models
     from .data import load_mnist
 
+    if variant not in VARIANTS:
+        hint = " ('default' is now 'reference')" if variant == "default" else ""
+        raise ValueError(f"variant={variant!r} must be one of {VARIANTS}{hint}")
+    if mode not in ("train", "inference"):
+        raise ValueError(f"mode={mode!r} must be 'train' or 'inference'")
+    args = dict(mode=mode, batch_size=batch_size, num_batches=num_batches, num_warmup=num_warmup, threads=threads,
+                data_format=data_format, layout=layout, fusion=fusion, inter_op=inter_op)
+    if variant == "stock" and not tf_options.targets_stock():
+        return _measure_in_stock_process(args, images, labels)
     if images is None:
         (images, labels), _ = load_mnist()
-    base = _variants()[variant]
-    options = tf.GraphOptions(kernels=base.kernels, fusion=base.fusion if fusion is None else fusion, layout=layout)
+    options = (tf.GraphOptions(kernels=variant, fusion=fusion, layout=layout) if variant != "stock"
+               else tf.GraphOptions(kernels="stock"))
     model = models.TrainingGraph(seed=0, data_format=data_format)
     config = tf.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=inter_op,
                             graph_options=options)
+    desc = f"{variant}, {mode}, {data_format}/{layout}, {threads} thread(s)"
+    with model.session(config) as sess:
+        return _time_steps(sess, model, mode, batch_size, num_batches, num_warmup, images, labels, progress, desc)
+
+
+def _time_steps(sess, model, mode, batch_size, num_batches, num_warmup, images, labels, progress=False, desc=""):
+    """(images/s per timed step, losses or None) of ``model`` (a :class:`models.TrainingGraph`) run in ``sess``."""
     rng = np.random.default_rng(0)
     speeds, losses = [], []
     steps = range(num_warmup + num_batches)
     if progress:
         from tqdm.auto import tqdm
 
-        steps = tqdm(steps, desc=f"{variant}, {mode}, {data_format}/{layout}, {threads} thread(s)", leave=False)
-    with model.session(config) as sess:
-        for i in steps:
-            idx = rng.choice(len(images), batch_size, replace=len(images) < batch_size)
-            if mode == "train":
-                feed = model.feed(images[idx], labels[idx], keep_prob=0.5)
-                t0 = time.perf_counter()
-                _, loss = sess.run([model.train_op, model.loss], feed)
-            else:
-                feed = model.feed(images[idx])
-                t0 = time.perf_counter()
-                sess.run(model.logits, feed)
-                loss = None
-            dt = time.perf_counter() - t0
-            if i >= num_warmup:
-                speeds.append(batch_size / dt)
-                losses.append(loss)
+        steps = tqdm(steps, desc=desc, leave=False)
+    for i in steps:
+        idx = rng.choice(len(images), batch_size, replace=len(images) < batch_size)
+        if mode == "train":
+            feed = model.feed(images[idx], labels[idx], keep_prob=0.5)
+            t0 = time.perf_counter()
+            _, loss = sess.run([model.train_op, model.loss], feed)
+        else:
+            feed = model.feed(images[idx])
+            t0 = time.perf_counter()
+            sess.run(model.logits, feed)
+            loss = None
+        dt = time.perf_counter() - t0
+        if i >= num_warmup:
+            speeds.append(batch_size / dt)
+            losses.append(None if loss is None else float(loss))
     return speeds, (losses if mode == "train" else None)
+
+
+_STOCK_CHILD = """
+import json, sys
+import numpy as np
+from workshop_lib import bench
+args = json.loads(sys.argv[1])
+data = args.pop("data")
+images = labels = None
+if data:
+    with np.load(data) as arrays:
+        images, labels = arrays["images"], arrays["labels"]
+speeds, losses = bench.measure_cnn("stock", images=images, labels=labels, **args)
+print(json.dumps({"speeds": speeds, "losses": losses}))
+"""
+
+
+def _measure_in_stock_process(args, images, labels):
+    """measure_cnn("stock", **args) in a Python started with the stock numba target; its (speeds, losses)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from workshop_lib.tf.options import STOCK_NUMBA_ENV
+
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, **STOCK_NUMBA_ENV,
+           "PYTHONPATH": os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = ""
+        if images is not None:
+            data = os.path.join(tmp, "batch_source.npz")
+            np.savez(data, images=images, labels=labels if labels is not None else np.zeros(len(images), np.int64))
+        proc = subprocess.run([sys.executable, "-c", _STOCK_CHILD, json.dumps({**args, "data": data})], env=env,
+                              capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the stock measurement's Python (NUMBA_CPU_NAME={STOCK_NUMBA_ENV['NUMBA_CPU_NAME']}) "
+                           f"failed with exit code {proc.returncode}:\n{proc.stderr[-2000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["speeds"], result["losses"]
+
+
+def measure_tensorflow_cnn(mode="train", batch_size=50, num_batches=20, num_warmup=3, threads=2, images=None,
+                           labels=None):
+    """The same graph in TensorFlow's ``tf.compat.v1``, when it is installed (an optional peer, never a dependency).
+
+    :class:`models.TrainingGraph` builds it with ``tensorflow.compat.v1`` in place of ``workshop_lib.tf``: the
+    same CNN, initialisation, Adam and loss, run by a TF1 Session with ``threads`` intra-op threads and one
+    inter-op thread. Raises ImportError when TensorFlow is not importable.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up banner, not its errors
+    import tensorflow as tensorflow_module
+
+    from . import models
+    from .data import load_mnist
+
+    tf1 = tensorflow_module.compat.v1
+    if images is None:
+        (images, labels), _ = load_mnist()
+    model = models.TrainingGraph(seed=0, tf=tf1)
+    config = tf1.ConfigProto(intra_op_parallelism_threads=threads, inter_op_parallelism_threads=1)
+    with model.session(config) as sess:
+        return _time_steps(sess, model, mode, batch_size, num_batches, num_warmup, images, labels)
 
 
 def measure_torch_cnn(mode="train", batch_size=50, num_batches=20, num_warmup=3, threads=2, images=None,
@@ -255,7 +334,7 @@ def measure_torch_cnn(mode="train", batch_size=50, num_batches=20, num_warmup=3,
             loss = loss_fn(net(x), torch.from_numpy(labels[idx].astype(np.int64)))
             loss.backward()
             opt.step()
-            loss = float(loss)
+            loss = float(loss.detach())
         else:
             with torch.no_grad():
                 net(x)

@@ -30,8 +30,9 @@ SCHEMA = "workshop-report/1"
 FIGURES = {
     "int8_gemm_speedup": ("x", "int8 GEMM over numpy's fp32 GEMM (lab 01)"),
     "int8_cnn_speedup": ("x", "int8 CNN inference over fp32 (lab 01)"),
-    "cnn_train_images_per_s_default": ("images/s", "CNN training, default graph (lab 02)"),
-    "cnn_train_images_per_s_optimized": ("images/s", "CNN training, optimized graph (lab 02)"),
+    "cnn_train_images_per_s_stock": ("images/s", "CNN training, stock: reference kernels for sandybridge (lab 02)"),
+    "cnn_train_images_per_s_reference": ("images/s", "CNN training, reference: the same kernels for this CPU (lab 02)"),
+    "cnn_train_images_per_s_optimized": ("images/s", "CNN training, optimized: fast kernels and fusion (lab 02)"),
     "allreduce_bus_GBps": ("GB/s", "allreduce bus bandwidth, 2 ranks, large message (lab 03)"),
     "memcopy_GBps": ("GB/s", "memory copy, read + write (lab 03)"),
     "hvd_speedup_2_ranks": ("x", "training speed-up, 2 ranks over 1 (lab 03)"),

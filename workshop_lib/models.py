@@ -230,13 +230,15 @@ def training_metadata(history, params, data, seed, steps, batch_size, lr):
 # The same CNN as a workshop_lib.tf graph (the slides' deepnn), with the same parameter names.
 
 
-def deepnn(x, data_format="NHWC"):
+def deepnn(x, data_format="NHWC", tf=None):
     """Build the CNN on images ``x`` (N, 784) float32; returns (logits, keep_prob placeholder).
 
     Variables are named like :data:`SHAPES` ("conv1/w", ...), so :func:`export_params` gives a dict
-    that :class:`QuantizedCNN` and :func:`mnist_cnn_forward` accept.
+    that :class:`QuantizedCNN` and :func:`mnist_cnn_forward` accept. ``tf`` is the module to build with:
+    ``workshop_lib.tf`` by default, or ``tensorflow.compat.v1``, where the same code runs unchanged.
     """
-    import workshop_lib.tf as tf
+    if tf is None:
+        import workshop_lib.tf as tf
 
     nhwc = data_format == "NHWC"
     stride = [1, 1, 1, 1]
@@ -269,27 +271,27 @@ def deepnn(x, data_format="NHWC"):
 class TrainingGraph:
     """The graph of one training setup: placeholders, loss, train op and accuracy, in a graph of its own."""
 
-    def __init__(self, learning_rate=1e-3, seed=0, data_format="NHWC"):
-        import workshop_lib.tf as tf
+    def __init__(self, learning_rate=1e-3, seed=0, data_format="NHWC", tf=None):
+        if tf is None:  # or tensorflow.compat.v1: the same graph in TensorFlow (benchmarks compare the two)
+            import workshop_lib.tf as tf
 
+        self._tf = tf
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.set_random_seed(seed)
             self.x = tf.placeholder(tf.float32, [None, 784], name="x")
             self.y = tf.placeholder(tf.int64, [None], name="y")
-            self.logits, self.keep_prob = deepnn(self.x, data_format)
+            self.logits, self.keep_prob = deepnn(self.x, data_format, tf)
             self.loss = tf.losses.sparse_softmax_cross_entropy(labels=self.y, logits=self.logits)
             self.global_step = tf.train.get_or_create_global_step()
             self.train_op = tf.train.AdamOptimizer(learning_rate).minimize(self.loss, global_step=self.global_step)
             correct = tf.equal(tf.argmax(self.logits, 1), self.y)
             self.accuracy = tf.reduce_mean(tf.cast(correct, tf.float32))
             self.init = tf.global_variables_initializer()
-            self.params = {v.name_prefix: v for v in tf.trainable_variables()}
+            self.params = {v.op.name: v for v in tf.trainable_variables()}
 
     def session(self, config=None):
-        import workshop_lib.tf as tf
-
-        sess = tf.Session(graph=self.graph, config=config)
+        sess = self._tf.Session(graph=self.graph, config=config)
         sess.run(self.init)
         return sess
 

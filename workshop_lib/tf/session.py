@@ -30,31 +30,10 @@ from .core import (
     get_default_graph,
     topological_order,
 )
+from .options import GraphOptions
 from .trace import Trace
 
 __all__ = ["ConfigProto", "GraphOptions", "Session", "InteractiveSession", "RunContext"]
-
-
-class GraphOptions:
-    """The graph optimizations of this course.
-
-    kernels : "optimized" (im2col + BLAS convolutions, BLAS matmul) or "reference" (direct loops)
-    fusion : fuse Conv2D/MatMul + BiasAdd (+ Relu) into one primitive
-    layout : "native" (every op in the graph's layout) or "blocked" (layout propagation: convolutions with
-        16 or more input channels, and the pooling and ReLU after them, run in nChw16c; values stay blocked
-        from op to op and are reordered only where a plain-layout op needs them; counted in Session.stats).
-        It applies where no gradient needs the ops' workspaces, i.e. to inference. See :mod:`.passes`.
-    """
-
-    def __init__(self, kernels="optimized", fusion=True, layout="native"):
-        if kernels not in ("optimized", "reference"):
-            raise ValueError(f"kernels={kernels!r} must be 'optimized' or 'reference'")
-        if layout not in ("native", "blocked"):
-            raise ValueError(f"layout={layout!r} must be 'native' or 'blocked'")
-        self.kernels, self.fusion, self.layout = kernels, bool(fusion), layout
-
-    def __repr__(self):
-        return f"GraphOptions(kernels={self.kernels!r}, fusion={self.fusion}, layout={self.layout!r})"
 
 
 class ConfigProto:
