@@ -194,10 +194,11 @@ class _SharedWindow:
         self.parity ^= 1
         return plan
 
-    def allreduce(self, src, dst, reduce, first_sync=None):
+    def allreduce(self, src, dst, reduce, first_sync=None, finish=None):
         """dst = reduction over ranks of src (flat arrays; may be the same array), block by block.
 
-        ``first_sync`` (the cross-rank check, a collective) replaces the first barrier.
+        ``first_sync`` (the cross-rank check, a collective) replaces the first barrier; ``finish`` (the
+        average's division) is applied in place to each chunk this rank reduces, before the others read it.
         """
         per_block = max(self.comm.Get_size(), self.block // src.itemsize)
         for start in range(0, src.size, per_block):
@@ -215,6 +216,8 @@ class _SharedWindow:
                 reduce(inputs[0], inputs[1], out=out)
                 for chunk in inputs[2:]:
                     reduce(out, chunk, out=out)
+                if finish is not None:
+                    finish(out)
                 mine[lo:hi] = out
             self._sync()
             for _, a, b, chunk in others:  # everyone's reduced chunk, read straight from their slots
@@ -342,6 +345,7 @@ class Communicator:
         self._recv_header = self._check_recv[:_HEADER_BYTES].view(np.int64)
         self._check_status = MPI.Status()
         self._headers, self._check_plans, self._header_sent = {}, {}, None
+        self._scratch_bytes = None  # the ring's scratch buffer (in-place calls), kept for the next call
 
     @property
     def shared_memory(self):
@@ -584,6 +588,8 @@ class Communicator:
             error = f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}"
         elif out is not None and not out.flags.c_contiguous:
             error = "allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)"
+        elif out is not None and out is not x and np.may_share_memory(out, x):
+            error = "out overlaps array; pass out=array itself for an in-place allreduce, or a separate array"
         if error is not None:
             if check:
                 self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error)
@@ -598,33 +604,44 @@ class Communicator:
             raise ValueError(f"allreduce: dtype {x.dtype} / op {op!r} not supported")
         # a small recursive-doubling allreduce travels inside its check's messages, straight from x
         fold = check and algorithm == "recursive_doubling" and self.size > 1 and x.nbytes <= FOLD_BYTES
+        # shared memory and the ring read x as they go, so the result needs no copy of x first
+        reads_x = shm or fold or (algorithm == "ring" and self.size > 1)
         if out is None:
-            out = np.empty(x.shape, dtype=x.dtype) if shm or fold else np.array(x, copy=True, order="C")
-        elif out is not x and not shm and not fold:
+            out = np.empty(x.shape, dtype=x.dtype) if reads_x else np.array(x, copy=True, order="C")
+        elif out is not x and not reads_x:
             np.copyto(out, x)
         flat = out.reshape(-1)
         self.last_algorithm = "shared_memory" if shm else algorithm if self.size > 1 and flat.size else None
         reduce = _REDUCE.get(op)
+        # the average's division is done once per element, by the rank that completes it (shared memory, ring)
+        finish = self._divide if op == "average" and self.size > 1 else None
         done = False
         if check and not shm:
             done = self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline,
                                payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None)
         if shm:  # reads x straight into the window: no copy into out first
             self._window.allreduce(x.reshape(-1), flat, reduce, (lambda: self._agree(
-                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None)
+                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None, finish)
+            finish = None
         elif self.size > 1 and flat.size and not done:
             if algorithm == "ring":
-                self._ring(flat, reduce, deadline)
+                self._ring(x.reshape(-1), flat, reduce, deadline, finish)
+                finish = None
             elif algorithm == "hierarchical":
-                self._hierarchical(flat, reduce, deadline)
+                self._hierarchical(flat, reduce, deadline, finish)
+                finish = None
             else:
                 self._recursive_doubling(flat, reduce, deadline)
-        if op == "average" and self.size > 1:
-            if np.issubdtype(flat.dtype, np.integer):
-                np.floor_divide(flat, self.size, out=flat)
-            else:
-                np.divide(flat, self.size, out=flat)
+        if finish is not None:
+            finish(flat)
         return out
+
+    def _divide(self, values):
+        """The average's last step, in place: the sum divided by the number of ranks (integers: floor division)."""
+        if values.dtype.kind in "iu":
+            np.floor_divide(values, self.size, out=values)
+        else:
+            np.divide(values, self.size, out=values)
 
     def message_algorithm(self, array):
         """The message-based algorithm "auto" takes for ``array`` off shared memory: latency- or bandwidth-bound."""
@@ -632,27 +649,46 @@ class Communicator:
             return "recursive_doubling"
         return "hierarchical" if self.nodes is not None and self.nodes.hierarchical else "ring"
 
-    def _ring(self, buf, reduce, deadline):
-        """Reduce-scatter then allgather around the ring; chunk k ends reduced on rank (k - 1) mod p ... then everywhere."""
+    def _scratch(self, dtype, n):
+        """A scratch array of ``n`` elements of ``dtype``, reused from call to call (fresh pages fault: reuse them)."""
+        nbytes = n * dtype.itemsize
+        if self._scratch_bytes is None or self._scratch_bytes.nbytes < nbytes:
+            self._scratch_bytes = np.empty(max(nbytes, 64), dtype=np.uint8)
+        return self._scratch_bytes[:nbytes].view(dtype)
+
+    def _ring(self, src, dst, reduce, deadline, finish=None):
+        """dst = the reduction of every rank's src: reduce-scatter then allgather round the ring.
+
+        Chunk k ends reduced on rank (k - 1) mod p, then goes to every rank. ``src`` is only read (it is sent at
+        the first step and reduced into each chunk as it arrives), so no copy of it is made first; ``dst`` may
+        be ``src`` itself (then the incoming chunks land in a reused scratch buffer). ``finish`` (the average's
+        division) is applied to the one chunk this rank completes, before the allgather sends it on.
+        """
         p, r = self.size, self.rank
         right, left = (r + 1) % p, (r - 1) % p
-        bounds = _chunk_bounds(buf.size, p)
-        chunks = [buf[bounds[i] : bounds[i + 1]] for i in range(p)]
-        tmp = np.empty(max(len(c) for c in chunks), dtype=buf.dtype)
-        segment = max(1, self.segment_bytes // buf.itemsize)
-        # reduce-scatter: after p-1 steps, rank r holds the full reduction of chunk (r + 1) mod p
+        bounds = _chunk_bounds(dst.size, p)
+        sources = [src[bounds[i] : bounds[i + 1]] for i in range(p)]
+        chunks = [dst[bounds[i] : bounds[i + 1]] for i in range(p)]
+        in_place = np.may_share_memory(src, dst)
+        scratch = self._scratch(dst.dtype, bounds[1] - bounds[0] + 1) if in_place else None
+        segment = max(1, self.segment_bytes // dst.itemsize)
+        # reduce-scatter: at each step a partial sum arrives from the left, gets this rank's own values added,
+        # and is sent on at the next step; after p-1 steps rank r holds the full reduction of chunk (r + 1) mod p
         for step in range(p - 1):
-            send, recv = (chunks[i] for i in _ring_chunks("reduce-scatter", step, r, p))
-            incoming = tmp[: len(recv)]
-            if len(send) <= segment and len(recv) <= segment:
-                self._exchange(send, right, incoming, left, deadline, "ring allreduce")
-                reduce(recv, incoming, out=recv)
+            sent, got = _ring_chunks("reduce-scatter", step, r, p)
+            send, mine, acc = (sources[sent] if step == 0 else chunks[sent]), sources[got], chunks[got]
+            incoming = scratch[: len(acc)] if in_place else acc
+            if deadline is None and (len(send) <= segment and len(acc) <= segment or p == 2):
+                # one message: MPI's large-message transport copies it once; pipelining in segments costs more
+                # handshakes than it overlaps (measured with benchmarks/allreduce_bench.py)
+                self.comm.Sendrecv(send, right, 9, incoming, left, 9)
+                reduce(incoming, mine, out=acc)
                 continue
-            # pipelined: post every segment, reduce each one as it arrives while the others are in flight
+            # segments: each one is reduced as it arrives while the others are in flight (and a timeout is honoured)
+            starts = range(0, len(acc), segment)
+            recvs = [self.comm.Irecv(incoming[i : i + segment], source=left, tag=100 + k) for k, i in enumerate(starts)]
             sends = [self.comm.Isend(send[i : i + segment], dest=right, tag=100 + k)
                      for k, i in enumerate(range(0, len(send), segment))]
-            recvs = [self.comm.Irecv(incoming[i : i + segment], source=left, tag=100 + k)
-                     for k, i in enumerate(range(0, len(recv), segment))]
             pending = list(range(len(recvs)))
             while pending:
                 if deadline is not None and time.monotonic() > deadline:
@@ -660,11 +696,13 @@ class Communicator:
                 index = self.MPI.Request.Waitany([recvs[k] for k in pending]) if deadline is None else \
                     self._test_any([recvs[k] for k in pending])
                 if index is None:
+                    time.sleep(0)
                     continue
-                k = pending.pop(index)
-                i = k * segment
-                reduce(recv[i : i + segment], incoming[i : i + segment], out=recv[i : i + segment])
+                i = pending.pop(index) * segment
+                reduce(incoming[i : i + segment], mine[i : i + segment], out=acc[i : i + segment])
             self._wait(sends, deadline, "ring allreduce")
+        if finish is not None:
+            finish(chunks[(r + 1) % p])
         # allgather: pass the reduced chunks around so that every rank has all of them
         for step in range(p - 1):
             send, recv = (chunks[i] for i in _ring_chunks("allgather", step, r, p))
@@ -679,7 +717,7 @@ class Communicator:
         right, left = (r + 1) % p, (r - 1) % p
         bounds = _chunk_bounds(buf.size, p)
         chunks = [buf[bounds[i] : bounds[i + 1]] for i in range(p)]
-        tmp = np.empty(max(len(c) for c in chunks), dtype=buf.dtype)
+        tmp = self._scratch(buf.dtype, max(len(c) for c in chunks))
         what = f"hierarchical allreduce ({phase})"
         for step in range(p - 1):
             send, recv = (chunks[i] for i in _ring_chunks(phase, step, r, p))
@@ -692,7 +730,7 @@ class Communicator:
             if phase == "reduce-scatter":
                 reduce(recv, incoming, out=recv)
 
-    def _hierarchical(self, buf, reduce, deadline):
+    def _hierarchical(self, buf, reduce, deadline, finish=None):
         """Reduce-scatter inside the node, a ring of my chunk among my same-local-rank peers, allgather in the node.
 
         Only the middle step crosses nodes, and each rank sends 2(n-1)/n of a 1/L chunk over it (n nodes of
@@ -706,6 +744,10 @@ class Communicator:
         mine = buf[bounds[owned] : bounds[owned + 1]]
         if mine.size:
             self._ring_phase(cross, mine, reduce, "reduce-scatter", deadline)
+            cross_bounds = _chunk_bounds(mine.size, cross.Get_size())
+            owned_cross = (cross.Get_rank() + 1) % cross.Get_size()
+            if finish is not None:  # the average's division, once per element, by the rank that completes it
+                finish(mine[cross_bounds[owned_cross] : cross_bounds[owned_cross + 1]])
             self._ring_phase(cross, mine, None, "allgather", deadline)
         self._ring_phase(local, buf, None, "allgather", deadline)
 
@@ -827,10 +869,7 @@ class Communicator:
                 self.comm.Recv(tmp, source=source, tag=21)
                 _REDUCE[op](flat, tmp, out=flat)
             if op == "average":
-                if np.issubdtype(flat.dtype, np.integer):
-                    np.floor_divide(flat, self.size, out=flat)
-                else:
-                    np.divide(flat, self.size, out=flat)
+                self._divide(flat)
             for dest in range(1, self.size):
                 self.comm.Send(flat, dest=dest, tag=22)
         else:
