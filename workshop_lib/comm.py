@@ -40,6 +40,7 @@ when a rank fails, and carries the notes of Horovod's stall inspector.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import sys
 import time
@@ -346,6 +347,7 @@ class Communicator:
         self._check_status = MPI.Status()
         self._headers, self._check_plans, self._header_sent = {}, {}, None
         self._scratch_bytes = None  # the ring's scratch buffer (in-place calls), kept for the next call
+        self._fast = {}  # (shape, dtype, op, algorithm) -> the plan of a small checked allreduce (see _fold_plan)
 
     @property
     def shared_memory(self):
@@ -360,7 +362,7 @@ class Communicator:
 
     # -- safety ---------------------------------------------------------------------------------
     def _agree(self, name, count, dtype, op, algorithm=None, shape=None, deadline=None, payload=None, reduce=None,
-               error=None, source=None):
+               error=None, source=None, on_wait=None):
         """Every rank learns whether all ranks called ``name`` with the same shape, dtype, op and algorithm.
 
         The check is recursive doubling over small messages, each starting with a header of (x, -x) pairs of
@@ -373,8 +375,9 @@ class Communicator:
         own): a small allreduce and its check are one exchange,
         as NCCL and Horovod's response cache avoid a separate negotiation. With a ``deadline`` the exchange
         is non-blocking and raises :class:`CollectiveTimeout` when it passes. A rank that found an ``error``
-        in its own arguments sends it flagged, and every rank raises it. Returns True when the payload holds
-        the reduction.
+        in its own arguments sends it flagged, and every rank raises it. ``on_wait`` (without a deadline) is
+        called again and again while the exchange waits for a peer (hvd's stall inspector). Returns True when
+        the payload holds the reduction.
         """
         key = (name, (int(count),) if shape is None else shape, dtype, op, algorithm)
         header = self._headers.get(key)
@@ -390,10 +393,14 @@ class Communicator:
         if not valid or payload is None or payload.nbytes > FOLD_BYTES:
             payload = None
         agreed = self.size == 1 or self._check_exchange(header, payload, reduce, deadline, name,
-                                                        payload if source is None else source)
+                                                        payload if source is None else source, on_wait)
         if agreed and valid:
             return payload is not None
-        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, key[1], name, error))
+        self._disagree(name, count, dtype, op, algorithm, key[1], error)
+
+    def _disagree(self, name, count, dtype, op, algorithm, shape, error=None):
+        """After a check that failed on every rank: gather every rank's call and raise the same ValueError on all."""
+        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, shape, name, error))
         errors = [(r, c[6]) for r, c in enumerate(calls) if c[6]]
         if errors:
             raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
@@ -420,7 +427,7 @@ class Communicator:
             problems.append(f"op must be one of {OPS}")
         raise ValueError(f"{name}: {', '.join(problems)} across ranks ({listing})")
 
-    def _check_exchange(self, header, payload, reduce, deadline, name, source):
+    def _check_exchange(self, header, payload, reduce, deadline, name, source, on_wait=None):
         """The messages of :meth:`_agree` (recursive doubling, ranks beyond a power of two folded in first).
 
         Returns whether every header this rank saw equalled its own (then ``payload``, if any, holds the
@@ -443,14 +450,14 @@ class Communicator:
         pof2 = 1 << (p.bit_length() - 1)
         rem = p - pof2
         if r < 2 * rem and r % 2 == 0:  # fold into the odd neighbour, then wait for its result
-            self._check_transfer(message, r + 1, None, _TAG_FOLD_IN, deadline, name)
-            count = self._check_transfer(None, None, r + 1, _TAG_FOLD_OUT, deadline, name)
+            self._check_transfer(message, r + 1, None, _TAG_FOLD_IN, deadline, name, on_wait)
+            count = self._check_transfer(None, None, r + 1, _TAG_FOLD_OUT, deadline, name, on_wait)
             agreed = count == length and self._check_recv[:_HEADER_BYTES].tobytes() == header_bytes
             if agreed and payload is not None:
                 np.copyto(payload, recv_payload)
             return agreed
         if r < 2 * rem:
-            count = self._check_transfer(None, None, r - 1, _TAG_FOLD_IN, deadline, name)
+            count = self._check_transfer(None, None, r - 1, _TAG_FOLD_IN, deadline, name, on_wait)
             agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
                                        True)
             current = payload
@@ -461,7 +468,7 @@ class Communicator:
             partner = partner_new * 2 + 1 if partner_new < rem else partner_new + rem
             if agreed and payload is not None and (mask > 1 or r < 2 * rem):
                 np.copyto(send_payload, payload)  # send what is reduced so far
-            count = self._check_transfer(message, partner, partner, _TAG_CHECK, deadline, name)
+            count = self._check_transfer(message, partner, partner, _TAG_CHECK, deadline, name, on_wait)
             agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
                                        partner < r)
             current = payload
@@ -469,7 +476,7 @@ class Communicator:
         if r < 2 * rem:
             if agreed and payload is not None:
                 np.copyto(send_payload, payload)
-            self._check_transfer(message, r - 1, None, _TAG_FOLD_OUT, deadline, name)
+            self._check_transfer(message, r - 1, None, _TAG_FOLD_OUT, deadline, name, on_wait)
         return agreed
 
     def _check_merge(self, agreed, count, length, header_bytes, current, payload, recv_payload, reduce, lower):
@@ -502,10 +509,10 @@ class Communicator:
     def _recv_header_bytes(self):
         return self._check_recv[:_HEADER_BYTES].tobytes()
 
-    def _check_transfer(self, message, dest, source, tag, deadline, name):
+    def _check_transfer(self, message, dest, source, tag, deadline, name, on_wait=None):
         """Send ``message`` to ``dest`` and/or receive from ``source`` into the check's buffer; the bytes received."""
         recv, status = self._check_recv, self._check_status
-        if deadline is None:
+        if deadline is None and on_wait is None:
             if dest is not None and source is not None:
                 self.comm.Sendrecv(message, dest, tag, recv, source, tag, status)
             elif dest is not None:
@@ -517,7 +524,10 @@ class Communicator:
         requests = ([self.comm.Irecv(recv, source=source, tag=tag)] if source is not None else []) + (
             [self.comm.Isend(message, dest=dest, tag=tag)] if dest is not None else [])
         statuses = [self.MPI.Status() for _ in requests]
-        self._wait(requests, deadline, f"{name}'s cross-rank check", statuses=statuses)
+        if deadline is None:
+            self._watch(requests, statuses, on_wait)
+        else:
+            self._wait(requests, deadline, f"{name}'s cross-rank check", statuses=statuses)
         return statuses[0].Get_count(self.MPI.BYTE) if source is not None else 0
 
     def _wait(self, requests, deadline, what, cancel=True, statuses=None):
@@ -540,6 +550,15 @@ class Communicator:
                                         "crashed, be stuck, or not have called it")
             time.sleep(0)
 
+    def _watch(self, requests, statuses, on_wait):
+        """Wait for MPI requests, calling ``on_wait()`` between tests once a brief spin has not completed them."""
+        spins = 0
+        while not self.MPI.Request.Testall(requests, statuses):
+            spins += 1
+            if spins > 100:
+                on_wait()
+            time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+
     def _exchange(self, send, dest, recv, source, deadline, what):
         if deadline is None:  # one blocking call: the lowest latency (small messages are latency-bound)
             self.comm.Sendrecv(send, dest, 7, recv, source, 7)
@@ -548,7 +567,7 @@ class Communicator:
         self._wait(requests, deadline, what)
 
     # -- allreduce ------------------------------------------------------------------------------
-    def allreduce(self, array, op="average", out=None, algorithm="auto", timeout=None, check=True):
+    def allreduce(self, array, op="average", out=None, algorithm="auto", timeout=None, check=True, on_wait=None):
         """Reduce ``array`` over all ranks; every rank gets the result.
 
         Parameters
@@ -570,10 +589,20 @@ class Communicator:
             if not (also when one rank's own arguments are wrong). The check is a recursive doubling of
             small messages within the timeout; below ``FOLD_BYTES`` a recursive-doubling allreduce
             travels inside those messages, so the check costs no extra round trip.
+        on_wait : callable, optional
+            Called (with no argument) again and again while the check waits for a peer, without a timeout:
+            ``hvd``'s stall inspector, which warns and aborts. Once the check has passed every rank is in the call.
         """
         x = np.asarray(array)
+        if check and timeout is None and self.timeout is None:  # a call like one before: its plan, validated then
+            fast = self._fast.get((x.shape, x.dtype, op, algorithm))
+            if fast is not None and (out is None or out is x or (
+                    out.shape == x.shape and out.dtype == x.dtype and out.flags.c_contiguous
+                    and not np.may_share_memory(out, x))):
+                return fast(x, out, on_wait)
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        requested = algorithm
         if algorithm == "auto" and self.size > 1 and x.size and self.nodes.switch:  # HOROVOD_HIERARCHICAL_ALLREDUCE=1
             algorithm = "hierarchical"
         error = None  # a local error is raised after the check, so that every rank raises (never a hang)
@@ -592,7 +621,8 @@ class Communicator:
             error = "out overlaps array; pass out=array itself for an in-place allreduce, or a separate array"
         if error is not None:
             if check:
-                self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error)
+                self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error,
+                            on_wait=on_wait)
             raise ValueError(error)
         shm = self._window is not None and deadline is None and x.size > 0 and (
             algorithm == "shared_memory" or (algorithm == "auto" and self.shm_min_bytes <= x.nbytes < self.shm_max_bytes))
@@ -618,10 +648,12 @@ class Communicator:
         done = False
         if check and not shm:
             done = self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline,
-                               payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None)
+                               payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None,
+                               on_wait=on_wait)
         if shm:  # reads x straight into the window: no copy into out first
             self._window.allreduce(x.reshape(-1), flat, reduce, (lambda: self._agree(
-                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None, finish)
+                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape, on_wait=on_wait)) if check else None,
+                finish)
             finish = None
         elif self.size > 1 and flat.size and not done:
             if algorithm == "ring":
@@ -634,7 +666,35 @@ class Communicator:
                 self._recursive_doubling(flat, reduce, deadline)
         if finish is not None:
             finish(flat)
+        if fold and deadline is None:  # the next call of this shape, dtype, op and algorithm skips the above
+            if len(self._fast) > 256:
+                self._fast.clear()
+            self._fast[(x.shape, x.dtype, op, requested)] = self._fold_plan(x.shape, x.dtype, op, algorithm)
         return out
+
+    def _fold_plan(self, shape, dtype, op, algorithm):
+        """A small allreduce of ``shape`` and ``dtype`` inside its check's messages, with everything decided once.
+
+        The check itself still runs every time (one exchange per step, the header in front of the data), so a
+        rank that calls differently still makes every rank raise; only the local decisions (validation, which
+        algorithm, the header, the buffers) are kept from the first call.
+        """
+        key = ("allreduce", shape, dtype, op, algorithm)
+        header = self._headers.get(key) or _header(*key)
+        reduce, finish, count = _REDUCE[op], self._divide if op == "average" else None, math.prod(shape)
+
+        def run(x, out, on_wait):
+            if out is None:
+                out = np.empty(shape, dtype=dtype)
+            flat = out.reshape(-1)
+            if not self._check_exchange(header, flat, reduce, None, "allreduce", x.reshape(-1), on_wait):
+                self._disagree("allreduce", count, dtype, op, algorithm, shape)
+            if finish is not None:
+                finish(flat)
+            self.last_algorithm = "recursive_doubling"
+            return out
+
+        return run
 
     def _divide(self, values):
         """The average's last step, in place: the sum divided by the number of ranks (integers: floor division)."""
@@ -815,11 +875,14 @@ class Communicator:
         self.comm.Allgatherv(x.reshape(-1), [out, counts])
         return out.reshape((sum(s[0] for s, _ in shapes) if x.ndim else len(shapes), *x.shape[1:]))
 
-    def fused_allreduce(self, arrays, op="average", threshold_bytes=FUSION_THRESHOLD, compression=None):
+    def fused_allreduce(self, arrays, op="average", threshold_bytes=FUSION_THRESHOLD, compression=None,
+                        on_wait=None):
         """Allreduce many small arrays packed into few buffers (tensor fusion); returns new arrays.
 
         Arrays of one dtype are packed in order into buffers of at most ``threshold_bytes`` (an array larger
         than that gets a buffer of its own). ``compression="fp16"`` sends float32/float64 as float16.
+        ``on_wait`` is the first buffer's allreduce's (see :meth:`allreduce`): once it has passed its check,
+        every rank is in the call.
         """
         if compression not in (None, "fp16"):
             raise ValueError(f"compression={compression!r} must be None or 'fp16'")
@@ -836,18 +899,19 @@ class Communicator:
                     size += arrays[i].nbytes
                     continue
                 if batch:
-                    self._fused_batch(arrays, batch, results, op, compression)
+                    self._fused_batch(arrays, batch, results, op, compression, on_wait)
+                    on_wait = None
                 batch, size = ([i], arrays[i].nbytes) if i is not None else ([], 0)
         return results
 
-    def _fused_batch(self, arrays, batch, results, op, compression):
+    def _fused_batch(self, arrays, batch, results, op, compression, on_wait=None):
         dtype = arrays[batch[0]].dtype
         wire = np.dtype(np.float16) if compression == "fp16" and dtype in (np.float32, np.float64) else dtype
         if len(batch) == 1 and wire == dtype:  # one array: reduced straight into its result, no fusion buffer
-            results[batch[0]] = self.allreduce(np.ascontiguousarray(arrays[batch[0]]), op=op)
+            results[batch[0]] = self.allreduce(np.ascontiguousarray(arrays[batch[0]]), op=op, on_wait=on_wait)
             return
         buffer = np.concatenate([arrays[i].reshape(-1) for i in batch]).astype(wire, copy=False)
-        self.allreduce(buffer, op=op, out=buffer)
+        self.allreduce(buffer, op=op, out=buffer, on_wait=on_wait)
         offset = 0
         for i in batch:  # the results are disjoint views of the new buffer (a copy only to undo compression)
             n = arrays[i].size
