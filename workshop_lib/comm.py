@@ -598,7 +598,7 @@ class Communicator:
             fast = self._fast.get((x.shape, x.dtype, op, algorithm))
             if fast is not None and (out is None or out is x or (
                     out.shape == x.shape and out.dtype == x.dtype and out.flags.c_contiguous
-                    and not np.may_share_memory(out, x))):
+                    and ((out.base is None and x.base is None) or not np.may_share_memory(out, x)))):
                 return fast(x, out, on_wait)
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -682,12 +682,28 @@ class Communicator:
         key = ("allreduce", shape, dtype, op, algorithm)
         header = self._headers.get(key) or _header(*key)
         reduce, finish, count = _REDUCE[op], self._divide if op == "average" else None, math.prod(shape)
+        fields, header_bytes, _ = header
+        length = _HEADER_BYTES + count * dtype.itemsize
+        message, send_payload, recv_payload = self._check_plan(np.empty(0, dtype=dtype), count * dtype.itemsize)
+        peer = 1 - self.rank
+        recv, status, comm, byte = self._check_recv, self._check_status, self.comm, self.MPI.BYTE
 
         def run(x, out, on_wait):
             if out is None:
                 out = np.empty(shape, dtype=dtype)
-            flat = out.reshape(-1)
-            if not self._check_exchange(header, flat, reduce, None, "allreduce", x.reshape(-1), on_wait):
+            flat, src = out.reshape(-1), x.reshape(-1)
+            if self.size == 2 and on_wait is None:  # _check_exchange's one exchange, its decisions taken
+                if self._header_sent is not header_bytes:
+                    self._send_header[:] = fields
+                    self._header_sent = header_bytes
+                np.copyto(send_payload, src)
+                comm.Sendrecv(message, peer, _TAG_CHECK, recv, peer, _TAG_CHECK, status)
+                agreed = status.Get_count(byte) == length and recv[:_HEADER_BYTES].tobytes() == header_bytes
+                if agreed:  # lower rank's values op higher rank's, on both sides
+                    reduce(recv_payload, src, out=flat) if peer < self.rank else reduce(src, recv_payload, out=flat)
+            else:
+                agreed = self._check_exchange(header, flat, reduce, None, "allreduce", src, on_wait)
+            if not agreed:
                 self._disagree("allreduce", count, dtype, op, algorithm, shape)
             if finish is not None:
                 finish(flat)
