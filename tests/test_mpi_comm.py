@@ -24,7 +24,7 @@ def test_a_mismatch_across_ranks_raises_on_every_rank(mpirun, n):
     for label, words in (("size", "sizes differ"), ("dtype", "dtypes differ"), ("op", "ops differ"),
                          ("algorithm", "algorithms differ"), ("path", "sizes differ"), ("shape", "shapes differ"),
                          ("shape_ring", "shapes differ"), ("out", "rank 1: out has shape (11,)"),
-                         ("collective", "collectives differ")):
+                         ("collective", "collectives differ"), ("cached", "shapes differ")):
         lines = [line for line in proc.stdout.splitlines() if f" {label}: " in line]
         assert len(lines) == n, proc.stdout
         assert all("ValueError" in line and words in line and "rank 1:" in line for line in lines), lines

@@ -110,8 +110,45 @@ def test_lab_link_timing_script_runs_its_launch_line_and_its_times_fit(mpirun, r
 
     script = root / "solutions" / "scripts" / "link_timing.py"
     assert "mpiexec -n 2 python link_timing.py" in script.read_text()
-    proc = mpirun(2, ["link_timing.py", "--sizes", "8", "65536", "--repeats", "2"], cwd=script.parent)
+    # 8 B and 1 MB: sizes far enough apart that a loaded machine's noise cannot invert their times
+    proc = mpirun(2, ["link_timing.py", "--sizes", "8", "1048576", "--repeats", "2"], cwd=script.parent)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["ranks"] == 2 and result["bytes"] == [8, 65536] and len(result["seconds"]) == 2
+    assert result["ranks"] == 2 and result["bytes"] == [8, 1048576] and len(result["seconds"]) == 2
     link = scaling.fit_link(result["bytes"], result["seconds"])
     assert link.beta > 0 and link.alpha >= 0
+
+
+def test_oversubscription_scales_the_per_byte_costs_by_ranks_per_core_and_keeps_latency():
+    link = scaling.oversubscribed(LINK, 4, 2)
+    assert link.alpha == LINK.alpha and math.isclose(link.beta, 2 * LINK.beta) and math.isclose(link.gamma, 2 * LINK.gamma)
+    assert scaling.oversubscribed(LINK, 2, 4) == LINK  # fewer ranks than cores: unchanged
+    with pytest.raises(ValueError, match="cores=0"):
+        scaling.oversubscribed(LINK, 2, 0)
+
+
+def test_measured_gamma_is_the_time_of_numpy_add_per_byte():
+    import time
+
+    gamma = scaling.measure_gamma(1 << 20, repeats=3)
+    a, b = np.ones(1 << 18, dtype=np.float32), np.ones(1 << 18, dtype=np.float32)
+    t0 = time.perf_counter()
+    np.add(a, b, out=a)
+    one = time.perf_counter() - t0
+    assert 0 < gamma * a.nbytes <= one * 1.5 + 1e-4  # the best of three is no slower than one more add
+    with pytest.raises(ValueError, match="nbytes=2"):
+        scaling.measure_gamma(2)
+
+
+@pytest.mark.mpi
+def test_allreduce_bench_prints_the_fitted_models_prediction_next_to_the_measured_ring(root):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "allreduce_bench.py"), "--ranks", "2", "4",
+                           "--max-bytes", "65536", "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    for n in (2, 4):
+        assert f"{n} ranks on " in proc.stdout and "model link fitted in this run: alpha " in proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.strip().split()[:1] == ["65536"]]
+    assert len(rows) == 2 and all(float(row[5]) > 0 and math.isclose(float(row[6]), float(row[5]) / float(row[4]),
+                                                                      rel_tol=0.05, abs_tol=0.01) for row in rows)

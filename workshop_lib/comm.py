@@ -40,6 +40,7 @@ when a rank fails, and carries the notes of Horovod's stall inspector.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import sys
 import time
@@ -194,10 +195,11 @@ class _SharedWindow:
         self.parity ^= 1
         return plan
 
-    def allreduce(self, src, dst, reduce, first_sync=None):
+    def allreduce(self, src, dst, reduce, first_sync=None, finish=None):
         """dst = reduction over ranks of src (flat arrays; may be the same array), block by block.
 
-        ``first_sync`` (the cross-rank check, a collective) replaces the first barrier.
+        ``first_sync`` (the cross-rank check, a collective) replaces the first barrier; ``finish`` (the
+        average's division) is applied in place to each chunk this rank reduces, before the others read it.
         """
         per_block = max(self.comm.Get_size(), self.block // src.itemsize)
         for start in range(0, src.size, per_block):
@@ -215,6 +217,8 @@ class _SharedWindow:
                 reduce(inputs[0], inputs[1], out=out)
                 for chunk in inputs[2:]:
                     reduce(out, chunk, out=out)
+                if finish is not None:
+                    finish(out)
                 mine[lo:hi] = out
             self._sync()
             for _, a, b, chunk in others:  # everyone's reduced chunk, read straight from their slots
@@ -342,6 +346,8 @@ class Communicator:
         self._recv_header = self._check_recv[:_HEADER_BYTES].view(np.int64)
         self._check_status = MPI.Status()
         self._headers, self._check_plans, self._header_sent = {}, {}, None
+        self._scratch_bytes = None  # the ring's scratch buffer (in-place calls), kept for the next call
+        self._fast = {}  # (shape, dtype, op, algorithm) -> the plan of a small checked allreduce (see _fold_plan)
 
     @property
     def shared_memory(self):
@@ -356,7 +362,7 @@ class Communicator:
 
     # -- safety ---------------------------------------------------------------------------------
     def _agree(self, name, count, dtype, op, algorithm=None, shape=None, deadline=None, payload=None, reduce=None,
-               error=None, source=None):
+               error=None, source=None, on_wait=None):
         """Every rank learns whether all ranks called ``name`` with the same shape, dtype, op and algorithm.
 
         The check is recursive doubling over small messages, each starting with a header of (x, -x) pairs of
@@ -369,8 +375,9 @@ class Communicator:
         own): a small allreduce and its check are one exchange,
         as NCCL and Horovod's response cache avoid a separate negotiation. With a ``deadline`` the exchange
         is non-blocking and raises :class:`CollectiveTimeout` when it passes. A rank that found an ``error``
-        in its own arguments sends it flagged, and every rank raises it. Returns True when the payload holds
-        the reduction.
+        in its own arguments sends it flagged, and every rank raises it. ``on_wait`` (without a deadline) is
+        called again and again while the exchange waits for a peer (hvd's stall inspector). Returns True when
+        the payload holds the reduction.
         """
         key = (name, (int(count),) if shape is None else shape, dtype, op, algorithm)
         header = self._headers.get(key)
@@ -386,10 +393,14 @@ class Communicator:
         if not valid or payload is None or payload.nbytes > FOLD_BYTES:
             payload = None
         agreed = self.size == 1 or self._check_exchange(header, payload, reduce, deadline, name,
-                                                        payload if source is None else source)
+                                                        payload if source is None else source, on_wait)
         if agreed and valid:
             return payload is not None
-        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, key[1], name, error))
+        self._disagree(name, count, dtype, op, algorithm, key[1], error)
+
+    def _disagree(self, name, count, dtype, op, algorithm, shape, error=None):
+        """After a check that failed on every rank: gather every rank's call and raise the same ValueError on all."""
+        calls = self.comm.allgather((int(count), str(dtype), op, algorithm, shape, name, error))
         errors = [(r, c[6]) for r, c in enumerate(calls) if c[6]]
         if errors:
             raise ValueError(f"{name}: " + "; ".join(f"rank {r}: {e}" for r, e in errors))
@@ -416,7 +427,7 @@ class Communicator:
             problems.append(f"op must be one of {OPS}")
         raise ValueError(f"{name}: {', '.join(problems)} across ranks ({listing})")
 
-    def _check_exchange(self, header, payload, reduce, deadline, name, source):
+    def _check_exchange(self, header, payload, reduce, deadline, name, source, on_wait=None):
         """The messages of :meth:`_agree` (recursive doubling, ranks beyond a power of two folded in first).
 
         Returns whether every header this rank saw equalled its own (then ``payload``, if any, holds the
@@ -439,14 +450,14 @@ class Communicator:
         pof2 = 1 << (p.bit_length() - 1)
         rem = p - pof2
         if r < 2 * rem and r % 2 == 0:  # fold into the odd neighbour, then wait for its result
-            self._check_transfer(message, r + 1, None, _TAG_FOLD_IN, deadline, name)
-            count = self._check_transfer(None, None, r + 1, _TAG_FOLD_OUT, deadline, name)
+            self._check_transfer(message, r + 1, None, _TAG_FOLD_IN, deadline, name, on_wait)
+            count = self._check_transfer(None, None, r + 1, _TAG_FOLD_OUT, deadline, name, on_wait)
             agreed = count == length and self._check_recv[:_HEADER_BYTES].tobytes() == header_bytes
             if agreed and payload is not None:
                 np.copyto(payload, recv_payload)
             return agreed
         if r < 2 * rem:
-            count = self._check_transfer(None, None, r - 1, _TAG_FOLD_IN, deadline, name)
+            count = self._check_transfer(None, None, r - 1, _TAG_FOLD_IN, deadline, name, on_wait)
             agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
                                        True)
             current = payload
@@ -457,7 +468,7 @@ class Communicator:
             partner = partner_new * 2 + 1 if partner_new < rem else partner_new + rem
             if agreed and payload is not None and (mask > 1 or r < 2 * rem):
                 np.copyto(send_payload, payload)  # send what is reduced so far
-            count = self._check_transfer(message, partner, partner, _TAG_CHECK, deadline, name)
+            count = self._check_transfer(message, partner, partner, _TAG_CHECK, deadline, name, on_wait)
             agreed = self._check_merge(agreed, count, length, header_bytes, current, payload, recv_payload, reduce,
                                        partner < r)
             current = payload
@@ -465,7 +476,7 @@ class Communicator:
         if r < 2 * rem:
             if agreed and payload is not None:
                 np.copyto(send_payload, payload)
-            self._check_transfer(message, r - 1, None, _TAG_FOLD_OUT, deadline, name)
+            self._check_transfer(message, r - 1, None, _TAG_FOLD_OUT, deadline, name, on_wait)
         return agreed
 
     def _check_merge(self, agreed, count, length, header_bytes, current, payload, recv_payload, reduce, lower):
@@ -498,10 +509,10 @@ class Communicator:
     def _recv_header_bytes(self):
         return self._check_recv[:_HEADER_BYTES].tobytes()
 
-    def _check_transfer(self, message, dest, source, tag, deadline, name):
+    def _check_transfer(self, message, dest, source, tag, deadline, name, on_wait=None):
         """Send ``message`` to ``dest`` and/or receive from ``source`` into the check's buffer; the bytes received."""
         recv, status = self._check_recv, self._check_status
-        if deadline is None:
+        if deadline is None and on_wait is None:
             if dest is not None and source is not None:
                 self.comm.Sendrecv(message, dest, tag, recv, source, tag, status)
             elif dest is not None:
@@ -513,7 +524,10 @@ class Communicator:
         requests = ([self.comm.Irecv(recv, source=source, tag=tag)] if source is not None else []) + (
             [self.comm.Isend(message, dest=dest, tag=tag)] if dest is not None else [])
         statuses = [self.MPI.Status() for _ in requests]
-        self._wait(requests, deadline, f"{name}'s cross-rank check", statuses=statuses)
+        if deadline is None:
+            self._watch(requests, statuses, on_wait)
+        else:
+            self._wait(requests, deadline, f"{name}'s cross-rank check", statuses=statuses)
         return statuses[0].Get_count(self.MPI.BYTE) if source is not None else 0
 
     def _wait(self, requests, deadline, what, cancel=True, statuses=None):
@@ -536,6 +550,15 @@ class Communicator:
                                         "crashed, be stuck, or not have called it")
             time.sleep(0)
 
+    def _watch(self, requests, statuses, on_wait):
+        """Wait for MPI requests, calling ``on_wait()`` between tests once a brief spin has not completed them."""
+        spins = 0
+        while not self.MPI.Request.Testall(requests, statuses):
+            spins += 1
+            if spins > 100:
+                on_wait()
+            time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+
     def _exchange(self, send, dest, recv, source, deadline, what):
         if deadline is None:  # one blocking call: the lowest latency (small messages are latency-bound)
             self.comm.Sendrecv(send, dest, 7, recv, source, 7)
@@ -544,7 +567,7 @@ class Communicator:
         self._wait(requests, deadline, what)
 
     # -- allreduce ------------------------------------------------------------------------------
-    def allreduce(self, array, op="average", out=None, algorithm="auto", timeout=None, check=True):
+    def allreduce(self, array, op="average", out=None, algorithm="auto", timeout=None, check=True, on_wait=None):
         """Reduce ``array`` over all ranks; every rank gets the result.
 
         Parameters
@@ -566,10 +589,20 @@ class Communicator:
             if not (also when one rank's own arguments are wrong). The check is a recursive doubling of
             small messages within the timeout; below ``FOLD_BYTES`` a recursive-doubling allreduce
             travels inside those messages, so the check costs no extra round trip.
+        on_wait : callable, optional
+            Called (with no argument) again and again while the check waits for a peer, without a timeout:
+            ``hvd``'s stall inspector, which warns and aborts. Once the check has passed every rank is in the call.
         """
         x = np.asarray(array)
+        if check and timeout is None and self.timeout is None:  # a call like one before: its plan, validated then
+            fast = self._fast.get((x.shape, x.dtype, op, algorithm))
+            if fast is not None and (out is None or out is x or (
+                    out.shape == x.shape and out.dtype == x.dtype and out.flags.c_contiguous
+                    and ((out.base is None and x.base is None) or not np.may_share_memory(out, x)))):
+                return fast(x, out, on_wait)
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
+        requested = algorithm
         if algorithm == "auto" and self.size > 1 and x.size and self.nodes.switch:  # HOROVOD_HIERARCHICAL_ALLREDUCE=1
             algorithm = "hierarchical"
         error = None  # a local error is raised after the check, so that every rank raises (never a hang)
@@ -584,9 +617,12 @@ class Communicator:
             error = f"out has shape {out.shape} and dtype {out.dtype}; expected {x.shape}, {x.dtype}"
         elif out is not None and not out.flags.c_contiguous:
             error = "allreduce works on C-contiguous arrays; pass np.ascontiguousarray(array)"
+        elif out is not None and out is not x and np.may_share_memory(out, x):
+            error = "out overlaps array; pass out=array itself for an in-place allreduce, or a separate array"
         if error is not None:
             if check:
-                self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error)
+                self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline, error=error,
+                            on_wait=on_wait)
             raise ValueError(error)
         shm = self._window is not None and deadline is None and x.size > 0 and (
             algorithm == "shared_memory" or (algorithm == "auto" and self.shm_min_bytes <= x.nbytes < self.shm_max_bytes))
@@ -598,33 +634,90 @@ class Communicator:
             raise ValueError(f"allreduce: dtype {x.dtype} / op {op!r} not supported")
         # a small recursive-doubling allreduce travels inside its check's messages, straight from x
         fold = check and algorithm == "recursive_doubling" and self.size > 1 and x.nbytes <= FOLD_BYTES
+        # shared memory and the ring read x as they go, so the result needs no copy of x first
+        reads_x = shm or fold or (algorithm == "ring" and self.size > 1)
         if out is None:
-            out = np.empty(x.shape, dtype=x.dtype) if shm or fold else np.array(x, copy=True, order="C")
-        elif out is not x and not shm and not fold:
+            out = np.empty(x.shape, dtype=x.dtype) if reads_x else np.array(x, copy=True, order="C")
+        elif out is not x and not reads_x:
             np.copyto(out, x)
         flat = out.reshape(-1)
         self.last_algorithm = "shared_memory" if shm else algorithm if self.size > 1 and flat.size else None
         reduce = _REDUCE.get(op)
+        # the average's division is done once per element, by the rank that completes it (shared memory, ring)
+        finish = self._divide if op == "average" and self.size > 1 else None
         done = False
         if check and not shm:
             done = self._agree("allreduce", x.size, x.dtype, op, algorithm, x.shape, deadline,
-                               payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None)
+                               payload=flat if fold else None, reduce=reduce, source=x.reshape(-1) if fold else None,
+                               on_wait=on_wait)
         if shm:  # reads x straight into the window: no copy into out first
             self._window.allreduce(x.reshape(-1), flat, reduce, (lambda: self._agree(
-                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape)) if check else None)
+                "allreduce", x.size, x.dtype, op, "shared_memory", x.shape, on_wait=on_wait)) if check else None,
+                finish)
+            finish = None
         elif self.size > 1 and flat.size and not done:
             if algorithm == "ring":
-                self._ring(flat, reduce, deadline)
+                self._ring(x.reshape(-1), flat, reduce, deadline, finish)
+                finish = None
             elif algorithm == "hierarchical":
-                self._hierarchical(flat, reduce, deadline)
+                self._hierarchical(flat, reduce, deadline, finish)
+                finish = None
             else:
                 self._recursive_doubling(flat, reduce, deadline)
-        if op == "average" and self.size > 1:
-            if np.issubdtype(flat.dtype, np.integer):
-                np.floor_divide(flat, self.size, out=flat)
-            else:
-                np.divide(flat, self.size, out=flat)
+        if finish is not None:
+            finish(flat)
+        if fold and deadline is None:  # the next call of this shape, dtype, op and algorithm skips the above
+            if len(self._fast) > 256:
+                self._fast.clear()
+            self._fast[(x.shape, x.dtype, op, requested)] = self._fold_plan(x.shape, x.dtype, op, algorithm)
         return out
+
+    def _fold_plan(self, shape, dtype, op, algorithm):
+        """A small allreduce of ``shape`` and ``dtype`` inside its check's messages, with everything decided once.
+
+        The check itself still runs every time (one exchange per step, the header in front of the data), so a
+        rank that calls differently still makes every rank raise; only the local decisions (validation, which
+        algorithm, the header, the buffers) are kept from the first call.
+        """
+        key = ("allreduce", shape, dtype, op, algorithm)
+        header = self._headers.get(key) or _header(*key)
+        reduce, finish, count = _REDUCE[op], self._divide if op == "average" else None, math.prod(shape)
+        fields, header_bytes, _ = header
+        length = _HEADER_BYTES + count * dtype.itemsize
+        message, send_payload, recv_payload = self._check_plan(np.empty(0, dtype=dtype), count * dtype.itemsize)
+        peer = 1 - self.rank
+        recv, status, comm, byte = self._check_recv, self._check_status, self.comm, self.MPI.BYTE
+
+        def run(x, out, on_wait):
+            if out is None:
+                out = np.empty(shape, dtype=dtype)
+            flat, src = out.reshape(-1), x.reshape(-1)
+            if self.size == 2 and on_wait is None:  # _check_exchange's one exchange, its decisions taken
+                if self._header_sent is not header_bytes:
+                    self._send_header[:] = fields
+                    self._header_sent = header_bytes
+                np.copyto(send_payload, src)
+                comm.Sendrecv(message, peer, _TAG_CHECK, recv, peer, _TAG_CHECK, status)
+                agreed = status.Get_count(byte) == length and recv[:_HEADER_BYTES].tobytes() == header_bytes
+                if agreed:  # lower rank's values op higher rank's, on both sides
+                    reduce(recv_payload, src, out=flat) if peer < self.rank else reduce(src, recv_payload, out=flat)
+            else:
+                agreed = self._check_exchange(header, flat, reduce, None, "allreduce", src, on_wait)
+            if not agreed:
+                self._disagree("allreduce", count, dtype, op, algorithm, shape)
+            if finish is not None:
+                finish(flat)
+            self.last_algorithm = "recursive_doubling"
+            return out
+
+        return run
+
+    def _divide(self, values):
+        """The average's last step, in place: the sum divided by the number of ranks (integers: floor division)."""
+        if values.dtype.kind in "iu":
+            np.floor_divide(values, self.size, out=values)
+        else:
+            np.divide(values, self.size, out=values)
 
     def message_algorithm(self, array):
         """The message-based algorithm "auto" takes for ``array`` off shared memory: latency- or bandwidth-bound."""
@@ -632,27 +725,46 @@ class Communicator:
             return "recursive_doubling"
         return "hierarchical" if self.nodes is not None and self.nodes.hierarchical else "ring"
 
-    def _ring(self, buf, reduce, deadline):
-        """Reduce-scatter then allgather around the ring; chunk k ends reduced on rank (k - 1) mod p ... then everywhere."""
+    def _scratch(self, dtype, n):
+        """A scratch array of ``n`` elements of ``dtype``, reused from call to call (fresh pages fault: reuse them)."""
+        nbytes = n * dtype.itemsize
+        if self._scratch_bytes is None or self._scratch_bytes.nbytes < nbytes:
+            self._scratch_bytes = np.empty(max(nbytes, 64), dtype=np.uint8)
+        return self._scratch_bytes[:nbytes].view(dtype)
+
+    def _ring(self, src, dst, reduce, deadline, finish=None):
+        """dst = the reduction of every rank's src: reduce-scatter then allgather round the ring.
+
+        Chunk k ends reduced on rank (k - 1) mod p, then goes to every rank. ``src`` is only read (it is sent at
+        the first step and reduced into each chunk as it arrives), so no copy of it is made first; ``dst`` may
+        be ``src`` itself (then the incoming chunks land in a reused scratch buffer). ``finish`` (the average's
+        division) is applied to the one chunk this rank completes, before the allgather sends it on.
+        """
         p, r = self.size, self.rank
         right, left = (r + 1) % p, (r - 1) % p
-        bounds = _chunk_bounds(buf.size, p)
-        chunks = [buf[bounds[i] : bounds[i + 1]] for i in range(p)]
-        tmp = np.empty(max(len(c) for c in chunks), dtype=buf.dtype)
-        segment = max(1, self.segment_bytes // buf.itemsize)
-        # reduce-scatter: after p-1 steps, rank r holds the full reduction of chunk (r + 1) mod p
+        bounds = _chunk_bounds(dst.size, p)
+        sources = [src[bounds[i] : bounds[i + 1]] for i in range(p)]
+        chunks = [dst[bounds[i] : bounds[i + 1]] for i in range(p)]
+        in_place = np.may_share_memory(src, dst)
+        scratch = self._scratch(dst.dtype, bounds[1] - bounds[0] + 1) if in_place else None
+        segment = max(1, self.segment_bytes // dst.itemsize)
+        # reduce-scatter: at each step a partial sum arrives from the left, gets this rank's own values added,
+        # and is sent on at the next step; after p-1 steps rank r holds the full reduction of chunk (r + 1) mod p
         for step in range(p - 1):
-            send, recv = (chunks[i] for i in _ring_chunks("reduce-scatter", step, r, p))
-            incoming = tmp[: len(recv)]
-            if len(send) <= segment and len(recv) <= segment:
-                self._exchange(send, right, incoming, left, deadline, "ring allreduce")
-                reduce(recv, incoming, out=recv)
+            sent, got = _ring_chunks("reduce-scatter", step, r, p)
+            send, mine, acc = (sources[sent] if step == 0 else chunks[sent]), sources[got], chunks[got]
+            incoming = scratch[: len(acc)] if in_place else acc
+            if deadline is None and (len(send) <= segment and len(acc) <= segment or p == 2):
+                # one message: MPI's large-message transport copies it once; pipelining in segments costs more
+                # handshakes than it overlaps (measured with benchmarks/allreduce_bench.py)
+                self.comm.Sendrecv(send, right, 9, incoming, left, 9)
+                reduce(incoming, mine, out=acc)
                 continue
-            # pipelined: post every segment, reduce each one as it arrives while the others are in flight
+            # segments: each one is reduced as it arrives while the others are in flight (and a timeout is honoured)
+            starts = range(0, len(acc), segment)
+            recvs = [self.comm.Irecv(incoming[i : i + segment], source=left, tag=100 + k) for k, i in enumerate(starts)]
             sends = [self.comm.Isend(send[i : i + segment], dest=right, tag=100 + k)
                      for k, i in enumerate(range(0, len(send), segment))]
-            recvs = [self.comm.Irecv(incoming[i : i + segment], source=left, tag=100 + k)
-                     for k, i in enumerate(range(0, len(recv), segment))]
             pending = list(range(len(recvs)))
             while pending:
                 if deadline is not None and time.monotonic() > deadline:
@@ -660,11 +772,13 @@ class Communicator:
                 index = self.MPI.Request.Waitany([recvs[k] for k in pending]) if deadline is None else \
                     self._test_any([recvs[k] for k in pending])
                 if index is None:
+                    time.sleep(0)
                     continue
-                k = pending.pop(index)
-                i = k * segment
-                reduce(recv[i : i + segment], incoming[i : i + segment], out=recv[i : i + segment])
+                i = pending.pop(index) * segment
+                reduce(incoming[i : i + segment], mine[i : i + segment], out=acc[i : i + segment])
             self._wait(sends, deadline, "ring allreduce")
+        if finish is not None:
+            finish(chunks[(r + 1) % p])
         # allgather: pass the reduced chunks around so that every rank has all of them
         for step in range(p - 1):
             send, recv = (chunks[i] for i in _ring_chunks("allgather", step, r, p))
@@ -679,7 +793,7 @@ class Communicator:
         right, left = (r + 1) % p, (r - 1) % p
         bounds = _chunk_bounds(buf.size, p)
         chunks = [buf[bounds[i] : bounds[i + 1]] for i in range(p)]
-        tmp = np.empty(max(len(c) for c in chunks), dtype=buf.dtype)
+        tmp = self._scratch(buf.dtype, max(len(c) for c in chunks))
         what = f"hierarchical allreduce ({phase})"
         for step in range(p - 1):
             send, recv = (chunks[i] for i in _ring_chunks(phase, step, r, p))
@@ -692,7 +806,7 @@ class Communicator:
             if phase == "reduce-scatter":
                 reduce(recv, incoming, out=recv)
 
-    def _hierarchical(self, buf, reduce, deadline):
+    def _hierarchical(self, buf, reduce, deadline, finish=None):
         """Reduce-scatter inside the node, a ring of my chunk among my same-local-rank peers, allgather in the node.
 
         Only the middle step crosses nodes, and each rank sends 2(n-1)/n of a 1/L chunk over it (n nodes of
@@ -706,6 +820,10 @@ class Communicator:
         mine = buf[bounds[owned] : bounds[owned + 1]]
         if mine.size:
             self._ring_phase(cross, mine, reduce, "reduce-scatter", deadline)
+            cross_bounds = _chunk_bounds(mine.size, cross.Get_size())
+            owned_cross = (cross.Get_rank() + 1) % cross.Get_size()
+            if finish is not None:  # the average's division, once per element, by the rank that completes it
+                finish(mine[cross_bounds[owned_cross] : cross_bounds[owned_cross + 1]])
             self._ring_phase(cross, mine, None, "allgather", deadline)
         self._ring_phase(local, buf, None, "allgather", deadline)
 
@@ -773,11 +891,14 @@ class Communicator:
         self.comm.Allgatherv(x.reshape(-1), [out, counts])
         return out.reshape((sum(s[0] for s, _ in shapes) if x.ndim else len(shapes), *x.shape[1:]))
 
-    def fused_allreduce(self, arrays, op="average", threshold_bytes=FUSION_THRESHOLD, compression=None):
+    def fused_allreduce(self, arrays, op="average", threshold_bytes=FUSION_THRESHOLD, compression=None,
+                        on_wait=None):
         """Allreduce many small arrays packed into few buffers (tensor fusion); returns new arrays.
 
         Arrays of one dtype are packed in order into buffers of at most ``threshold_bytes`` (an array larger
         than that gets a buffer of its own). ``compression="fp16"`` sends float32/float64 as float16.
+        ``on_wait`` is the first buffer's allreduce's (see :meth:`allreduce`): once it has passed its check,
+        every rank is in the call.
         """
         if compression not in (None, "fp16"):
             raise ValueError(f"compression={compression!r} must be None or 'fp16'")
@@ -794,18 +915,19 @@ class Communicator:
                     size += arrays[i].nbytes
                     continue
                 if batch:
-                    self._fused_batch(arrays, batch, results, op, compression)
+                    self._fused_batch(arrays, batch, results, op, compression, on_wait)
+                    on_wait = None
                 batch, size = ([i], arrays[i].nbytes) if i is not None else ([], 0)
         return results
 
-    def _fused_batch(self, arrays, batch, results, op, compression):
+    def _fused_batch(self, arrays, batch, results, op, compression, on_wait=None):
         dtype = arrays[batch[0]].dtype
         wire = np.dtype(np.float16) if compression == "fp16" and dtype in (np.float32, np.float64) else dtype
         if len(batch) == 1 and wire == dtype:  # one array: reduced straight into its result, no fusion buffer
-            results[batch[0]] = self.allreduce(np.ascontiguousarray(arrays[batch[0]]), op=op)
+            results[batch[0]] = self.allreduce(np.ascontiguousarray(arrays[batch[0]]), op=op, on_wait=on_wait)
             return
         buffer = np.concatenate([arrays[i].reshape(-1) for i in batch]).astype(wire, copy=False)
-        self.allreduce(buffer, op=op, out=buffer)
+        self.allreduce(buffer, op=op, out=buffer, on_wait=on_wait)
         offset = 0
         for i in batch:  # the results are disjoint views of the new buffer (a copy only to undo compression)
             n = arrays[i].size
@@ -827,10 +949,7 @@ class Communicator:
                 self.comm.Recv(tmp, source=source, tag=21)
                 _REDUCE[op](flat, tmp, out=flat)
             if op == "average":
-                if np.issubdtype(flat.dtype, np.integer):
-                    np.floor_divide(flat, self.size, out=flat)
-                else:
-                    np.divide(flat, self.size, out=flat)
+                self._divide(flat)
             for dest in range(1, self.size):
                 self.comm.Send(flat, dest=dest, tag=22)
         else:

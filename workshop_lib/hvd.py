@@ -192,47 +192,71 @@ def _stall_settings():
             _env_seconds("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 300))
 
 
-def _wait_for_peers(state, name):
+def _wait_for_peers(state, name, in_check=False):
     """Enter collective ``name``: tell every peer, and wait until every rank has entered it (the stall inspector).
 
     While waiting: a peer that has ended aborts the job at once (it will never come); after
     ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (and again every as many seconds) a warning names the ranks that have
     not arrived and the tensor; after ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` the job is aborted. Then the
     collective itself runs with every rank present.
+
+    ``in_check=True`` (an allreduce, whose cross-rank check is the first thing it does and waits for every
+    rank): no separate wait; returns the inspector for the allreduce to call while its check waits (its
+    ``on_wait``), or None when every peer has already arrived. That saves one round of messages per call.
     """
     if state.stall is None or state.comm.size == 1:
-        return
-    guard, check, shutdown = state.guard, *state.stall
+        return None
+    guard = state.guard
     state.collectives += 1
     number = state.collectives
     guard.arrive(number)
-    start, next_warning, spins = time.monotonic(), check, 0
-    while True:
+    if guard.poll().min() >= number:  # the common case: every peer is here already (an ENDED peer is -1, below)
+        return None
+    inspect = _inspector(state, name, number)
+    if in_check:
+        return inspect
+    spins = 0
+    while not inspect():
+        spins += 1
+        time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+    return None
+
+
+def _inspector(state, name, number):
+    """The stall inspector of collective ``number`` (``name``): a call that returns True once every rank has entered
+    it, and otherwise aborts the job if a missing peer has ended or the shutdown time has passed, and warns
+    every ``HOROVOD_STALL_CHECK_TIME_SECONDS``."""
+    guard, (check, shutdown) = state.guard, state.stall
+    start, next_warning = time.monotonic(), [check]
+
+    def inspect():
         reached = guard.poll()
+        if reached.min() >= number:
+            return True
         missing = [int(p) for p in np.flatnonzero(reached < number)]
-        if not missing:
-            return
         r, n = state.comm.rank, state.comm.size
         ended = [p for p in missing if reached[p] == ENDED]
         if ended:
             guard.abort([f"rank(s) {ended} of {n} ended while rank {r} waits for them in collective #{number} "
                          f"{name!r}: they will never join it, so the whole job is aborted (MPI_Abort)"])
         waited = time.monotonic() - start
+        if not ((shutdown and waited >= shutdown) or (check and waited >= next_warning[0])):
+            return False
         listing = "; ".join(f"{p}: [{name}] (" + (f"it last reached collective #{reached[p]})" if reached[p] else
                                                    "it has reached no collective yet)") for p in missing)
         if shutdown and waited >= shutdown:
             guard.abort([f"collective #{number} {name!r} has waited {waited:.1f} s for ranks {missing}, longer than "
                          f"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS={shutdown:g}: aborting the whole job (MPI_Abort).",
                          f"Missing ranks: {listing}"])
-        if check and waited >= next_warning:
-            guard.say([f"One or more tensors were submitted to be reduced, gathered or broadcasted by a subset of "
-                       f"ranks and are waiting for the remainder of ranks for more than {check:g} seconds. This may "
-                       "indicate that different ranks are trying to submit different tensors or that only a subset "
-                       "of ranks is submitting tensors, which will cause deadlock.",
-                       f"Missing ranks: {listing}"])
-            next_warning += check
-        spins += 1
-        time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+        guard.say([f"One or more tensors were submitted to be reduced, gathered or broadcasted by a subset of "
+                   f"ranks and are waiting for the remainder of ranks for more than {check:g} seconds. This may "
+                   "indicate that different ranks are trying to submit different tensors or that only a subset "
+                   "of ranks is submitting tensors, which will cause deadlock.",
+                   f"Missing ranks: {listing}"])
+        next_warning[0] += check
+        return False
+
+    return inspect
 
 
 def _close_timeline():
@@ -254,9 +278,9 @@ def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compre
     """
     line = state.timeline
     if line is None:
-        if name is not None:
-            _wait_for_peers(state, name)
-        return state.comm.fused_allreduce(values, op=op, threshold_bytes=threshold_bytes, compression=compression)
+        on_wait = _wait_for_peers(state, name, in_check=True) if name is not None else None
+        return state.comm.fused_allreduce(values, op=op, threshold_bytes=threshold_bytes, compression=compression,
+                                          on_wait=on_wait)
     start = time.time_ns() / 1000.0
     if step and line.last_update_end is not None:
         line.add("compute", line.last_update_end, start)
@@ -388,16 +412,21 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
     op = _resolve_op(average, op)
     compression = _check_compression(compression)
 
-    def reduce(value):
+    def reduce(value, on_wait=None):
         value = np.asarray(value)
         if prescale_factor != 1.0:
             value = value * np.asarray(prescale_factor, dtype=value.dtype)
-        out = _fused_allreduce(state, [value], op, compression=compression.wire)[0]  # fp16 on the wire if asked
+        if state.timeline is None and compression.wire is None:  # one array: straight into its result, no fusion
+            out = state.comm.allreduce(value, op=op, on_wait=on_wait)
+        else:
+            out = _fused_allreduce(state, [value], op, compression=compression.wire)[0]  # fp16 on the wire if asked
         if postscale_factor != 1.0:
             out = out * np.asarray(postscale_factor, dtype=out.dtype)
         return np.asarray(out, dtype=value.dtype)
 
     if not _is_graph_value(tensor):
+        if state.timeline is None and compression.wire is None:  # the allreduce's own check waits for the peers
+            return reduce(tensor, _wait_for_peers(state, name or "HorovodAllreduce", in_check=True))
         _wait_for_peers(state, name or "HorovodAllreduce")
         return reduce(tensor)
     t = convert_to_tensor(tensor)

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ALGORITHMS", "Link", "fit_link", "measure_link", "ring_time", "recursive_doubling_time",
+__all__ = ["ALGORITHMS", "Link", "fit_link", "measure_link", "measure_gamma", "oversubscribed", "ring_time",
+           "recursive_doubling_time",
            "parameter_server_time", "hierarchical_time", "predict", "cnn_gradient_bytes", "DEFAULT_RANKS"]
 
 ALGORITHMS = ("ring", "recursive_doubling", "parameter_server", "hierarchical")
@@ -118,6 +119,35 @@ def measure_link(comm=None, sizes=(8, 1024, 16384, 262144, 4 << 20, 16 << 20), r
                 best = min(best, (time.perf_counter() - t0) / iters)
         seconds.append(comm.bcast(best, root=0))
     return sizes, seconds
+
+
+def measure_gamma(nbytes=8 << 20, repeats=5):
+    """Seconds per byte of the ring's reduction step, measured here: the best of ``repeats`` ``np.add(a, b, out=a)``.
+
+    Two float32 arrays of ``nbytes`` each, as the ring reduces an arriving chunk with this rank's own one
+    (two streams read, one written). Call it with the size of the chunks the ring reduces (``nbytes / p``):
+    chunks that fit in the caches reduce faster than ones that stream from memory.
+    """
+    from .bench import best_time
+
+    if not isinstance(nbytes, (int, np.integer)) or nbytes < 4:
+        raise ValueError(f"nbytes={nbytes!r} must be an int >= 4 (bytes of float32)")
+    a, b = np.ones(nbytes // 4, dtype=np.float32), np.ones(nbytes // 4, dtype=np.float32)
+    return best_time(lambda: np.add(a, b, out=a), repeats) / a.nbytes
+
+
+def oversubscribed(link, ranks, cores):
+    """``link`` as ``ranks`` ranks see it when they share ``cores`` cores (more ranks than cores).
+
+    The processors themselves copy every byte MPI moves between ranks of one node and do every reduction,
+    and only ``cores`` of them run at once: beta and gamma grow by ranks / cores. Alpha is kept: the model
+    does not describe the time slices a descheduled partner costs, so at small sizes it stays optimistic.
+    """
+    if not isinstance(cores, (int, np.integer)) or cores < 1:
+        raise ValueError(f"cores={cores!r} must be a positive integer")
+    _check(0, ranks)
+    factor = max(1.0, ranks / cores)
+    return Link(link.alpha, link.beta * factor, link.gamma * factor)
 
 
 def _check(nbytes, ranks):

@@ -47,7 +47,9 @@ if mode == "correctness":
                         x = (rng.standard_normal(n) * 10).astype(dtype)
                     in_place = x.copy()
                     got = comm.allreduce(x, op=op, algorithm=algorithm)
-                    comm.allreduce(in_place, op=op, out=in_place, algorithm=algorithm)
+                    comm.allreduce(in_place, op=op, out=in_place, algorithm=algorithm)  # repeated: a cached plan
+                    separate = np.full_like(x, 7)
+                    comm.allreduce(x, op=op, out=separate, algorithm=algorithm)
                     ref = reference(x, op)
                     same_everywhere = all(np.array_equal(g, got) for g in world.allgather(got))
                     if np.issubdtype(dtype, np.integer) or op in ("min", "max"):
@@ -55,7 +57,7 @@ if mode == "correctness":
                     else:
                         tol = {np.float16: 2e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
                         ok = np.allclose(got, ref, rtol=tol, atol=tol * 10)
-                    ok = ok and np.array_equal(in_place, got) and same_everywhere
+                    ok = ok and np.array_equal(in_place, got) and np.array_equal(separate, got) and same_everywhere
                     checked += 1
                     if not ok:
                         failures.append(f"rank {rank}: n={n} {np.dtype(dtype).name} {op} {algorithm}")
@@ -101,7 +103,10 @@ elif mode == "mismatch":
     # a local error on one rank (a bad out=) is raised on every rank; so is a different collective
     x = np.zeros(10)
     for label, call in (("out", lambda: comm.allreduce(x, out=np.zeros(11) if rank == 1 else None)),
-                        ("collective", lambda: comm.broadcast(x) if rank == 1 else comm.allreduce(x, algorithm="ring"))):
+                        ("collective", lambda: comm.broadcast(x) if rank == 1 else comm.allreduce(x, algorithm="ring")),
+                        # after an agreed call of the same shape (rank 0 reuses the plan it kept), a new shape elsewhere
+                        ("cached", lambda: [comm.allreduce(np.zeros((2, 5))),
+                                            comm.allreduce(np.zeros((2, 5) if rank == 0 else (5, 2)))])):
         try:
             call()
             outcomes.append(f"rank {rank} {label}: no error")
