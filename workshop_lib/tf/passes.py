@@ -142,6 +142,9 @@ class FusedGradOp:
             dx, db = kernels.relu_bias_backward(*args)
         return (dx, db) if self.bias_grad is not None else (dx,)
 
+    def trace_fields(self, args, result):
+        return op_fields(self.type, "numba", self.attrs.get("data_format", "-"), args, result)
+
 
 def _sole_consumer(tensor, consumers, fetched, op_type):
     """The one entry reading ``tensor``, if it has type ``op_type`` and ``tensor`` is not fetched; else None."""
