@@ -182,3 +182,28 @@ def test_fused_gradients_equal_the_unfused_ones_and_are_counted_in_session_stats
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
         else:  # the weights' gradients read dx, which the fused pass computes bit for bit
             np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_a_bias_added_with_plus_fuses_its_broadcast_gradient_and_gives_the_same_gradients():
+    x = tf.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+    w = tf.Variable(np.random.default_rng(2).standard_normal((3, 3, 3, 4)).astype(np.float32))
+    b = tf.Variable(np.array([0.5, -0.5, 0.1, 0.0], np.float32))
+    h = tf.nn.max_pool(tf.nn.relu(tf.nn.conv2d(x, w, [1, 1, 1, 1], "SAME") + b), [1, 2, 2, 1], [1, 2, 2, 1], "SAME")
+    w2 = tf.Variable(np.random.default_rng(3).standard_normal((4 * 4 * 4, 5)).astype(np.float32))
+    b2 = tf.Variable(np.full(5, 0.1, np.float32))
+    out = tf.nn.relu(tf.matmul(tf.reshape(h, [-1, 4 * 4 * 4]), w2) + b2)
+    grads = tf.gradients(tf.reduce_sum(out * out), [w, b, w2, b2])
+    types = _types(passes.fuse_gradients(plan_for(*grads), set(grads)))
+    assert types.count("_FusedMaxPoolGradReluGradBroadcastGradient") == 1
+    assert types.count("_FusedReluGradBroadcastGradient") == 1 and "ReluGrad" not in types
+    xv = np.random.default_rng(4).standard_normal((3, 8, 8, 3)).astype(np.float32)
+    results = {}
+    for fusion in (False, True):
+        with tf.Session(config=tf.ConfigProto(graph_options=tf.GraphOptions(fusion=fusion))) as sess:
+            sess.run(tf.global_variables_initializer())
+            results[fusion] = sess.run(grads, {x: xv})
+    for i, (got, want) in enumerate(zip(results[True], results[False])):
+        if i % 2:  # the biases
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+        else:
+            np.testing.assert_array_equal(got, want)

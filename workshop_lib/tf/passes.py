@@ -27,7 +27,8 @@ import numpy as np
 from .. import kernels
 from .trace import describe, op_fields
 
-__all__ = ["FusedOp", "fuse", "FusedGradOp", "fuse_gradients", "fused_gradient_count", "Reorder", "BlockedOp", "BlockedValue", "propagate_layout", "reorder_counts"]
+__all__ = ["FusedOp", "fuse", "FusedGradOp", "fuse_gradients", "fused_gradient_count", "Reorder", "BlockedOp",
+           "BlockedValue", "propagate_layout", "reorder_counts"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ class FusedGradOp:
     def __init__(self, ops, pool=None):
         self.ops, self.pool = ops, pool
         self.relu_grad = next(op for op in ops if op.type == "ReluGrad")
-        self.bias_grad = ops[-1] if ops[-1].type == "BiasAddGrad" else None
+        self.bias_grad = ops[-1] if ops[-1].type in _BIAS_GRADS else None
         self.type = "_Fused" + "".join(op.type for op in ops)
         self.name = ops[0].name + "/fused"
         self.attrs = pool.attrs if pool is not None else {}
@@ -142,6 +143,9 @@ class FusedGradOp:
             dx, db = kernels.relu_bias_backward(*args)
         return (dx, db) if self.bias_grad is not None else (dx,)
 
+    def trace_fields(self, args, result):
+        return op_fields(self.type, "numba", self.attrs.get("data_format", "-"), args, result)
+
 
 def _sole_consumer(tensor, consumers, fetched, op_type):
     """The one entry reading ``tensor``, if it has type ``op_type`` and ``tensor`` is not fetched; else None."""
@@ -151,16 +155,28 @@ def _sole_consumer(tensor, consumers, fetched, op_type):
     return users[0]
 
 
+_BIAS_GRADS = ("BiasAddGrad", "BroadcastGradient")  # of tf.nn.bias_add, and of ``conv2d(x, W) + b``
+
+
 def _bias_grad_of(relu_grad, consumers, data_format):
-    """The BiasAddGrad reading ``relu_grad``'s output (a convolution's or matmul's bias gradient), if any.
+    """The bias gradient reading ``relu_grad``'s output (a convolution's or matmul's), if any.
 
     Its channel axis must be the fused kernel's: that of ``data_format``, or the last one ("channels_last").
+    A bias added with ``+`` has the Add's BroadcastGradient, summing to a 1-D bias over the last axis.
     """
-    for user in consumers.get(relu_grad.outputs[0], []):
-        if user.type != "BiasAddGrad" or user.control_inputs:
+    g = relu_grad.outputs[0]
+    dims = g.shape.dims or ()
+    for user in consumers.get(g, []):
+        if user.type not in _BIAS_GRADS or user.control_inputs or user.inputs[0] is not g:
             continue
-        fmt, ndim = user.attrs.get("data_format"), len(user.inputs[0].shape.dims or ())
-        if fmt == data_format or (data_format == "channels_last" and (fmt == "NHWC" or ndim == 2)):
+        if user.type == "BroadcastGradient":
+            bias = user.inputs[1].shape.dims
+            if (data_format in ("NHWC", "channels_last") and bias is not None and len(bias) == 1
+                    and bias[0] is not None and len(dims) >= 2 and dims[-1] == bias[0]):
+                return user
+            continue
+        fmt = user.attrs.get("data_format")
+        if fmt == data_format or (data_format == "channels_last" and (fmt == "NHWC" or len(dims) == 2)):
             return user
     return None
 

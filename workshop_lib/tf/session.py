@@ -267,6 +267,7 @@ class Session:
         values = dict(feeds)
         intra = self.config.intra_op_parallelism_threads
         previous = numba.get_num_threads()
+        intra = intra if intra != previous else 0  # op_threads set it already: no second call per run
         if intra:
             numba.set_num_threads(intra)
         try:
