@@ -70,11 +70,12 @@ def main(argv=None):
           f"mode: {args.mode}; batch size: {args.batch_size}; background load: {args.background_load} busy process(es)")
     common = dict(mode=args.mode, batch_size=args.batch_size, num_batches=args.num_batches,
                   num_warmup=args.num_warmup, threads=args.threads, images=images, labels=labels)
-    results = {}
+    results, per_batch = {}, {}
     with bench.background_load(args.background_load):
         for name in args.variants:
             speeds, losses = bench.measure_cnn(name, **common)
             results[name] = bench.report_lines(f"workshop_lib.tf, {name}", speeds, losses, args.display_every)
+            per_batch[name] = speeds
         if not args.no_tensorflow:
             try:
                 import tensorflow
@@ -103,7 +104,7 @@ def main(argv=None):
               ">= 2x, optimized / PyTorch >= 0.5)")
     if args.json:
         args.json.write_text(json.dumps({"mode": args.mode, "batch_size": args.batch_size, "threads": args.threads,
-                                         "images_per_second": results}, indent=2))
+                                         "images_per_second": results, "per_batch_images_per_second": per_batch}, indent=2))
 
 
 if __name__ == "__main__":

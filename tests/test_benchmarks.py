@@ -117,4 +117,5 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
     assert set(figures["slides"]["images_per_second"]) == {"1 rank, nothing set", "2 ranks, nothing set",
                                                            "2 ranks, pinned by hand"}
     assert len(figures["overhead"]["script"]) == len(figures["overhead"]["engine"]) == 1
+    assert figures["overhead"]["script"][0] > 0 and figures["overhead"]["engine"][0] > 0
     assert set(figures["runs"]) == {"1x1", "1x2", "2x1"} and figures["runs"]["2x1"]["steps_per_rank"] == 4
