@@ -37,8 +37,13 @@ JIT_RTOL = 1e-5  # jit_conv's kernels sum R*S*C in another order than im2col + B
 
 
 def _uses_jit_conv(kernels="optimized", data_format="NHWC"):
-    """Whether the run's convolutions go through jit_conv's kernels (recorded before they existed)."""
-    return kernels == "optimized" and data_format == "NHWC" and jit_conv.simd_lanes() is not None
+    """Whether the run's convolutions go through jit_conv's kernels (recorded before they existed).
+
+    The forward and backward-data kernels take NHWC; the weight gradient takes either layout.
+    """
+    if kernels != "optimized":
+        return False
+    return (data_format == "NHWC" and jit_conv.simd_lanes() is not None) or jit_conv.wgrad_lanes() is not None
 
 
 def _check(got, want, jit=False):
