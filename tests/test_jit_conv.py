@@ -169,6 +169,8 @@ def test_tile_shapes_fit_the_rows_and_the_vector_registers(lanes):
 def test_no_kernel_when_numba_compiles_for_another_cpu(monkeypatch):
     from numba.core import config
 
+    K.conv2d_forward(f32(1, 3, 3, 1), f32(1, 1, 1, 2), 1, "VALID", algorithm="im2col")  # loaded before the patch:
+    # numba keys its on-disk cache by CPU name, so a first load under the fake name would file host code as stock's
     jit_conv.simd_lanes.cache_clear()
     monkeypatch.setattr(config, "CPU_NAME", "sandybridge")
     try:

@@ -1,6 +1,7 @@
 """workshop_lib.jit_conv's weight gradient (backward-weights) against float64 numpy and central differences."""
 
 import numpy as np
+from numba.core import config
 import pytest
 
 from workshop_lib import jit_conv as J
@@ -22,9 +23,9 @@ CASES = [  # N, H, W, C, K, R, S, padding
 
 
 def lanes_or_skip(lanes):
-    have = J.wgrad_lanes()
+    have = J.simd_lanes()
     if have is None or (lanes == 16 and have != 16):
-        pytest.skip(f"this CPU has no {lanes}-lane float32 FMA kernels (wgrad_lanes() = {have})")
+        pytest.skip(f"this CPU has no {lanes}-lane float32 FMA kernels (simd_lanes() = {have})")
     return lanes
 
 
@@ -138,25 +139,25 @@ def test_a_numba_target_without_fma_vectors_falls_back_to_im2col(monkeypatch):
     dout = RNG.standard_normal(out.shape).astype(np.float32)
     try:
         for features, lanes in (("", None), ("+avx,+avx2,+fma", 8), ("+avx2,+fma,+avx512f", 16)):
-            monkeypatch.setenv("NUMBA_CPU_NAME", "sandybridge")
-            monkeypatch.setenv("NUMBA_CPU_FEATURES", features)
-            J._wgrad_simd_lanes.cache_clear()
-            assert J.wgrad_lanes() == lanes
-        monkeypatch.setenv("NUMBA_CPU_FEATURES", "")
-        J._wgrad_simd_lanes.cache_clear()
+            monkeypatch.setattr(config, "CPU_NAME", "sandybridge")
+            monkeypatch.setattr(config, "CPU_FEATURES", features)
+            J.simd_lanes.cache_clear()
+            assert J.simd_lanes() == lanes
+        monkeypatch.setattr(config, "CPU_FEATURES", "")
+        J.simd_lanes.cache_clear()
         assert not K._direct_wgrad_fits("blas", (1, 1), x, out)
         with pytest.raises(RuntimeError, match="AVX-512F or AVX2"):
             J.conv2d_backward_filter_nhwc(x, dout, 3, 3, cache.pads)
         _, dw = K.conv2d_backward(dout, cache, need_dx=False)
     finally:
         monkeypatch.undo()
-        J._wgrad_simd_lanes.cache_clear()
+        J.simd_lanes.cache_clear()
     np.testing.assert_allclose(dw, dw_reference(x, dout, 3, 3, cache.pads), rtol=0, atol=1e-4)
 
 
 def test_only_stride_1_float32_with_blas_takes_the_direct_kernel():
     x32, x64 = np.zeros((1, 4, 4, 2), np.float32), np.zeros((1, 4, 4, 2))
-    fits = J.wgrad_lanes() is not None
+    fits = J.simd_lanes() is not None
     assert K._direct_wgrad_fits("blas", (1, 1), x32, x32) == fits
     assert not K._direct_wgrad_fits("reference", (1, 1), x32, x32)
     assert not K._direct_wgrad_fits("blas", (2, 1), x32, x32)

@@ -41,9 +41,7 @@ def _uses_jit_conv(kernels="optimized", data_format="NHWC"):
 
     The forward and backward-data kernels take NHWC; the weight gradient takes either layout.
     """
-    if kernels != "optimized":
-        return False
-    return (data_format == "NHWC" and jit_conv.simd_lanes() is not None) or jit_conv.wgrad_lanes() is not None
+    return kernels == "optimized" and jit_conv.simd_lanes() is not None
 
 
 def _check(got, want, jit=False):

@@ -23,29 +23,32 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+from . import _validate
+
 # ----------------------------------------------------------------------------------------------
 # Forward and backward-data
 
 
 @functools.lru_cache(maxsize=None)
 def simd_lanes():
-    """float32 lanes of this CPU's FMA vectors: 16 (AVX-512F), 8 (AVX2 + FMA), or None (no such kernel here).
+    """float32 lanes of the FMA vectors numba compiles for here: 16 (AVX-512F), 8 (AVX2 + FMA), or None.
 
-    None too when numba compiles for another CPU than this one (``NUMBA_CPU_NAME``, as the ``stock``
-    variant sets it): the kernels would then be emulated, not run on the vector unit.
+    Where numba compiles for another CPU than this one (``NUMBA_CPU_NAME``, as the ``stock`` variant sets
+    it), only what ``NUMBA_CPU_FEATURES`` grants counts, so a vector the target lacks is never emitted.
     """
     from numba.core import config
 
     from .sysinfo import cpu_features
 
     if config.CPU_NAME not in (None, "host"):
-        return None
+        granted = set((config.CPU_FEATURES or "").split(","))
+        if "+avx512f" in granted:
+            return 16
+        return 8 if {"+avx2", "+fma"} <= granted else None
     features = cpu_features()
     if features.get("avx512f"):
         return 16
-    if features.get("avx2") and features.get("fma"):
-        return 8
-    return None
+    return 8 if features.get("avx2") and features.get("fma") else None
 
 
 def _tile_shape(n_vectors, out_w, lanes):
@@ -287,14 +290,15 @@ def _check_f32(a, name, layout, ndim=4):
 
 
 def _check_pads(pads):
+    rule = "must be ((top, bottom), (left, right)) of non-negative ints"
     try:
         (pt, pb), (pl, pr) = pads
-        values = [int(p) for p in (pt, pb, pl, pr)]
     except (TypeError, ValueError):
-        raise ValueError(f"pads={pads!r} must be ((top, bottom), (left, right)) of non-negative ints") from None
-    if min(values) < 0:
-        raise ValueError(f"pads={pads!r} must be ((top, bottom), (left, right)) of non-negative ints")
-    return (values[0], values[1]), (values[2], values[3])
+        raise ValueError(f"pads={pads!r} {rule}") from None
+    if not all(isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) and p >= 0
+               for p in (pt, pb, pl, pr)):
+        raise ValueError(f"pads={pads!r} {rule}")
+    return (int(pt), int(pb)), (int(pl), int(pr))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,17 +317,6 @@ def _check_pads(pads):
 # copies are added at the end. One thread's images make a GEMM of 800 x 4900 x 64 at conv2, which keeps
 # both cores busy where splitting 25 taps (or dw's 800 x 64) over 2 threads would not.
 
-import functools as _functools
-import os as _os
-
-import numba as _numba
-import numpy as _np
-from llvmlite import ir as _ir
-from numba import types as _types
-from numba.core import cgutils as _cgutils
-from numba.extending import intrinsic as _intrinsic
-
-from . import _validate
 
 # lanes -> (accumulator registers a tile may use, most dy vectors per tile): AVX-512 has 32 zmm registers
 # (24 accumulators, 4 dy vectors, the broadcast rides on the FMA), AVX2 16 ymm (12 + 2 + 1 broadcast)
@@ -331,75 +324,47 @@ _WGRAD_BUDGET = {16: (24, 4), 8: (12, 2)}
 _WGRAD_CHUNK_BYTES = 384 * 1024  # x + dy of the images one thread holds in its L2 at a time
 
 
-@_functools.lru_cache(maxsize=None)
-def _wgrad_simd_lanes():
-    """16 (AVX-512F), 8 (AVX2 + FMA) or None: the widest float32 FMA vectors numba compiles for here.
-
-    A process that pins numba to another target (``NUMBA_CPU_NAME``, as the ``stock`` variant does) gets
-    only what ``NUMBA_CPU_FEATURES`` grants, so a vector the target lacks is never emitted.
-    """
-    name = _os.environ.get("NUMBA_CPU_NAME", "host")
-    if name != "host":
-        granted = set(_os.environ.get("NUMBA_CPU_FEATURES", "").split(","))
-        if "+avx512f" in granted:
-            return 16
-        return 8 if {"+avx2", "+fma"} <= granted else None
-    from .sysinfo import cpu_features
-
-    features = cpu_features()
-    if features.get("avx512f"):
-        return 16
-    return 8 if features.get("avx2") and features.get("fma") else None
-
-
-def _wgrad_splat(builder, value, vec):
-    undef = _ir.Constant(vec, None)
-    one = builder.insert_element(undef, value, _ir.Constant(_ir.IntType(32), 0))
-    return builder.shuffle_vector(one, undef, _ir.Constant(_ir.VectorType(_ir.IntType(32), vec.count),
-                                                           [0] * vec.count))
-
-
 def _wgrad_tile_code(builder, args, lanes, tap_bytes, mr, ms, mc, nv, masked):
     """Emit one tile variant at the builder's position (see :func:`_wgrad_tile_intrinsic` for ``args``)."""
-    f32, i32, i64 = _ir.FloatType(), _ir.IntType(32), _ir.IntType(64)
-    vec = _ir.VectorType(f32, lanes)
+    f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+    vec = ir.VectorType(f32, lanes)
     x_base, dy_base, dw_base, x0, x_img, x_row, x_pix, dy0, dy_img, dy_row, dy_pix = args[:11]
     n_img, n_rows, n_cols, dw0, dw_r, dw_s, dw_c, k_left = args[11:]
     rows = [(a, b, c) for a in range(mr) for b in range(ms) for c in range(mc)]
-    const = lambda v: _ir.Constant(i64, v)
-    fma = _cgutils.get_or_insert_function(builder.module, _ir.FunctionType(vec, [vec, vec, vec]),
+    const = lambda v: ir.Constant(i64, v)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
                                           f"llvm.fma.v{lanes}f32")
     if masked:  # the last dy vector holds k_left < lanes channels: lanes past them read as zeros, never past dy
-        mask_load = _cgutils.get_or_insert_function(
-            builder.module, _ir.FunctionType(vec, [vec.as_pointer(), i32, _ir.VectorType(_ir.IntType(1), lanes),
+        mask_load = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec.as_pointer(), i32, ir.VectorType(ir.IntType(1), lanes),
                                                    vec]), f"llvm.masked.load.v{lanes}f32.p0")
-        lane_ids = _ir.Constant(_ir.VectorType(i64, lanes), list(range(lanes)))
-        mask = builder.icmp_signed("<", lane_ids, _wgrad_splat(builder, k_left, _ir.VectorType(i64, lanes)))
-    zero = _ir.Constant(vec, [0.0] * lanes)
-    accs = [[_cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in rows]
+        lane_ids = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+        mask = builder.icmp_signed("<", lane_ids, _broadcast(builder, k_left, ir.VectorType(i64, lanes)))
+    zero = ir.Constant(vec, [0.0] * lanes)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(nv)] for _ in rows]
     for row in accs:  # alloca_once_value initialises in the entry block: zero again for this variant
         for acc in row:
             builder.store(zero, acc)
     row_offsets = [builder.add(builder.mul(const(a), x_row), const(b * tap_bytes + 4 * c)) for a, b, c in rows]
-    with _cgutils.for_range(builder, n_img) as img_loop:
+    with cgutils.for_range(builder, n_img) as img_loop:
         x_i = builder.add(builder.add(x_base, x0), builder.mul(img_loop.index, x_img))
         dy_i = builder.add(builder.add(dy_base, dy0), builder.mul(img_loop.index, dy_img))
-        with _cgutils.for_range(builder, n_rows) as row_loop:
+        with cgutils.for_range(builder, n_rows) as row_loop:
             x_j = builder.add(x_i, builder.mul(row_loop.index, x_row))
             dy_j = builder.add(dy_i, builder.mul(row_loop.index, dy_row))
-            with _cgutils.for_range(builder, n_cols) as col_loop:
+            with cgutils.for_range(builder, n_cols) as col_loop:
                 x_l = builder.add(x_j, builder.mul(col_loop.index, x_pix))
                 dy_l = builder.add(dy_j, builder.mul(col_loop.index, dy_pix))
                 dys = []
                 for v in range(nv):
                     ptr = builder.inttoptr(builder.add(dy_l, const(4 * lanes * v)), vec.as_pointer())
                     if masked and v == nv - 1:
-                        dys.append(builder.call(mask_load, [ptr, _ir.Constant(i32, 4), mask, zero]))
+                        dys.append(builder.call(mask_load, [ptr, ir.Constant(i32, 4), mask, zero]))
                     else:
                         dys.append(builder.load(ptr, align=4))
                 for row, offset in enumerate(row_offsets):
                     xv = builder.load(builder.inttoptr(builder.add(x_l, offset), f32.as_pointer()), align=4)
-                    xv = _wgrad_splat(builder, xv, vec)
+                    xv = _broadcast(builder, xv, vec)
                     for v in range(nv):
                         builder.store(builder.call(fma, [xv, dys[v], builder.load(accs[row][v])]), accs[row][v])
     dw_tile = builder.add(dw_base, dw0)
@@ -411,7 +376,7 @@ def _wgrad_tile_code(builder, args, lanes, tap_bytes, mr, ms, mc, nv, masked):
             builder.store(builder.fadd(builder.load(ptr, align=4), builder.load(accs[row][v])), ptr, align=4)
 
 
-@_functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _wgrad_tile_intrinsic(variants: tuple, lanes: int, tap_bytes: int):
     """An intrinsic adding one tile of dw, summed over a stream of pixels; ``variant`` picks its shape.
 
@@ -425,12 +390,12 @@ def _wgrad_tile_intrinsic(variants: tuple, lanes: int, tap_bytes: int):
     a*x_row + b*tap_bytes + 4*c; tile row (a, b, c) is added to dw at byte dw + dw0 + a*dw_r + b*dw_s +
     c*dw_c. All offsets are in bytes.
     """
-    i64 = _ir.IntType(64)
+    i64 = ir.IntType(64)
 
-    @_intrinsic
+    @intrinsic
     def tile(typingctx, variant, x, dy, dw, x0, x_img, x_row, x_pix, dy0, dy_img, dy_row, dy_pix, n_img, n_rows,
              n_cols, dw0, dw_r, dw_s, dw_c, k_left):
-        sig = _types.void(variant, x, dy, dw, x0, x_img, x_row, x_pix, dy0, dy_img, dy_row, dy_pix, n_img, n_rows,
+        sig = types.void(variant, x, dy, dw, x0, x_img, x_row, x_pix, dy0, dy_img, dy_row, dy_pix, n_img, n_rows,
                           n_cols, dw0, dw_r, dw_s, dw_c, k_left)
 
         def codegen(context, builder, signature, args):
@@ -440,7 +405,7 @@ def _wgrad_tile_intrinsic(variants: tuple, lanes: int, tap_bytes: int):
             cases = [builder.append_basic_block(f"wgrad.variant{i}") for i in range(len(variants))]
             switch = builder.switch(args[0], done)
             for i, block in enumerate(cases):
-                switch.add_case(_ir.Constant(args[0].type, i), block)
+                switch.add_case(ir.Constant(args[0].type, i), block)
             for block, shape in zip(cases, variants):
                 builder.position_at_end(block)
                 _wgrad_tile_code(builder, bases + list(args[4:]), lanes, tap_bytes, *shape)
@@ -453,12 +418,12 @@ def _wgrad_tile_intrinsic(variants: tuple, lanes: int, tap_bytes: int):
     return tile
 
 
-@_functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _wgrad_driver(variants: tuple, lanes: int, tap_bytes: int):
     """The threaded loop over images, tiles and panels of output channels around one tile intrinsic."""
     tile = _wgrad_tile_intrinsic(variants, lanes, tap_bytes)
 
-    @_numba.njit(parallel=True, cache=False)
+    @numba.njit(parallel=True, cache=False)
     def run(x, dy, part, blocks, variant_of, panel, pt, pl, chunk, split_images, k_size):
         # IN x (N, H, W, C) f32, dy (N, OH, OW, K) f32, blocks (B, 6) int64: r0, s0, c0, kind, r count, s count,
         # variant_of (2, 2): the variant of a (kind, last panel?) tile; OUT part (T, R, S, C, Kp) f32, zeroed:
@@ -471,7 +436,7 @@ def _wgrad_driver(variants: tuple, lanes: int, tap_bytes: int):
         n_threads, n_blocks = part.shape[0], blocks.shape[0]
         n_panels = (k_size + panel - 1) // panel
         k_left = k_size - (k_size - 1) // lanes * lanes  # valid lanes of the last vector
-        for th in _numba.prange(n_threads):
+        for th in numba.prange(n_threads):
             if split_images:
                 i0, i1, b0, b1 = th * n_size // n_threads, (th + 1) * n_size // n_threads, 0, n_blocks
             else:
@@ -497,7 +462,7 @@ def _wgrad_driver(variants: tuple, lanes: int, tap_bytes: int):
     return run
 
 
-@_functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _wgrad_plan(r_size: int, s_size: int, c_size: int, k_size: int, lanes: int):
     """How to tile dw (R, S, C, K): (tap tiles?, variants, variant_of (2, 2), channels per panel, blocks (B, 6)).
 
@@ -522,25 +487,8 @@ def _wgrad_plan(r_size: int, s_size: int, c_size: int, k_size: int, lanes: int):
     panels = (last if n_vectors <= nv else (nv, False), last)  # (any panel but the last, the last)
     shapes = [(*shape, *panel) for shape in (main, rem) for panel in panels]
     variants = tuple(dict.fromkeys(shapes))
-    variant_of = _np.array([variants.index(shape) for shape in shapes], dtype=_np.int64).reshape(2, 2)
-    return taps, variants, variant_of, nv * lanes, _np.array(blocks, dtype=_np.int64)
-
-
-def _wgrad_pads(pads):
-    rule = "must be ((top, bottom), (left, right)) of non-negative ints"
-    try:
-        (pt, pb), (pl, pr) = pads
-    except (TypeError, ValueError):
-        raise ValueError(f"pads={pads!r} {rule}") from None
-    if not all(isinstance(p, (int, _np.integer)) and not isinstance(p, (bool, _np.bool_)) and p >= 0
-               for p in (pt, pb, pl, pr)):
-        raise ValueError(f"pads={pads!r} {rule}")
-    return (int(pt), int(pb)), (int(pl), int(pr))
-
-
-def wgrad_lanes():
-    """float32 lanes of :func:`conv2d_backward_filter_nhwc` on this CPU: 16 (AVX-512F), 8 (AVX2 + FMA) or None."""
-    return _wgrad_simd_lanes()
+    variant_of = np.array([variants.index(shape) for shape in shapes], dtype=np.int64).reshape(2, 2)
+    return taps, variants, variant_of, nv * lanes, np.array(blocks, dtype=np.int64)
 
 
 def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=None):
@@ -574,7 +522,7 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
     ValueError
         If a shape or the padding does not fit the others.
     RuntimeError
-        If this CPU has neither AVX-512F nor AVX2 + FMA (see :func:`wgrad_lanes`); use im2col + GEMM.
+        If this CPU has neither AVX-512F nor AVX2 + FMA (see :func:`simd_lanes`); use im2col + GEMM.
 
     Examples
     --------
@@ -583,10 +531,10 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
     >>> float(conv2d_backward_filter_nhwc(x, dy, 3, 3, ((1, 1), (1, 1)))[1, 1, 0, 0])  # every pixel, 2 images
     50.0
     """
-    x = _validate.array(x, "x", 4, (_np.float32,), "(N, H, W, C)")
-    dy = _validate.array(dy, "dy", 4, (_np.float32,), "(N, OH, OW, K)")
+    x = _validate.array(x, "x", 4, (np.float32,), "(N, H, W, C)")
+    dy = _validate.array(dy, "dy", 4, (np.float32,), "(N, OH, OW, K)")
     r, s = _validate.integer(r, "r", minimum=1), _validate.integer(s, "s", minimum=1)
-    (pt, pb), (pl, pr) = _wgrad_pads(pads)
+    (pt, pb), (pl, pr) = _check_pads(pads)
     n_size, h_size, w_size, c_size = x.shape
     out_h, out_w = h_size + pt + pb - r + 1, w_size + pl + pr - s + 1
     if min(x.shape) < 1 or out_h < 1 or out_w < 1:
@@ -595,7 +543,7 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
     if dy.shape[:3] != (n_size, out_h, out_w) or dy.shape[3] < 1:
         raise ValueError(f"dy.shape={dy.shape} must be (N, OH, OW, K) = ({n_size}, {out_h}, {out_w}, K >= 1) "
                          f"for x.shape={x.shape}, a {r}x{s} filter and pads={pads!r}")
-    lanes = _wgrad_simd_lanes() if _lanes is None else _lanes
+    lanes = simd_lanes() if _lanes is None else _lanes
     if lanes not in _WGRAD_BUDGET:
         if _lanes is not None:
             raise ValueError(f"_lanes={_lanes!r} must be None, 16 or 8")
@@ -603,19 +551,19 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
                            "target) lacks; use im2col + GEMM (kernels.conv2d_backward)")
     k_size = dy.shape[3]
     taps, variants, variant_of, panel, blocks = _wgrad_plan(r, s, c_size, k_size, lanes)
-    x = _np.ascontiguousarray(x)
+    x = np.ascontiguousarray(x)
     if taps and (pt or pb or pl or pr):
-        padded = _np.zeros((n_size, h_size + pt + pb, w_size + pl + pr, c_size), dtype=_np.float32)
+        padded = np.zeros((n_size, h_size + pt + pb, w_size + pl + pr, c_size), dtype=np.float32)
         padded[:, pt : pt + h_size, pl : pl + w_size, :] = x
         x, pt, pl = padded, 0, 0
     image_bytes = x[0].nbytes + dy[0].nbytes
     chunk = max(1, _WGRAD_CHUNK_BYTES // image_bytes)
-    threads = _numba.get_num_threads()
+    threads = numba.get_num_threads()
     split_images = n_size >= threads
     threads = threads if split_images else max(1, min(threads, len(blocks)))
     k_padded = -(-k_size // lanes) * lanes
-    part = _np.zeros((threads, r, s, c_size, k_padded), dtype=_np.float32)
+    part = np.zeros((threads, r, s, c_size, k_padded), dtype=np.float32)
     run = _wgrad_driver(variants, lanes, 4 * c_size)
-    run(x, _np.ascontiguousarray(dy), part, blocks, variant_of, panel, pt, pl, chunk, split_images, k_size)
+    run(x, np.ascontiguousarray(dy), part, blocks, variant_of, panel, pt, pl, chunk, split_images, k_size)
     dw = part[0] if threads == 1 else part.sum(axis=0)
-    return dw if k_padded == k_size else _np.ascontiguousarray(dw[..., :k_size])
+    return dw if k_padded == k_size else np.ascontiguousarray(dw[..., :k_size])

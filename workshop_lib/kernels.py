@@ -432,9 +432,9 @@ def _direct_wgrad_fits(gemm, stride, x, dout):
     """Whether dw goes to :func:`jit_conv.conv2d_backward_filter_nhwc` (no columns) rather than im2col + GEMM."""
     if gemm != "blas" or stride != (1, 1) or x.dtype != np.float32 or dout.dtype != np.float32:
         return False
-    from .jit_conv import wgrad_lanes
+    from .jit_conv import simd_lanes
 
-    return wgrad_lanes() is not None
+    return simd_lanes() is not None
 
 
 def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algorithm="im2col"):
