@@ -60,9 +60,10 @@ _DTYPE_CODES = {d: i for i, d in enumerate(DTYPES)}
 SMALL_BYTES = 32 * 1024  # below this, recursive doubling (latency); above, the ring (bandwidth)
 SEGMENT_BYTES = 1 << 20  # the ring moves large chunks in segments, reducing one while the next arrives
 FUSION_THRESHOLD = 64 * 1024 * 1024  # like HOROVOD_FUSION_THRESHOLD
-SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this size per rank
+SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this size per rank (cache-sized) ...
+SHM_OVERSUBSCRIBED_BLOCK_BYTES = 8 << 20  # ... or this, with more ranks than cores (every barrier costs time slices)
 SHM_MIN_BYTES = 8 * 1024  # from this size ...
-SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
+SHM_MAX_BYTES = 4 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
 _COLLECTIVES = ("allreduce", "broadcast", "parameter_server_allreduce")
 _HEADER_FIELDS = 8  # the check compares collective, count, dtype, op, algorithm, ndim, a code of the shape, an error
@@ -144,7 +145,7 @@ def simulate_ring(values):
 class _SharedWindow:
     """Two slots of ``block_bytes`` per rank in an MPI-3 shared-memory window, and the allreduce that uses them."""
 
-    def __init__(self, comm, block_bytes):
+    def __init__(self, comm, block_bytes=None):
         from mpi4py import MPI
 
         self.comm = comm
@@ -154,12 +155,19 @@ class _SharedWindow:
         self.ok = same_node
         if not same_node:  # every rank sees the same node sizes only if all share one node: decided together
             return
-        self.block = int(block_bytes)
         # more ranks than cores (the union of their CPU affinities): ranks get descheduled, and the ring's
         # 2(p-1) neighbour-to-neighbour steps suffer most; then shared memory pays at every size
         cpus = comm.allgather(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else list(range(os.cpu_count() or 1)))
         self.oversubscribed = comm.Get_size() > len(set().union(*map(set, cpus)))
+        if block_bytes is None:  # default: cache-sized blocks; fewer, larger ones (fewer barriers) when oversubscribed
+            block_bytes = SHM_BLOCK_BYTES
+            if self.oversubscribed:  # two slots per rank, within a quarter of /dev/shm's free space (Docker: 64 MB)
+                free = _shm_free_bytes()
+                room = SHM_OVERSUBSCRIBED_BLOCK_BYTES if free is None else free // (8 * comm.Get_size())
+                block_bytes = max(SHM_BLOCK_BYTES, min(SHM_OVERSUBSCRIBED_BLOCK_BYTES, room))
+            block_bytes = comm.bcast(block_bytes, root=0)  # the same on every rank
+        self.block = int(block_bytes)
         self.win = MPI.Win.Allocate_shared(2 * self.block, 1, comm=comm)
         self.slots = [np.frombuffer(self.win.Shared_query(k)[0], dtype=np.uint8) for k in range(comm.Get_size())]
         self.win.Lock_all(MPI.MODE_NOCHECK)
@@ -223,6 +231,15 @@ class _SharedWindow:
             self._sync()
             for _, a, b, chunk in others:  # everyone's reduced chunk, read straight from their slots
                 dst[start + a : start + b] = chunk
+
+
+def _shm_free_bytes():
+    """Free bytes of /dev/shm (where MPI's shared-memory windows live on Linux), or None where it is not found."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _simulated_nodes(size):
@@ -300,7 +317,8 @@ class Communicator:
     small_bytes : int
         Messages below this use recursive doubling, larger ones the ring.
     segment_bytes : int
-        Segment size of the ring's pipelining.
+        Segment size of the ring's pipelining, used with a timeout (or more than 2 ranks and larger chunks):
+        each segment is reduced as it arrives. Without a timeout on 2 ranks each step is one message.
     timeout : float, optional
         Default timeout in seconds for every collective (None waits forever). Collectives with a timeout
         use the message-based algorithms (a barrier on shared memory cannot time out).
@@ -308,18 +326,23 @@ class Communicator:
         Use the shared-memory algorithm when all ranks share a node (default; ``WORKSHOP_COMM_SHM=0`` turns
         it off; so does ``WORKSHOP_SIMULATE_NODES``). Creating a Communicator is collective: every rank must
         create it (it also finds which ranks share a node, :class:`NodeGroups`).
+    shm_block_bytes : int, optional
+        Block size per rank of the shared-memory algorithm (two barriers per block). Default ``SHM_BLOCK_BYTES``
+        (cache-sized), or, with more ranks than cores, ``SHM_OVERSUBSCRIBED_BLOCK_BYTES`` within a quarter of
+        /dev/shm's free space: there every barrier waits for descheduled ranks, so fewer blocks win.
     shm_min_bytes, shm_max_bytes : int
         "auto" takes the shared-memory algorithm for messages of at least ``shm_min_bytes`` and less than
-        ``shm_max_bytes``. Below, one recursive-doubling exchange is quicker than two barriers; above, MPI's
-        large-message transport makes the pipelined ring quicker (measured with benchmarks/allreduce_bench.py),
-        except when there are more ranks than cores: then shared memory wins at every size, and the default
-        (None) means no upper limit in that case, ``SHM_MAX_BYTES`` otherwise.
+        ``shm_max_bytes``. Below, one recursive-doubling exchange is quicker than two barriers; above, the
+        ring, whose one copy per byte (MPI's large-message transport) beats the window's copy in and out
+        (measured with benchmarks/allreduce_bench.py), except when there are more ranks than cores: then shared
+        memory wins at every size, and the default (None) means no upper limit in that case, ``SHM_MAX_BYTES``
+        otherwise.
     """
 
     last_algorithm = None  # the algorithm the last allreduce ran (the timeline shows it)
 
     def __init__(self, comm=None, small_bytes=SMALL_BYTES, segment_bytes=SEGMENT_BYTES, timeout=None,
-                 shared_memory=True, shm_block_bytes=SHM_BLOCK_BYTES, shm_min_bytes=SHM_MIN_BYTES,
+                 shared_memory=True, shm_block_bytes=None, shm_min_bytes=SHM_MIN_BYTES,
                  shm_max_bytes=None):
         from mpi4py import MPI
 
