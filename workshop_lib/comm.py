@@ -578,9 +578,9 @@ class Communicator:
         spins = 0
         while not self.MPI.Request.Testall(requests, statuses):
             spins += 1
-            if spins > 100:
+            if spins > 1000:  # after a spin of about a millisecond (a sleep, even of 0 s, gives the core away)
                 on_wait()
-            time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+                time.sleep(0 if spins < 3000 else 0.001)  # then stop stealing the peers' cores
 
     def _exchange(self, send, dest, recv, source, deadline, what):
         if deadline is None:  # one blocking call: the lowest latency (small messages are latency-bound)

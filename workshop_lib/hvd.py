@@ -210,7 +210,7 @@ def _wait_for_peers(state, name, in_check=False):
     state.collectives += 1
     number = state.collectives
     guard.arrive(number)
-    if guard.poll().min() >= number:  # the common case: every peer is here already (an ENDED peer is -1, below)
+    if min(guard.poll().tolist()) >= number:  # the common case: every peer is here already (ENDED is -1, below)
         return None
     inspect = _inspector(state, name, number)
     if in_check:
@@ -218,7 +218,8 @@ def _wait_for_peers(state, name, in_check=False):
     spins = 0
     while not inspect():
         spins += 1
-        time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+        if spins > 1000:  # spin about a millisecond first (a sleep, even of 0 s, gives the core away under load)
+            time.sleep(0 if spins < 3000 else 0.001)  # then stop stealing the peers' cores
     return None
 
 
@@ -231,7 +232,7 @@ def _inspector(state, name, number):
 
     def inspect():
         reached = guard.poll()
-        if reached.min() >= number:
+        if min(reached.tolist()) >= number:
             return True
         missing = [int(p) for p in np.flatnonzero(reached < number)]
         r, n = state.comm.rank, state.comm.size
