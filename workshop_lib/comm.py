@@ -1010,6 +1010,8 @@ class JobGuard:
         self.comm = world.Dup()  # its notes never match a message or collective of the program
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.reached = np.zeros(self.size, dtype=np.int64)  # the last note of every rank
+        self.highest = np.zeros(self.size, dtype=np.int64)  # the highest collective every rank has reached (its
+        # note ENDED does not undo that: a peer may complete a collective and end before this rank sees it complete)
         self.users = set()
         self.previous_excepthook = self.previous_exit = None
         self.exit_status = None
@@ -1028,6 +1030,7 @@ class JobGuard:
             buf = np.array([value], dtype=np.int64)
             self._sends.append((buf, self.comm.Isend(buf, dest=peer, tag=_NOTE_TAG)))
         self.reached[self.rank] = value
+        self.highest[self.rank] = max(self.highest[self.rank], value)
 
     def arrive(self, collective):
         """Tell every peer that this rank has reached collective number ``collective`` (1, 2, ...)."""
@@ -1037,7 +1040,8 @@ class JobGuard:
         """Read the notes that have arrived; returns ``reached``, each rank's last note (``ENDED`` once it has ended)."""
         for peer in list(self._recvs):
             while self._recvs[peer].Test():  # notes from one peer arrive in order (MPI's non-overtaking rule)
-                self.reached[peer] = self._inbox[peer, 0]
+                note = self.reached[peer] = self._inbox[peer, 0]
+                self.highest[peer] = max(self.highest[peer], note)
                 self._recvs[peer] = self._listen(peer)
         if self._sends:
             self._sends = [(buf, request) for buf, request in self._sends if not request.Test()]

@@ -210,7 +210,8 @@ def _wait_for_peers(state, name, in_check=False):
     state.collectives += 1
     number = state.collectives
     guard.arrive(number)
-    if min(guard.poll().tolist()) >= number:  # the common case: every peer is here already (ENDED is -1, below)
+    guard.poll()
+    if min(guard.highest.tolist()) >= number:  # the common case: every peer is here already
         return None
     inspect = _inspector(state, name, number)
     if in_check:
@@ -232,9 +233,9 @@ def _inspector(state, name, number):
 
     def inspect():
         reached = guard.poll()
-        if min(reached.tolist()) >= number:
+        if min(guard.highest.tolist()) >= number:  # a peer may have been here, done it and ended since
             return True
-        missing = [int(p) for p in np.flatnonzero(reached < number)]
+        missing = [int(p) for p in np.flatnonzero(guard.highest < number)]
         r, n = state.comm.rank, state.comm.size
         ended = [p for p in missing if reached[p] == ENDED]
         if ended:
