@@ -359,9 +359,10 @@ class Communicator:
             self._window = _SharedWindow(self.comm, shm_block_bytes)
             if not self._window.ok:
                 self._window = None
+        # more ranks than cores on this node (known from the shared-memory window's set-up)
+        self.oversubscribed = self._window is not None and self._window.oversubscribed
         if shm_max_bytes is None:
-            oversubscribed = self._window is not None and self._window.oversubscribed
-            self.shm_max_bytes = float("inf") if oversubscribed else SHM_MAX_BYTES
+            self.shm_max_bytes = float("inf") if self.oversubscribed else SHM_MAX_BYTES
         # the cross-rank check's messages: a header, then (small allreduces) the data; no message is longer
         self._check_send = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
         self._check_recv = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
@@ -575,12 +576,15 @@ class Communicator:
 
     def _watch(self, requests, statuses, on_wait):
         """Wait for MPI requests, calling ``on_wait()`` between tests once a brief spin has not completed them."""
-        spins = 0
+        spins, patience = 0, 0 if self.oversubscribed else 1000
         while not self.MPI.Request.Testall(requests, statuses):
             spins += 1
-            if spins > 1000:  # after a spin of about a millisecond (a sleep, even of 0 s, gives the core away)
-                on_wait()
-                time.sleep(0 if spins < 3000 else 0.001)  # then stop stealing the peers' cores
+            # spin about a millisecond first (a sleep, even of 0 s, gives the core away), unless there are more
+            # ranks than cores: then the peer we wait for may need this very core, so yield it at once
+            if spins > patience:
+                if spins % 32 == 0:  # the inspector itself sends and tests messages: not at every turn
+                    on_wait()
+                os.sched_yield() if spins < patience + 2000 else time.sleep(0.001)  # then stop stealing the cores
 
     def _exchange(self, send, dest, recv, source, deadline, what):
         if deadline is None:  # one blocking call: the lowest latency (small messages are latency-bound)

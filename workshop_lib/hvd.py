@@ -216,11 +216,11 @@ def _wait_for_peers(state, name, in_check=False):
     inspect = _inspector(state, name, number)
     if in_check:
         return inspect
-    spins = 0
+    spins, patience = 0, 0 if state.comm.oversubscribed else 1000
     while not inspect():
         spins += 1
-        if spins > 1000:  # spin about a millisecond first (a sleep, even of 0 s, gives the core away under load)
-            time.sleep(0 if spins < 3000 else 0.001)  # then stop stealing the peers' cores
+        if spins > patience:  # spin about a millisecond first (a sleep, even of 0 s, gives the core away), unless
+            time.sleep(0 if spins < patience + 2000 else 0.001)  # ranks outnumber cores; then stop stealing them
     return None
 
 
