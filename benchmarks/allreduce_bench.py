@@ -9,9 +9,9 @@ The physical reference, measured in the same run, is this machine's memory
 copy bandwidth (read + write). "ours" is the default call, which checks that all
 ranks passed the same shape, dtype and op: recursive doubling with the data inside
 the check's messages below 8 KB, on one node the shared-memory algorithm from there
-to 8 MB, the ring above; "unchecked" skips the check; "ring" is the ring over
-point-to-point messages (recursive doubling below 32 KB), checked, which is what
-runs across nodes; "hvd" is ``hvd.allreduce(x, op=hvd.Sum)``, the eager call users
+to 4 MB (at every size with more ranks than cores), the ring above; "unchecked" skips
+the check; "ring" is the ring over point-to-point messages (recursive doubling below
+32 KB), checked, which is what runs across nodes; "hvd" is ``hvd.allreduce(x, op=hvd.Sum)``, the eager call users
 make. The machine's load shows in every column alike: compare ratios.
 
 "model" is the alpha-beta cost model (workshop_lib.scaling) of that ring, fitted in the

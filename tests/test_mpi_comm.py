@@ -18,6 +18,27 @@ def test_allreduce_matches_mpi_on_every_size_dtype_op_and_algorithm(mpirun, n):
     assert lines == ["rank 0: 560 allreduce cases checked"], proc.stdout
 
 
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_default_communicator_matches_mpi_where_its_algorithms_and_blocks_change(mpirun, n):
+    """Shared memory in 1 MB blocks below 4 MB, the ring above; with more ranks than cores (4 on this machine's 2)
+    shared memory at every size, in 8 MB blocks (if /dev/shm has room). Out of place, into an array, in place."""
+    import os
+
+    from workshop_lib.comm import SHM_BLOCK_BYTES, SHM_MAX_BYTES, SHM_OVERSUBSCRIBED_BLOCK_BYTES
+
+    proc = mpirun(n, [SCRIPT, "defaults"], timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank")]
+    assert len(lines) == 1 and lines[0].startswith("rank 0: defaults match MPI ("), proc.stdout
+    oversubscribed = n > len(os.sched_getaffinity(0))
+    shm = os.statvfs("/dev/shm")
+    room = shm.f_bavail * shm.f_frsize // (8 * n)
+    block = max(SHM_BLOCK_BYTES, min(SHM_OVERSUBSCRIBED_BLOCK_BYTES, room)) if oversubscribed else SHM_BLOCK_BYTES
+    algorithms = "recursive_doubling, shared_memory" + ("" if oversubscribed else ", ring")
+    assert SHM_MAX_BYTES < (9 << 20)  # the script's sizes reach past it
+    assert lines[0].endswith(f"({', '.join(sorted(algorithms.split(', ')))}; blocks of {block} B; oversubscribed "
+                             f"{oversubscribed})"), lines
+
+
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_a_mismatch_across_ranks_raises_on_every_rank(mpirun, n):
     proc = mpirun(n, [SCRIPT, "mismatch"], timeout=120)

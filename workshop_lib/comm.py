@@ -60,9 +60,10 @@ _DTYPE_CODES = {d: i for i, d in enumerate(DTYPES)}
 SMALL_BYTES = 32 * 1024  # below this, recursive doubling (latency); above, the ring (bandwidth)
 SEGMENT_BYTES = 1 << 20  # the ring moves large chunks in segments, reducing one while the next arrives
 FUSION_THRESHOLD = 64 * 1024 * 1024  # like HOROVOD_FUSION_THRESHOLD
-SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this size per rank
+SHM_BLOCK_BYTES = 1 << 20  # the shared-memory algorithm works in blocks of this size per rank (cache-sized) ...
+SHM_OVERSUBSCRIBED_BLOCK_BYTES = 8 << 20  # ... or this, with more ranks than cores (every barrier costs time slices)
 SHM_MIN_BYTES = 8 * 1024  # from this size ...
-SHM_MAX_BYTES = 8 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
+SHM_MAX_BYTES = 4 * 1024 * 1024  # ... to this one, ranks that share a node use the shared-memory algorithm
 
 _COLLECTIVES = ("allreduce", "broadcast", "parameter_server_allreduce")
 _HEADER_FIELDS = 8  # the check compares collective, count, dtype, op, algorithm, ndim, a code of the shape, an error
@@ -144,7 +145,7 @@ def simulate_ring(values):
 class _SharedWindow:
     """Two slots of ``block_bytes`` per rank in an MPI-3 shared-memory window, and the allreduce that uses them."""
 
-    def __init__(self, comm, block_bytes):
+    def __init__(self, comm, block_bytes=None):
         from mpi4py import MPI
 
         self.comm = comm
@@ -154,12 +155,19 @@ class _SharedWindow:
         self.ok = same_node
         if not same_node:  # every rank sees the same node sizes only if all share one node: decided together
             return
-        self.block = int(block_bytes)
         # more ranks than cores (the union of their CPU affinities): ranks get descheduled, and the ring's
         # 2(p-1) neighbour-to-neighbour steps suffer most; then shared memory pays at every size
         cpus = comm.allgather(sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                               else list(range(os.cpu_count() or 1)))
         self.oversubscribed = comm.Get_size() > len(set().union(*map(set, cpus)))
+        if block_bytes is None:  # default: cache-sized blocks; fewer, larger ones (fewer barriers) when oversubscribed
+            block_bytes = SHM_BLOCK_BYTES
+            if self.oversubscribed:  # two slots per rank, within a quarter of /dev/shm's free space (Docker: 64 MB)
+                free = _shm_free_bytes()
+                room = SHM_OVERSUBSCRIBED_BLOCK_BYTES if free is None else free // (8 * comm.Get_size())
+                block_bytes = max(SHM_BLOCK_BYTES, min(SHM_OVERSUBSCRIBED_BLOCK_BYTES, room))
+            block_bytes = comm.bcast(block_bytes, root=0)  # the same on every rank
+        self.block = int(block_bytes)
         self.win = MPI.Win.Allocate_shared(2 * self.block, 1, comm=comm)
         self.slots = [np.frombuffer(self.win.Shared_query(k)[0], dtype=np.uint8) for k in range(comm.Get_size())]
         self.win.Lock_all(MPI.MODE_NOCHECK)
@@ -223,6 +231,15 @@ class _SharedWindow:
             self._sync()
             for _, a, b, chunk in others:  # everyone's reduced chunk, read straight from their slots
                 dst[start + a : start + b] = chunk
+
+
+def _shm_free_bytes():
+    """Free bytes of /dev/shm (where MPI's shared-memory windows live on Linux), or None where it is not found."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _simulated_nodes(size):
@@ -300,7 +317,8 @@ class Communicator:
     small_bytes : int
         Messages below this use recursive doubling, larger ones the ring.
     segment_bytes : int
-        Segment size of the ring's pipelining.
+        Segment size of the ring's pipelining, used with a timeout (or more than 2 ranks and larger chunks):
+        each segment is reduced as it arrives. Without a timeout on 2 ranks each step is one message.
     timeout : float, optional
         Default timeout in seconds for every collective (None waits forever). Collectives with a timeout
         use the message-based algorithms (a barrier on shared memory cannot time out).
@@ -308,18 +326,23 @@ class Communicator:
         Use the shared-memory algorithm when all ranks share a node (default; ``WORKSHOP_COMM_SHM=0`` turns
         it off; so does ``WORKSHOP_SIMULATE_NODES``). Creating a Communicator is collective: every rank must
         create it (it also finds which ranks share a node, :class:`NodeGroups`).
+    shm_block_bytes : int, optional
+        Block size per rank of the shared-memory algorithm (two barriers per block). Default ``SHM_BLOCK_BYTES``
+        (cache-sized), or, with more ranks than cores, ``SHM_OVERSUBSCRIBED_BLOCK_BYTES`` within a quarter of
+        /dev/shm's free space: there every barrier waits for descheduled ranks, so fewer blocks win.
     shm_min_bytes, shm_max_bytes : int
         "auto" takes the shared-memory algorithm for messages of at least ``shm_min_bytes`` and less than
-        ``shm_max_bytes``. Below, one recursive-doubling exchange is quicker than two barriers; above, MPI's
-        large-message transport makes the pipelined ring quicker (measured with benchmarks/allreduce_bench.py),
-        except when there are more ranks than cores: then shared memory wins at every size, and the default
-        (None) means no upper limit in that case, ``SHM_MAX_BYTES`` otherwise.
+        ``shm_max_bytes``. Below, one recursive-doubling exchange is quicker than two barriers; above, the
+        ring, whose one copy per byte (MPI's large-message transport) beats the window's copy in and out
+        (measured with benchmarks/allreduce_bench.py), except when there are more ranks than cores: then shared
+        memory wins at every size, and the default (None) means no upper limit in that case, ``SHM_MAX_BYTES``
+        otherwise.
     """
 
     last_algorithm = None  # the algorithm the last allreduce ran (the timeline shows it)
 
     def __init__(self, comm=None, small_bytes=SMALL_BYTES, segment_bytes=SEGMENT_BYTES, timeout=None,
-                 shared_memory=True, shm_block_bytes=SHM_BLOCK_BYTES, shm_min_bytes=SHM_MIN_BYTES,
+                 shared_memory=True, shm_block_bytes=None, shm_min_bytes=SHM_MIN_BYTES,
                  shm_max_bytes=None):
         from mpi4py import MPI
 
@@ -336,9 +359,10 @@ class Communicator:
             self._window = _SharedWindow(self.comm, shm_block_bytes)
             if not self._window.ok:
                 self._window = None
+        # more ranks than cores on this node (known from the shared-memory window's set-up)
+        self.oversubscribed = self._window is not None and self._window.oversubscribed
         if shm_max_bytes is None:
-            oversubscribed = self._window is not None and self._window.oversubscribed
-            self.shm_max_bytes = float("inf") if oversubscribed else SHM_MAX_BYTES
+            self.shm_max_bytes = float("inf") if self.oversubscribed else SHM_MAX_BYTES
         # the cross-rank check's messages: a header, then (small allreduces) the data; no message is longer
         self._check_send = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
         self._check_recv = np.zeros(_HEADER_BYTES + FOLD_BYTES, dtype=np.uint8)
@@ -552,12 +576,15 @@ class Communicator:
 
     def _watch(self, requests, statuses, on_wait):
         """Wait for MPI requests, calling ``on_wait()`` between tests once a brief spin has not completed them."""
-        spins = 0
+        spins, patience = 0, 0 if self.oversubscribed else 1000
         while not self.MPI.Request.Testall(requests, statuses):
             spins += 1
-            if spins > 100:
-                on_wait()
-            time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+            # spin about a millisecond first (a sleep, even of 0 s, gives the core away), unless there are more
+            # ranks than cores: then the peer we wait for may need this very core, so yield it at once
+            if spins > patience:
+                if spins % 32 == 0:  # the inspector itself sends and tests messages: not at every turn
+                    on_wait()
+                os.sched_yield() if spins < patience + 2000 else time.sleep(0.001)  # then stop stealing the cores
 
     def _exchange(self, send, dest, recv, source, deadline, what):
         if deadline is None:  # one blocking call: the lowest latency (small messages are latency-bound)
@@ -987,6 +1014,8 @@ class JobGuard:
         self.comm = world.Dup()  # its notes never match a message or collective of the program
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.reached = np.zeros(self.size, dtype=np.int64)  # the last note of every rank
+        self.highest = np.zeros(self.size, dtype=np.int64)  # the highest collective every rank has reached (its
+        # note ENDED does not undo that: a peer may complete a collective and end before this rank sees it complete)
         self.users = set()
         self.previous_excepthook = self.previous_exit = None
         self.exit_status = None
@@ -1005,6 +1034,7 @@ class JobGuard:
             buf = np.array([value], dtype=np.int64)
             self._sends.append((buf, self.comm.Isend(buf, dest=peer, tag=_NOTE_TAG)))
         self.reached[self.rank] = value
+        self.highest[self.rank] = max(self.highest[self.rank], value)
 
     def arrive(self, collective):
         """Tell every peer that this rank has reached collective number ``collective`` (1, 2, ...)."""
@@ -1014,7 +1044,8 @@ class JobGuard:
         """Read the notes that have arrived; returns ``reached``, each rank's last note (``ENDED`` once it has ended)."""
         for peer in list(self._recvs):
             while self._recvs[peer].Test():  # notes from one peer arrive in order (MPI's non-overtaking rule)
-                self.reached[peer] = self._inbox[peer, 0]
+                note = self.reached[peer] = self._inbox[peer, 0]
+                self.highest[peer] = max(self.highest[peer], note)
                 self._recvs[peer] = self._listen(peer)
         if self._sends:
             self._sends = [(buf, request) for buf, request in self._sends if not request.Test()]

@@ -210,15 +210,17 @@ def _wait_for_peers(state, name, in_check=False):
     state.collectives += 1
     number = state.collectives
     guard.arrive(number)
-    if guard.poll().min() >= number:  # the common case: every peer is here already (an ENDED peer is -1, below)
+    guard.poll()
+    if min(guard.highest.tolist()) >= number:  # the common case: every peer is here already
         return None
     inspect = _inspector(state, name, number)
     if in_check:
         return inspect
-    spins = 0
+    spins, patience = 0, 0 if state.comm.oversubscribed else 1000
     while not inspect():
         spins += 1
-        time.sleep(0 if spins < 2000 else 0.001)  # spin briefly (latency), then stop stealing the peers' cores
+        if spins > patience:  # spin about a millisecond first (a sleep, even of 0 s, gives the core away), unless
+            time.sleep(0 if spins < patience + 2000 else 0.001)  # ranks outnumber cores; then stop stealing them
     return None
 
 
@@ -231,9 +233,9 @@ def _inspector(state, name, number):
 
     def inspect():
         reached = guard.poll()
-        if reached.min() >= number:
+        if min(guard.highest.tolist()) >= number:  # a peer may have been here, done it and ended since
             return True
-        missing = [int(p) for p in np.flatnonzero(reached < number)]
+        missing = [int(p) for p in np.flatnonzero(guard.highest < number)]
         r, n = state.comm.rank, state.comm.size
         ended = [p for p in missing if reached[p] == ENDED]
         if ended:

@@ -1,6 +1,6 @@
 """SPMD worker for tests/test_mpi_comm.py: workshop_lib.comm against MPI's own collectives.
 
-Launch:  mpiexec -n 3 python tests/mpi_scripts/comm_check.py {correctness|mismatch|timeout|timeout_checked}
+Launch:  mpiexec -n 3 python tests/mpi_scripts/comm_check.py {correctness|mismatch|defaults|timeout|timeout_checked}
 """
 
 import sys
@@ -113,6 +113,33 @@ elif mode == "mismatch":
         except ValueError as exc:
             outcomes.append(f"rank {rank} {label}: ValueError: {exc}")
     report(outcomes)
+
+elif mode == "defaults":  # the default Communicator at the sizes where its algorithms and block sizes change
+    default = Communicator(comm=world.Dup())
+    failures, used = [], set()
+    rng = np.random.default_rng(2000 + rank)
+    for nbytes in (4096, 65536 + 12, (3 << 20) + 28, (9 << 20) + 24, (17 << 20) + 8):
+        for dtype, op in ((np.float32, "sum"), (np.float64, "average"), (np.int64, "sum"), (np.int32, "max")):
+            n = nbytes // np.dtype(dtype).itemsize
+            x = (rng.integers(-1000, 1000, n) if np.issubdtype(dtype, np.integer) else rng.standard_normal(n)).astype(dtype)
+            ref = reference(x, op)
+            if np.issubdtype(dtype, np.floating):  # floats: within the rounding of a float64 reference
+                wide = x.astype(np.float64)
+                ref, magnitude = reference(wide, op), reference(np.abs(wide), op)
+                bound = (size + 2) * np.finfo(dtype).eps * magnitude + np.finfo(dtype).tiny
+            for out in (None, "separate", "in place"):
+                buf = x.copy() if out == "in place" else np.empty_like(x) if out == "separate" else None
+                got = default.allreduce(buf if out == "in place" else x, op=op, out=buf)
+                used.add(default.last_algorithm)
+                ok = np.array_equal(got, ref) if np.issubdtype(dtype, np.integer) else \
+                    bool(np.all(np.abs(got.astype(np.float64) - ref) <= bound))
+                if not ok:
+                    failures.append(f"rank {rank}: {nbytes} B {np.dtype(dtype).name} {op} out={out} "
+                                    f"({default.last_algorithm}) differs from MPI")
+    window = default._window
+    report(failures + ([f"rank {rank}: defaults match MPI ({', '.join(sorted(used))}; blocks of "
+                        f"{window.block if window else 0} B; oversubscribed {window and window.oversubscribed})"]
+                       if rank == 0 else []))
 
 elif mode == "timeout_checked":  # the default check=True, on the communicator's own timeout
     if rank == 0:
