@@ -13,7 +13,8 @@ The variants are ``tf.GraphOptions(kernels=NAME)``, the slides' split of CPU opt
   measured in a Python started with ``NUMBA_CPU_NAME=sandybridge`` (and the matching ``NUMBA_CPU_FEATURES``).
 - ``reference``: the same kernels compiled for this CPU (AVX-512 here), no fusion. reference / stock is
   "the compiler used your ISA".
-- ``optimized``: im2col + BLAS convolutions and matmuls, conv/matmul + bias + ReLU fused, as MKL-DNN builds
+- ``optimized``: register-blocked direct convolutions (``workshop_lib.jit_conv``, as oneDNN's JIT kernels),
+  BLAS matmuls, conv/matmul + bias + ReLU fused and the backward pool/ReLU/bias gradients fused, as MKL-DNN builds
   did: operator and graph optimizations. optimized / reference is "better algorithms and fusion".
 
 The script prints ``optimized / stock`` (target >= 5x) and ``optimized / reference``. Two optional peers run

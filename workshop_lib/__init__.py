@@ -1,7 +1,8 @@
 """Deep Learning at Scale: the workshop's support library.
 
 One module per concept: ``data`` (MNIST, photographs), ``sysinfo`` (CPU
-features, threads, MPI), ``kernels`` (float32 CNN primitives), ``int8``
+features, threads, MPI), ``kernels`` (float32 CNN primitives), ``jit_conv`` (their
+register-blocked SIMD convolutions), ``int8``
 (VNNI-exact integer GEMM), ``quantization``, ``tf`` (a TF1-compatible graph
 engine), ``models`` (the labs' CNN), ``bench``, ``comm`` (ring allreduce and
 other collectives on MPI), ``hvd`` (Horovod's TensorFlow-1 API), ``d4p``

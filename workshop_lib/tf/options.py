@@ -45,7 +45,9 @@ class GraphOptions:
     Parameters
     ----------
     kernels : {"optimized", "reference", "stock"}
-        ``"optimized"``: the fast kernels (im2col + BLAS convolutions, BLAS matmul), fusion on.
+        ``"optimized"``: the fast kernels (:mod:`~workshop_lib.jit_conv`'s direct convolutions, im2col + BLAS
+        where they do not fit, BLAS matmul), fusion on (forward conv/matmul + bias + ReLU, and the backward
+        pooling + ReLU + bias gradients, :func:`~workshop_lib.tf.passes.fuse_gradients`).
         ``"reference"``: the reference kernels (direct loops, the textbook GEMM) compiled for this CPU, fusion off.
         ``"stock"``: the same reference kernels compiled for a ``sandybridge`` target (AVX, no AVX2, FMA or
         AVX-512), no fusion, no layout propagation: what a stock TensorFlow wheel of the slides' time ran. numba
