@@ -180,22 +180,26 @@ def main():
 
     # The MonitoredTrainingSession takes care of session initialization, restoring from a checkpoint, saving to a
     # checkpoint, and closing when done or an error occurs.
-    start = None
+    # Timing: the steps after the first, as tf_cnn_benchmarks' warm-up does (the first step loads the compiled
+    # kernels and allocates); the checkpoint written when the session closes is not a step either.
+    start, seconds = None, 0.0
     with tf.train.MonitoredTrainingSession(checkpoint_dir=checkpoint_dir, hooks=hooks, config=config) as mon_sess:
-        start = time.perf_counter()
         steps_run = 0
         while not mon_sess.should_stop():
             # Run a training step synchronously.
             image_, label_ = next(training_batch_generator)
             mon_sess.run(train_op, feed_dict={image: image_, label: label_})
             steps_run += 1
-    seconds = time.perf_counter() - start
+            if steps_run == 1:
+                start = time.perf_counter()
+        if steps_run > 1:
+            seconds = time.perf_counter() - start
 
     if hvd.rank() == 0:
         accuracy = test_accuracy(args.checkpoint_dir, x_test, y_test)
         summary = {"ranks": hvd.size(), "threads_per_rank": threads, "steps_per_rank": steps_run,
                    "batch_per_rank": args.batch_size, "learning_rate": args.lr * hvd.size(), "seconds": seconds,
-                   "images_per_second": steps_run * args.batch_size * hvd.size() / seconds if seconds else 0.0,
+                   "images_per_second": (steps_run - 1) * args.batch_size * hvd.size() / seconds if seconds else 0.0,
                    "test_accuracy": accuracy, "loss_history": losses.history}
         print(f"ranks={hvd.size()} steps/rank={steps_run} time={seconds:.1f}s "
               f"images/s={summary['images_per_second']:.0f} test accuracy={accuracy:.4f}", flush=True)
