@@ -4,6 +4,8 @@ Run:  python benchmarks/cnn_bench.py                      (training, batch 50, 2
       python benchmarks/cnn_bench.py --mode inference --batch-size 256
       python benchmarks/cnn_bench.py --num-batches 10 --json out.json
       python benchmarks/cnn_bench.py --background-load 2   (2 busy processes share the CPU meanwhile)
+      python benchmarks/cnn_bench.py --rounds 6 --num-batches 10 --variants optimized
+                                    (6 interleaved rounds: each ratio's median over rounds, on a noisy machine)
 
 The variants are ``tf.GraphOptions(kernels=NAME)``, the slides' split of CPU optimizations:
 
@@ -28,25 +30,92 @@ deviation).
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.metadata
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
+
 from workshop_lib import bench, sysinfo  # noqa: E402
 from workshop_lib.data import load_mnist  # noqa: E402
 
 
+def _wanted(mode):
+    train = mode == "train"
+    return [("optimized", "stock", " (target >= 5x)" if train else ""), ("optimized", "reference", ""),
+            ("reference", "stock", " (the compiler used your ISA)"),
+            ("optimized", "pytorch", " (target >= 1.3x)" if train else ""), ("optimized", "tensorflow", "")]
+
+
+NAMES = {"pytorch": "PyTorch", "tensorflow": "TensorFlow"}
+
+
 def ratio_lines(results, mode):
     """The same-run ratios of ``results`` ({variant or peer: images/s}) that both sides were measured for."""
-    train = mode == "train"
-    wanted = [("optimized", "stock", " (target >= 5x)" if train else ""), ("optimized", "reference", ""),
-              ("reference", "stock", " (the compiler used your ISA)"),
-              ("optimized", "pytorch", " (target >= 1.3x)" if train else ""), ("optimized", "tensorflow", "")]
-    names = {"pytorch": "PyTorch", "tensorflow": "TensorFlow"}
-    return [f"{a} / {names.get(b, b)} = {results[a] / results[b]:.2f}x{note}"
-            for a, b, note in wanted if a in results and b in results]
+    return [f"{a} / {NAMES.get(b, b)} = {results[a] / results[b]:.2f}x{note}"
+            for a, b, note in _wanted(mode) if a in results and b in results]
+
+
+def round_ratio_lines(rounds, mode):
+    """Per-round ratios of interleaved rounds ({name: [median images/s of each round]}) and their median.
+
+    Each round measures every side once, one right after the other, so a burst of load on a shared machine
+    falls on both sides of a ratio rather than on one variant's whole run.
+    """
+    lines = []
+    for a, b, note in _wanted(mode):
+        if a in rounds and b in rounds:
+            ratios = np.array(rounds[a]) / np.array(rounds[b])
+            each = " ".join(f"{r:.2f}" for r in ratios)
+            lines.append(f"{a} / {NAMES.get(b, b)}, median of {len(ratios)} interleaved rounds = "
+                         f"{np.median(ratios):.2f}x{note} (rounds: {each})")
+    return lines
+
+
+def _peer_version(module):
+    """The installed version of an optional peer, read without importing it; None when it is not installed.
+
+    Not importing matters: a peer imported first starts its own OpenMP runtime, and numba's pool then runs
+    under that runtime's settings rather than the ones ``workshop_lib.placement`` gives it as it starts
+    (``OMP_WAIT_POLICY=PASSIVE``), which slowed the engine by a quarter in a same-minute A/B on this machine.
+    Each peer is imported by its own measurement, after the engine's first.
+    """
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        return importlib.metadata.version("tensorflow-cpu" if module == "tensorflow" else module)
+    except importlib.metadata.PackageNotFoundError:
+        return importlib.metadata.version(module)
+
+
+def _quiet_tensorflow_cnn(**common):
+    import tensorflow
+
+    tensorflow.get_logger().setLevel("ERROR")  # its deprecation notes (dropout's keep_prob), not errors
+    return bench.measure_tensorflow_cnn(**common)
+
+
+def _runs(args, common):
+    """(name, title, measure) for every variant and every installed peer, in the order they are measured."""
+    runs = [(name, f"workshop_lib.tf, {name}", functools.partial(bench.measure_cnn, name, **common))
+            for name in args.variants]
+    for flag, module, name, title, measure in (
+            (args.no_tensorflow, "tensorflow", "tensorflow", "TensorFlow {}, tf.compat.v1 (same graph)",
+             _quiet_tensorflow_cnn),
+            (args.no_torch, "torch", "pytorch", "PyTorch {} (same model)", bench.measure_torch_cnn)):
+        if flag:
+            continue
+        version = _peer_version(module)
+        if version is None:
+            print(f"\n({title.split()[0]} is not installed: no {title.split()[0]} comparison)")
+        else:
+            runs.append((name, title.format(version), functools.partial(measure, **common)))
+    return runs
 
 
 def main(argv=None):
@@ -62,8 +131,13 @@ def main(argv=None):
     parser.add_argument("--no-tensorflow", action="store_true", help="skip TensorFlow even when installed")
     parser.add_argument("--background-load", type=int, default=0, metavar="N",
                         help="keep N busy processes running during the measurement (a shared node)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="R",
+                        help="measure every variant and peer R times, interleaved, and print each ratio's median "
+                             "over the rounds (steadier on a shared machine); --num-batches is per round")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds} must be at least 1")
     args.batch_size = args.batch_size or (50 if args.mode == "train" else 256)
 
     (images, labels), _ = load_mnist()
@@ -71,41 +145,30 @@ def main(argv=None):
           f"mode: {args.mode}; batch size: {args.batch_size}; background load: {args.background_load} busy process(es)")
     common = dict(mode=args.mode, batch_size=args.batch_size, num_batches=args.num_batches,
                   num_warmup=args.num_warmup, threads=args.threads, images=images, labels=labels)
-    results, per_batch = {}, {}
+    results, per_batch, rounds = {}, {}, {}
+    runs = _runs(args, common)
     with bench.background_load(args.background_load):
-        for name in args.variants:
-            speeds, losses = bench.measure_cnn(name, **common)
-            results[name] = bench.report_lines(f"workshop_lib.tf, {name}", speeds, losses, args.display_every)
-            per_batch[name] = speeds
-        if not args.no_tensorflow:
-            try:
-                import tensorflow
-
-                tensorflow.get_logger().setLevel("ERROR")  # its deprecation notes (dropout's keep_prob), not errors
-                speeds, losses = bench.measure_tensorflow_cnn(**common)
-                results["tensorflow"] = bench.report_lines(
-                    f"TensorFlow {tensorflow.__version__}, tf.compat.v1 (same graph)", speeds, losses,
-                    args.display_every)
-            except ImportError:
-                print("\n(TensorFlow is not installed: no TensorFlow comparison)")
-        if not args.no_torch:
-            try:
-                import torch
-
-                speeds, losses = bench.measure_torch_cnn(**common)
-                results["pytorch"] = bench.report_lines(f"PyTorch {torch.__version__} (same model)", speeds, losses,
-                                                        args.display_every)
-            except ImportError:
-                print("\n(PyTorch is not installed: no PyTorch comparison)")
+        for _ in range(args.rounds):
+            for name, title, measure in runs:
+                speeds, losses = measure()
+                per_batch.setdefault(name, []).extend(speeds)
+                rounds.setdefault(name, []).append(float(np.median(speeds)))
+                if args.rounds == 1:
+                    results[name] = bench.report_lines(title, speeds, losses, args.display_every)
+    if args.rounds > 1:
+        for name, title, _measure in runs:
+            results[name] = bench.report_lines(f"{title}, {args.rounds} rounds", per_batch[name], None,
+                                               args.display_every)
     bench.executive_summary(results, args.mode, args.batch_size)
-    for ratio in ratio_lines(results, args.mode):
+    for ratio in ratio_lines(results, args.mode) + (round_ratio_lines(rounds, args.mode) if args.rounds > 1 else []):
         print(ratio)
     if args.background_load:
         print(f"(under {args.background_load} busy process(es); targets with 2 on 2 cores: optimized / reference "
               ">= 2x, optimized / PyTorch >= 0.5)")
     if args.json:
         args.json.write_text(json.dumps({"mode": args.mode, "batch_size": args.batch_size, "threads": args.threads,
-                                         "images_per_second": results, "per_batch_images_per_second": per_batch}, indent=2))
+                                         "images_per_second": results, "per_batch_images_per_second": per_batch,
+                                         "median_per_round": rounds}, indent=2))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,34 @@ def test_cnn_bench_ratio_lines_name_both_sides_and_skip_what_was_not_measured(ro
                      "reference / stock = 1.50x (the compiler used your ISA)", "optimized / TensorFlow = 0.75x"]
 
 
+def test_cnn_bench_interleaved_rounds_print_each_rounds_ratio_and_their_median(root):
+    proc = subprocess.run([sys.executable, "benchmarks/cnn_bench.py", "--num-batches", "2", "--num-warmup", "1",
+                           "--batch-size", "8", "--rounds", "2", "--variants", "reference", "optimized", "--no-torch",
+                           "--no-tensorflow"], cwd=root, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    assert "== workshop_lib.tf, optimized, 2 rounds\n" in proc.stdout
+    line = re.search(r"^optimized / reference, median of 2 interleaved rounds = (\d+\.\d\d)x \(rounds: "
+                     r"(\d+\.\d\d) (\d+\.\d\d)\)$", proc.stdout, re.MULTILINE)
+    assert line, proc.stdout
+    median, first, second = (float(v) for v in line.groups())
+    assert abs(median - (first + second) / 2) <= 0.01  # the median of two rounds is their mean
+    bad = subprocess.run([sys.executable, "benchmarks/cnn_bench.py", "--rounds", "0"], cwd=root, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds=0 must be at least 1" in bad.stderr
+
+
+def test_cnn_bench_round_ratios_pair_each_rounds_sides(root):
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import cnn_bench
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    lines = cnn_bench.round_ratio_lines({"optimized": [300.0, 100.0, 200.0], "pytorch": [100.0, 100.0, 100.0]},
+                                        "train")
+    assert lines == ["optimized / PyTorch, median of 3 interleaved rounds = 2.00x (target >= 1.3x) "
+                     "(rounds: 3.00 1.00 2.00)"]
+
+
 def test_stock_is_measured_in_a_subprocess_with_the_reference_numerics():
     """stock and reference run the same reference code (two ISAs): the same losses, to float32 rounding."""
     from workshop_lib import bench
