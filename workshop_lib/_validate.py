@@ -128,6 +128,17 @@ def _is_int(v) -> bool:
     return isinstance(v, (numbers.Integral, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+def pad_pairs(value, name, rule) -> tuple:
+    """((top, bottom), (left, right)) of non-negative ints, as given; else ValueError ``{name}={value!r} {rule}``."""
+    try:
+        (pt, pb), (pl, pr) = value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} {rule}") from None
+    if not all(_is_int(p) and p >= 0 for p in (pt, pb, pl, pr)):
+        raise ValueError(f"{name}={value!r} {rule}")
+    return (int(pt), int(pb)), (int(pl), int(pr))
+
+
 def positive_pair(value, name) -> tuple:
     """(h, w), each >= 1, from an int, ``[h]``, ``(h, w)`` or TensorFlow's ``[1, h, w, 1]`` (NHWC) and
     ``[1, 1, h, w]`` (NCHW): the ways a stride, a pooling window or a kernel size is written."""

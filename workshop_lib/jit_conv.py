@@ -290,15 +290,7 @@ def _check_f32(a, name, layout, ndim=4):
 
 
 def _check_pads(pads):
-    rule = "must be ((top, bottom), (left, right)) of non-negative ints"
-    try:
-        (pt, pb), (pl, pr) = pads
-    except (TypeError, ValueError):
-        raise ValueError(f"pads={pads!r} {rule}") from None
-    if not all(isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) and p >= 0
-               for p in (pt, pb, pl, pr)):
-        raise ValueError(f"pads={pads!r} {rule}")
-    return (int(pt), int(pb)), (int(pl), int(pr))
+    return _validate.pad_pairs(pads, "pads", "must be ((top, bottom), (left, right)) of non-negative ints")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -186,14 +186,7 @@ def _conv_padding(padding, h, w, r, s, stride):
         if padding < 0:
             raise ValueError(f"padding={padding} {rule}")
         return (int(padding), int(padding)), (int(padding), int(padding))
-    try:
-        (pt, pb), (pl, pr) = padding
-    except (TypeError, ValueError):
-        raise ValueError(f"padding={padding!r} {rule}") from None
-    if not all(isinstance(p, (int, np.integer)) and not isinstance(p, (bool, np.bool_)) and p >= 0
-               for p in (pt, pb, pl, pr)):
-        raise ValueError(f"padding={padding!r} {rule}")
-    return (int(pt), int(pb)), (int(pl), int(pr))
+    return check.pad_pairs(padding, "padding", rule)
 
 
 @numba.njit(parallel=True, cache=True)
