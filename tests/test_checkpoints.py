@@ -228,3 +228,76 @@ def test_restoring_a_file_that_is_not_a_whole_checkpoint_names_it(tmp_path):
             tf.Variable(np.zeros(2), name="w")
             tf.train.Saver().restore(sess, str(good))
         np.testing.assert_array_equal(sess.run(v), np.zeros(3))
+
+
+def test_a_checkpoint_dir_given_as_dot_slash_keeps_the_checkpoint_just_written(tmp_path, monkeypatch):
+    """The MNIST script's default ``./checkpoints``: ``./x`` and ``x`` name one folder, the new file stays."""
+    monkeypatch.chdir(tmp_path)
+    step, _, train = _counter_graph()
+    saver = tf.train.Saver(max_to_keep=2)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        for _ in range(4):
+            sess.run(train)
+            prefix = saver.save(sess, "./ckpt/model.ckpt", global_step=step)
+            assert os.path.isfile(prefix + ".npz"), sorted(os.listdir("ckpt"))
+    assert sorted(os.listdir("ckpt")) == ["checkpoint", "model.ckpt-3.npz", "model.ckpt-4.npz"]
+    assert tf.train.latest_checkpoint("./ckpt") == "./ckpt/model.ckpt-4"
+
+
+@pytest.mark.parametrize("index", [None, b"garbage without a single key\n", b"\xcd\xff\x00\x81binary",
+                                   b'model_checkpoint_path: "model.ckpt-1"\n'])
+def test_retention_is_decided_from_the_files_on_disk_whatever_the_index_says(tmp_path, index):
+    """A missing, garbled, binary or stale index never makes a save delete checkpoints within max_to_keep."""
+    _save_steps(tmp_path, 3, max_to_keep=5)
+    if index is None:
+        (tmp_path / "checkpoint").unlink()
+    else:
+        (tmp_path / "checkpoint").write_bytes(index)
+    tf.reset_default_graph()
+    step, _, train = _counter_graph()
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        tf.train.Saver().restore(sess, str(tmp_path / "model.ckpt-3"))
+        saver = tf.train.Saver(max_to_keep=3)
+        for _ in range(2):
+            sess.run(train)
+            saver.save(sess, str(tmp_path / "model.ckpt"), global_step=step)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "model.ckpt-3.npz", "model.ckpt-4.npz", "model.ckpt-5.npz"]
+    assert (tmp_path / "checkpoint").read_text().count("all_model_checkpoint_paths") == 3
+
+
+def test_an_index_naming_files_outside_its_folder_never_deletes_them(tmp_path):
+    inside = tmp_path / "ckpt"
+    _save_steps(inside, 1, max_to_keep=1)
+    victim = tmp_path / "victim.npz"
+    np.savez(victim, x=np.zeros(1))
+    (inside / "checkpoint").write_text(f'model_checkpoint_path: "../victim"\nall_model_checkpoint_paths: "../victim"\n'
+                                       f'all_model_checkpoint_paths: "{victim.with_suffix("")}"\n')
+    tf.reset_default_graph()
+    _save_steps(inside, 1, max_to_keep=1)
+    assert victim.is_file()
+    assert tf.train.latest_checkpoint(str(inside)) == str(inside / "model.ckpt-1")
+
+
+def test_a_binary_index_falls_back_to_the_newest_complete_checkpoint_naming_the_file(tmp_path, capsys):
+    prefixes = _save_steps(tmp_path, 2)
+    (tmp_path / "checkpoint").write_bytes(b"\xcd\xff\x00\x81 not text")
+    assert tf.train.latest_checkpoint(str(tmp_path)) == prefixes[1]
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'checkpoint'} is not a readable checkpoint index (UnicodeDecodeError" in err, err
+    tf.reset_default_graph()
+    _counter_graph()
+    with tf.train.MonitoredTrainingSession(checkpoint_dir=str(tmp_path)) as sess:
+        assert sess.run(tf.train.get_global_step()) == 2
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_named_before_training(tmp_path):
+    (tmp_path / "ckpt").write_text("not a folder")
+    _counter_graph()
+    with pytest.raises(ValueError, match=r"checkpoint_dir='.*ckpt': .*ckpt is a file, expected a folder"):
+        tf.train.MonitoredTrainingSession(checkpoint_dir=str(tmp_path / "ckpt"), save_checkpoint_steps=1)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        with pytest.raises(ValueError, match=r"save_path='.*model.ckpt': .*ckpt is a file, expected a folder"):
+            tf.train.Saver().save(sess, str(tmp_path / "ckpt" / "model.ckpt"), global_step=1)

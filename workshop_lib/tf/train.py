@@ -326,13 +326,26 @@ def _write_index(directory, latest, all_paths):
 
 
 def _read_index(directory):
+    """(newest prefix or None, [prefixes], why the index is unusable or None) from ``directory/checkpoint``.
+
+    The index is a hint, never trusted: only plain names of files in ``directory`` count (no folders, no ``..``),
+    and an index that is not text (a binary or half-written file) is reported in ``why``, naming the file.
+    """
     path = Path(directory) / "checkpoint"
-    if not path.exists():
-        return None, []
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return None, [], None
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [], f"{path} is not a readable checkpoint index ({type(exc).__name__}: {exc})"
+
+    def inside(name):
+        return name and name not in (".", "..") and "/" not in name and os.sep not in name and "\\" not in name
+
     latest = re.search(r'^model_checkpoint_path: "(.*)"$', text, re.M)
-    every = re.findall(r'^all_model_checkpoint_paths: "(.*)"$', text, re.M)
-    return (str(Path(directory) / latest.group(1)) if latest else None), [str(Path(directory) / p) for p in every]
+    every = [p for p in re.findall(r'^all_model_checkpoint_paths: "(.*)"$', text, re.M) if inside(p)]
+    latest = os.path.join(directory, latest.group(1)) if latest and inside(latest.group(1)) else None
+    return latest, [os.path.join(directory, p) for p in every], None
 
 
 def _prefix(save_path):
@@ -360,13 +373,15 @@ def _checkpoints_on_disk(directory):
 
 def _find_latest(checkpoint_dir):
     """(prefix or None, why the index was not used or None): the index's newest if complete, else the disk's."""
-    latest, _ = _read_index(checkpoint_dir)
+    latest, _, unreadable = _read_index(checkpoint_dir)
     if latest is not None and _is_complete(latest):
         return latest, None
     on_disk = _checkpoints_on_disk(checkpoint_dir)
     if not on_disk:
         return None, None
-    if latest is None:
+    if unreadable is not None:
+        why = unreadable
+    elif latest is None:
         why = f"{os.path.join(checkpoint_dir, 'checkpoint')} is missing or names no checkpoint"
     else:
         state = "incomplete" if os.path.exists(latest + ".npz") else "missing"
@@ -415,6 +430,31 @@ def _refuse_unusable_checkpoints(checkpoint_dir):
             "checkpoint_dir")
 
 
+def _check_checkpoint_dir(directory, argument="checkpoint_dir", value=None):
+    """Raise a ValueError naming ``argument`` if ``directory`` exists but is not a folder (a file in its place)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{argument}={os.fspath(directory if value is None else value)!r}: {os.fspath(directory)} "
+                         "is a file, expected a folder for the checkpoints (or a path that does not exist yet)")
+
+
+def _retention(directory, base, new, max_to_keep):
+    """(names to keep, oldest first and ``new`` last; names to delete) among the checkpoints in ``directory``.
+
+    Decided from the files on disk, never from the index alone: the candidates are the complete checkpoints in
+    ``directory`` named ``<base>-<step>`` and those the index names (plain names in ``directory`` only, that
+    exist and are complete), ordered by write time then step. Names, not paths, are compared, so ``./ckpt`` and
+    ``ckpt`` are the same folder. A missing, garbled or binary index therefore never costs a checkpoint.
+    """
+    ours = re.compile(re.escape(base) + r"-\d+$")
+    on_disk = [os.path.basename(p) for p in _checkpoints_on_disk(directory)]
+    _, indexed, _ = _read_index(directory)
+    indexed = {os.path.basename(p) for p in indexed}
+    history = [name for name in on_disk if name != new and (ours.match(name) or name in indexed)] + [new]
+    if not max_to_keep:
+        return history, []
+    return history[-max_to_keep:], history[:-max_to_keep]
+
+
 class Saver:
     """Saves and restores variables as ``<prefix>.npz``; keeps the newest ``max_to_keep`` checkpoints.
 
@@ -446,21 +486,16 @@ class Saver:
         base = _prefix(save_path)
         prefix = f"{base}-{step}" if step is not None else base
         directory = os.path.dirname(prefix) or "."
+        _check_checkpoint_dir(directory, "save_path", save_path)
         values = {name: sess.read_variable(var) for name, var in self._vars.items()}
         for name in (os.path.basename(base), "checkpoint"):
             remove_stale_temporaries(directory, name)
         atomic_write(Path(prefix + ".npz"), lambda tmp: np.savez(tmp, **values))
-        _, previous = _read_index(directory)
-        kept = [p for p in previous if p != prefix and os.path.exists(p + ".npz")] + [prefix]
-        if self.max_to_keep:
-            kept = kept[-self.max_to_keep:]
-        _write_index(directory, prefix, kept)
-        if self.max_to_keep:  # old ones last: the index already names only the kept
-            ours = re.compile(re.escape(os.path.basename(base)) + r"-\d+$")
-            stale = set(previous) | {p for p in _checkpoints_on_disk(directory) if ours.match(os.path.basename(p))}
-            for old in sorted(stale - set(kept)):
-                if os.path.exists(old + ".npz"):
-                    os.unlink(old + ".npz")
+        kept, stale = _retention(directory, os.path.basename(base), os.path.basename(prefix), self.max_to_keep)
+        _write_index(directory, prefix, [os.path.join(directory, name) for name in kept])
+        if stale:  # old ones last: the index already names only the kept
+            for name in stale:
+                os.unlink(os.path.join(directory, name + ".npz"))
             fsync_dir(directory)
         return prefix
 
@@ -640,6 +675,7 @@ class CheckpointSaverHook(SessionRunHook):
         if self._global_step is None:
             raise RuntimeError("CheckpointSaverHook needs a global step: call tf.train.get_or_create_global_step()")
         self._saver = self._saver or Saver()
+        _check_checkpoint_dir(self._dir)
         os.makedirs(self._dir, exist_ok=True)
 
     def after_create_session(self, session, coord):
