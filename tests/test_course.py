@@ -343,3 +343,97 @@ def test_make_labs_on_an_edited_tree_keeps_every_edit(root, tmp_path):
     assert edited.read_text() == "x = 1\nmy_answer = 2\n" and (labs / "my_notes.ipynb").exists()
     assert "kept labs/scripts/run.py (your edits); new version: labs/scripts/run.updated.py" in out
     assert (labs / "scripts" / "run.updated.py").read_text().startswith("x = 10\n# YOUR CODE HERE")
+
+
+@pytest.mark.parametrize("kind, src", [
+    ("code", "### begin solution\nanswer = 42\n### end solution\n"),
+    ("code", "###BEGIN SOLUTION\nanswer = 42\n### END SOLUTION\n"),
+    ("code", "# <!--BEGIN SOLUTION-->\nanswer = 42\n"),
+    ("code", "### BEGIN SOLUTIONS\nanswer = 42\n### END SOLUTION\n"),
+    ("code", "### BEGIN SOLUTION\nanswer = 42\n"),
+    ("markdown", "<!--BEGIN SOLUTION-->\nThe answer is 42.\n<!--END SOLUTION-->\n"),
+    ("markdown", "<!-- begin solution -->\nThe answer is 42.\n<!-- END SOLUTION -->\n"),
+    ("markdown", "<!-- BEGIN SOLUTION -->\nThe answer is 42.\n"),
+])
+def test_a_line_that_looks_like_a_marker_but_is_not_one_stops_the_build_naming_notebook_and_cell(tmp_path, capsys,
+                                                                                                     kind, src):
+    sol, labs = _tree(tmp_path)
+    cell = _code(src) if kind == "code" else _md(src)
+    (sol / "leak.ipynb").write_text(json.dumps(_nb(_code("x = 1\n"), cell)))
+    assert cli.main(["build-labs", "--solutions", str(sol), "--labs", str(labs)]) == 2
+    err = capsys.readouterr().err
+    assert f"{sol / 'leak.ipynb'}, cell 1" in err and ("looks like a solution marker" in err or "never closed" in err)
+    assert not labs.exists()  # nothing written, so no answer copied
+
+
+def _crafted(labs, files):
+    labs.mkdir(parents=True, exist_ok=True)
+    (labs / course.MANIFEST).write_text(json.dumps({"generated_by": "workshop build-labs", "files": files}))
+
+
+def test_a_crafted_manifest_never_deletes_or_writes_outside_labs(tmp_path):
+    sol, labs = _tree(tmp_path)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    absolute = tmp_path / "absolute.txt"
+    absolute.write_text("precious too")
+    digest = course._digest(b"precious")
+    for entry, path in (("../outside.txt", outside), (str(absolute), absolute), ("scripts/../../outside.txt", outside)):
+        _crafted(labs, {entry: course._digest(path.read_bytes())})
+        messages = build_labs(sol, labs)
+        assert path.read_text().startswith("precious"), entry
+        assert any(m.startswith(f"ignored {labs / course.MANIFEST}") for m in messages), messages
+    assert digest and json.loads((labs / course.MANIFEST).read_text())["files"].keys() == {"a.ipynb",
+                                                                                           "scripts/run.py"}
+
+
+def test_build_labs_never_follows_a_symlink_in_labs(tmp_path):
+    sol, labs = _tree(tmp_path)
+    build_labs(sol, labs)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "run.py").write_text("x = 1\n# YOUR CODE HERE\nraise NotImplementedError()\n")  # "ours" by hash
+    shutil.rmtree(labs / "scripts")
+    (labs / "scripts").symlink_to(elsewhere, target_is_directory=True)
+    (sol / "scripts" / "run.py").write_text("x = 5\n")
+    messages = build_labs(sol, labs)
+    assert any("symbolic link" in m for m in messages), messages
+    assert (elsewhere / "run.py").read_text().startswith("x = 1") and sorted(os.listdir(elsewhere)) == ["run.py"]
+    (sol / "scripts" / "run.py").unlink()  # its solution gone: the file behind the link is still not removed
+    build_labs(sol, labs)
+    assert (elsewhere / "run.py").exists()
+
+
+@pytest.mark.parametrize("manifest", [b"\xcd\xff binary", b"{not json", b'{"files": ["a.ipynb"]}', b"[1, 2]",
+                                      b'{"files": {"a.ipynb": 5}}', b"[" * 100_000])
+def test_a_corrupt_manifest_keeps_every_file_and_writes_beside_it(tmp_path, manifest):
+    sol, labs = _tree(tmp_path)
+    build_labs(sol, labs)
+    (labs / "a.ipynb").write_text("the learner's work")
+    (labs / course.MANIFEST).write_bytes(manifest)
+    (sol / "scripts" / "run.py").write_text("x = 7\n")
+    messages = build_labs(sol, labs)
+    assert messages[0].startswith(f"ignored {labs / course.MANIFEST} is not a manifest build-labs wrote"), messages
+    assert (labs / "a.ipynb").read_text() == "the learner's work"
+    assert (labs / "scripts" / "run.py").read_text().startswith("x = 1")  # kept: the build cannot prove it is its own
+    assert (labs / "scripts" / "run.updated.py").read_text() == "x = 7\n"
+
+
+def test_build_labs_errors_name_the_file(tmp_path, capsys):
+    sol, labs = _tree(tmp_path)
+    labs.write_text("a file where labs/ should be")
+    assert cli.main(["build-labs", "--solutions", str(sol), "--labs", str(labs)]) == 2
+    assert f"labs='{labs}' is a file, expected the labs folder" in capsys.readouterr().err
+    labs.unlink()
+    (sol / "scripts" / "latin1.py").write_bytes(b"# caf\xe9\n")
+    assert cli.main(["build-labs", "--solutions", str(sol), "--labs", str(labs)]) == 2
+    assert f"{sol / 'scripts' / 'latin1.py'}: not UTF-8 text" in capsys.readouterr().err
+    (sol / "scripts" / "latin1.py").unlink()
+    if os.geteuid() != 0:  # root writes into read-only folders
+        labs.mkdir()
+        labs.chmod(0o500)
+        try:
+            assert cli.main(["build-labs", "--solutions", str(sol), "--labs", str(labs)]) == 2
+            assert f"cannot write {labs / 'a.ipynb'}" in capsys.readouterr().err
+        finally:
+            labs.chmod(0o700)

@@ -46,7 +46,7 @@ def _build_labs(args) -> int:
             print(f"{args.labs} is in sync with {args.solutions}")
             return 0
         written = course.build_labs(args.solutions, args.labs)
-    except (course.MarkerError, FileNotFoundError, ValueError) as exc:
+    except (course.MarkerError, OSError, ValueError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     for line in written:  # paths written, and every lab kept because the learner edited it

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -55,7 +56,24 @@ NOTEBOOK_METADATA = {
 
 
 class MarkerError(ValueError):
-    """Solution markers that do not pair up (unterminated, nested, or stray END)."""
+    """Solution markers that do not pair up (unterminated, nested, or stray END), or that look like one but are not."""
+
+
+# A line that reads like a marker to a person: BEGIN/END SOLUTION in any case, spacing or comment style, with
+# only punctuation before it. Such a line must be exactly a marker of its cell's kind, or it would leak the answer.
+_LOOKS_LIKE_MARKER = re.compile(r"^[\W_]*(begin|end)[\W_]*solutions?\b", re.IGNORECASE)
+
+
+def _check_marker_line(line: str, exact: tuple, where: str, number: int) -> None:
+    """Raise a MarkerError if ``line`` looks like a solution marker but is none of ``exact``."""
+    stripped = line.strip()
+    if not _LOOKS_LIKE_MARKER.match(stripped):
+        return
+    if stripped in exact or (stripped.startswith(CODE_BEGIN) and CODE_BEGIN in exact
+                             and stripped[len(CODE_BEGIN):][:1] in ("", " ")):
+        return
+    raise MarkerError(f"{where}: line {number}: {stripped!r} looks like a solution marker but is not one; "
+                      f"expected exactly {' or '.join(repr(m) for m in exact)} (the answer would be copied to labs/)")
 
 
 def strip_code(source: str, where: str = "<code>") -> str:
@@ -67,6 +85,7 @@ def strip_code(source: str, where: str = "<code>") -> str:
     out, inside, indent, begin_line, name = [], False, "", 0, ""
     for number, line in enumerate(source.splitlines(keepends=True), start=1):
         stripped = line.strip()
+        _check_marker_line(line, (CODE_BEGIN, CODE_END), where, number)
         if stripped.startswith(CODE_BEGIN):
             if inside:
                 raise MarkerError(f"{where}: line {number}: nested '{CODE_BEGIN}' (block opened on line {begin_line})")
@@ -87,10 +106,18 @@ def strip_code(source: str, where: str = "<code>") -> str:
 
 
 _MD_TOKEN = re.compile(re.escape(MD_BEGIN) + "|" + re.escape(MD_END))
+_MD_NEAR = re.compile(r"<!--[\W_]*(?:begin|end)[\W_]*solutions?\b.*?-->", re.IGNORECASE)
 
 
 def strip_markdown(source: str, where: str = "<markdown>") -> str:
     """Remove each ``<!-- BEGIN SOLUTION -->`` ... ``<!-- END SOLUTION -->`` span, markers included."""
+    for number, line in enumerate(source.splitlines(), start=1):
+        near = [m for m in _MD_NEAR.findall(line) if m not in (MD_BEGIN, MD_END)]
+        rest = _MD_TOKEN.sub("", line).strip()
+        if near or _LOOKS_LIKE_MARKER.match(rest):
+            raise MarkerError(f"{where}: line {number}: {(near or [rest])[0]!r} looks like a solution marker but is "
+                              f"not one; expected exactly {MD_BEGIN!r} or {MD_END!r} (the answer would be copied to "
+                              "labs/)")
     out, inside, pos = [], False, 0
     for match in _MD_TOKEN.finditer(source):
         if match.group() == MD_BEGIN:
@@ -153,11 +180,17 @@ def _expected_files(solutions: Path) -> dict:
         if path.suffix == ".ipynb":
             try:
                 notebook = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
+                if not isinstance(notebook, dict):
+                    raise ValueError("expected a JSON object with 'cells'")
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError too
                 raise ValueError(f"{path}: not a valid notebook ({exc})") from None
             files[rel] = _dump(make_lab_notebook(notebook, str(path)))
         elif path.suffix == ".py":
-            files[rel] = strip_code(path.read_text(encoding="utf-8"), str(path))
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}: not UTF-8 text ({exc}); save the script as UTF-8") from None
+            files[rel] = strip_code(text, str(path))
         else:
             files[rel] = path.read_bytes()
     return files
@@ -191,13 +224,59 @@ def _manifest_text(hashes: dict) -> str:
     return json.dumps({"generated_by": "workshop build-labs", "files": dict(sorted(files.items()))}, indent=1) + "\n"
 
 
-def _read_manifest(labs: Path) -> dict:
-    """``{relative path: sha256}`` of the files the last build wrote; empty when there is none (or it is unreadable)."""
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _manifest_entry_problem(rel) -> str | None:
+    """Why a manifest entry cannot be a file build-labs wrote in labs/ (None if it can)."""
+    if not isinstance(rel, str) or not rel:
+        return f"{rel!r} is not a relative path"
+    if "\\" in rel or rel.startswith("/") or Path(rel).is_absolute() or re.match(r"^[A-Za-z]:", rel):
+        return f"{rel!r} is absolute"
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return f"{rel!r} leaves labs/ or is not a plain path"
+    if any(part.startswith(".") or part in ARTIFACT_DIRS for part in parts):
+        return f"{rel!r} is a hidden or artifact path build-labs never writes"
+    return None
+
+
+def _read_manifest(labs: Path):
+    """(``{relative path: sha256}`` of the files the last build wrote, why the manifest was rejected or None).
+
+    The manifest is untrusted input (labs/ is shared and copied between learners): unless every entry is a plain
+    relative path inside labs/ with a sha256 digest, the whole manifest is rejected, and the build then treats
+    every existing file as the learner's (keeps it, and writes new versions beside edited ones).
+    """
+    path = labs / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return {}, None
     try:
-        files = json.loads((labs / MANIFEST).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    return {Path(rel): digest for rel, digest in files.items() if isinstance(digest, str)}
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("it is not a regular file")
+        document = json.loads(path.read_bytes().decode("utf-8"))
+        files = document.get("files") if isinstance(document, dict) else None
+        if not isinstance(files, dict):
+            raise ValueError("expected a JSON object with a 'files' object of {path: sha256}")
+        for rel, digest in files.items():
+            problem = _manifest_entry_problem(rel)
+            if problem is None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+                problem = f"the digest of {rel!r} is not a sha256 hex string"
+            if problem:
+                raise ValueError(problem)
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return {}, f"{path} is not a manifest build-labs wrote ({exc})"
+    return {Path(rel): digest for rel, digest in files.items()}, None
+
+
+def _through_symlink(labs: Path, rel: Path) -> bool:
+    """True if ``labs/rel`` or a folder between labs/ and it is a symbolic link (never followed)."""
+    path = labs
+    for part in rel.parts:
+        path = path / part
+        if path.is_symlink():
+            return True
+    return False
 
 
 def stale_labs(solutions="solutions", labs="labs") -> list:
@@ -222,13 +301,22 @@ def stale_labs(solutions="solutions", labs="labs") -> list:
     return stale
 
 
-def _write(target: Path, data: bytes, source: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _write(target: Path, data: bytes, source: Path | None) -> None:
+    """Write ``data`` to ``target`` atomically (with ``source``'s executable bits); errors name ``target``."""
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(data)
-    if source.stat().st_mode & 0o111:
-        shutil.copymode(source, tmp)
-    tmp.replace(target)  # atomic: an interrupted build leaves the old file or the new one, never half of one
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        if source is not None and source.stat().st_mode & 0o111:
+            shutil.copymode(source, tmp)
+        tmp.replace(target)  # atomic: an interrupted build leaves the old file or the new one, never half of one
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)  # no half-written temporary left behind (a full disk)
+        except OSError:
+            pass
+        raise OSError(exc.errno, f"cannot write {target} ({exc.strerror or exc}); labs/ keeps what it held, "
+                                 "and the next build completes it") from None
 
 
 def build_labs(solutions="solutions", labs="labs") -> list:
@@ -260,18 +348,32 @@ def build_labs(solutions="solutions", labs="labs") -> list:
     solutions, labs = Path(solutions), Path(labs)
     if not solutions.is_dir():
         raise FileNotFoundError(f"solutions directory {solutions} not found; run from the repository root")
+    if labs.exists() and not labs.is_dir():
+        raise ValueError(f"labs={os.fspath(labs)!r} is a file, expected the labs folder (or a path that does not "
+                         "exist yet); move the file away")
     expected = _expected_files(solutions)  # all markers validated before anything is written
-    generated = _read_manifest(labs)  # what we wrote last time
+    _refuse_leaks(solutions, expected)
+    generated, rejected = _read_manifest(labs)  # what we wrote last time, if the manifest can be trusted
     manifest, messages = {}, []
+    if rejected:
+        messages.append(f"ignored {rejected}: every existing file in {labs} is kept, new versions go beside edited "
+                        "ones")
 
     def ours(path: Path, rel: Path) -> bool:
-        """The file at ``path`` is missing or holds what the last build wrote there."""
-        return not path.exists() or (rel in generated and _digest(path.read_bytes()) == generated[rel])
+        """The file at ``path`` is missing or holds what the last build wrote there (never through a link)."""
+        if _through_symlink(labs, rel):
+            return False
+        return not path.exists() or (rel in generated and path.is_file()
+                                     and _digest(path.read_bytes()) == generated[rel])
 
     for rel, content in expected.items():
         data, target = _bytes(content), labs / rel
         updated_rel = _updated_name(rel)
         updated = labs / updated_rel
+        if _through_symlink(labs, rel) or _through_symlink(labs, updated_rel):
+            messages.append(f"skipped {target}: it or a folder above it is a symbolic link, which build-labs "
+                            "never follows")
+            continue
         if target.exists() and target.read_bytes() == data:
             manifest[rel] = _digest(data)
             if updated.exists() and ours(updated, updated_rel):  # the learner's lab caught up: drop our copy
@@ -295,7 +397,7 @@ def build_labs(solutions="solutions", labs="labs") -> list:
             messages.append(f"kept {target} and {updated} (your edits); not updated")
     for rel in sorted(set(generated) - set(manifest)):
         path = labs / rel
-        if rel in expected or not path.exists():
+        if rel in expected or _through_symlink(labs, rel) or not path.is_file():
             continue
         if ours(path, rel):
             path.unlink()  # ours, unchanged, and its solution is gone
@@ -304,12 +406,25 @@ def build_labs(solutions="solutions", labs="labs") -> list:
             manifest[rel] = generated[rel]
     text = _manifest_text(manifest)
     manifest_path = labs / MANIFEST
-    if not manifest_path.exists() or manifest_path.read_text(encoding="utf-8") != text:
-        labs.mkdir(parents=True, exist_ok=True)
-        tmp = labs / f"{MANIFEST}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(manifest_path)
+    if rejected or not manifest_path.is_file() or manifest_path.read_bytes() != text.encode("utf-8"):
+        if manifest_path.is_symlink():
+            manifest_path.unlink()  # the link itself, never what it points to
+        _write(manifest_path, text.encode("utf-8"), None)
     return messages
+
+
+def _refuse_leaks(solutions: Path, expected: dict) -> None:
+    """Raise a MarkerError if a lab about to be written holds a line that only a solution block holds."""
+    secrets = solution_lines(solutions)
+    for rel, content in expected.items():
+        if isinstance(content, str):
+            text = content
+            if rel.suffix == ".ipynb":
+                text = "\n".join(_source(cell) for cell in json.loads(content)["cells"])
+            for line in text.splitlines():
+                if line.strip() in secrets:
+                    raise MarkerError(f"{solutions / rel}: the lab would hold the solution line {line.strip()!r}; "
+                                      "check the solution markers around it")
 
 
 def _split_code(source: str):
