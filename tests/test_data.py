@@ -270,3 +270,45 @@ def test_a_writer_killed_mid_write_leaves_the_old_file_and_a_temporary_the_next_
     (tmp_path / "notes.txt").write_bytes(b"old notes")
     data.atomic_write(tmp_path / "notes.txt", lambda tmp: Path(tmp).write_bytes(b"new notes"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz", "notes.txt"]
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("/proc/x.npz", "cannot write in the folder /proc"),
+    (".", "is a folder"),
+    ("model.txt", "the extension '.txt' is not one this output can have"),
+    ("a_file/x.npz", "a_file is a file, not a folder"),
+    ("missing/../../escape.npz", "does not exist ('..' after a missing folder"),
+    ("", "not a file name"),
+])
+def test_check_output_path_names_argument_value_and_expected(tmp_path, monkeypatch, out, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError) as info:
+        data.check_output_path(out, (".npz",), "--out")
+    message = str(info.value)
+    assert message.startswith(f"--out={out!r}: ") and expected in message, message
+    assert message.endswith("expected a writable file path ending in .npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # the check leaves nothing behind
+    assert data.check_output_path("new/sub/m.NPZ", (".npz",), "--out") == Path("new/sub/m.NPZ")
+    assert not (tmp_path / "new").exists()  # folders are the writer's to make, not the check's
+
+
+def test_check_output_path_finds_a_full_disk_before_the_work(tmp_path):
+    import os
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root (and a kernel that allows it)")
+    try:
+        with open(mount / "filler", "wb") as f:
+            try:
+                f.write(b"\0" * 65536)
+            except OSError:
+                pass
+        with pytest.raises(ValueError, match=r"cannot write in the folder .*full \(No space left on device\)"):
+            data.check_output_path(mount / "m.npz", (".npz",), "--out")
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -134,6 +134,16 @@ def test_train_rejects_bad_arguments_naming_them(data_copy, capsys, argv, messag
     assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_train_checks_its_output_before_training(data_copy, capsys, monkeypatch):
+    from workshop_lib import cli, models as m
+
+    monkeypatch.setattr(m, "train_mnist_cnn", lambda *a, **k: pytest.fail("trained before checking --out"))
+    for out, message in (("/proc/x.npz", "--out='/proc/x.npz': cannot write in the folder /proc"),
+                         ("model.pkl", "the extension '.pkl' is not one this output can have")):
+        assert cli.main(["train", "mnist", "--steps", "1", "--out", out, "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_train_never_replaces_the_shipped_model_unless_asked(data_copy, capsys):
     import hashlib
 

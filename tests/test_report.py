@@ -140,15 +140,86 @@ def test_collect_writes_an_html_board_with_the_plot_and_every_figure_and_how(roo
     assert "AMX, 2 cores" in text and "no VNNI, 4 cores" in text
 
 
-def test_collect_names_a_file_that_is_not_a_report(room, tmp_path):
-    folder, _ = room
+def test_collect_skips_a_file_that_is_not_a_report_naming_it(room, tmp_path):
+    folder, reports = room
     (folder / "zz.json").write_text(json.dumps({"schema": "other"}))
-    with pytest.raises(ValueError, match="zz.json: not a workshop report"):
-        board.collect(folder, tmp_path / "b.png")
-    with pytest.raises(ValueError, match="must end in .png or .html"):
+    with pytest.warns(board.BoardWarning, match="skipped .*zz.json: not a workshop report"):
+        assert len(board.collect(folder, tmp_path / "b.png")) == len(reports)
+    with pytest.raises(ValueError, match=r"out='.*b.pdf': the extension '.pdf' is not one this output can have; "
+                                         r"expected a writable file path ending in .png or .html"):
         board.collect(folder, tmp_path / "b.pdf")
     with pytest.raises(ValueError, match="not a directory"):
         board.load_reports(tmp_path / "nowhere")
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["collect", str(empty), "-o", str(tmp_path / "b.png")]) == 2
+
+
+def _broken(report, path, value):
+    """``report`` with the field at ``path`` (a tuple of keys) set to ``value``."""
+    report = json.loads(json.dumps(report))
+    node = report
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return report
+
+
+BAD_FIELDS = [  # each of these drew garbage or raised a raw traceback in `workshop collect` before the schema
+    (("figures", "int8_gemm_speedup", "value"), float("nan"), "a finite number"),
+    (("figures", "int8_gemm_speedup", "value"), float("inf"), "a finite number"),
+    (("figures", "int8_gemm_speedup", "value"), True, "a finite number"),
+    (("figures", "int8_gemm_speedup", "value"), 10 ** 400, "a finite number"),
+    (("figures", "int8_gemm_speedup", "how"), 5, "a description"),
+    (("figures", "int8_gemm_speedup", "unit"), ["x"], "a unit of at most 32 characters"),
+    (("cores", "physical"), [1, 2], "a whole number of cores"),
+    (("features", "avx2"), "yes", "true or false"),
+    (("learner",), "", "a name of 1 to 100 characters"),
+    (("figures",), {f"f{i}": {"value": 1, "how": "h"} for i in range(100)}, "at most 64"),
+]
+
+
+def test_collect_skips_each_invalid_report_naming_file_and_field_and_draws_the_rest(room, tmp_path, capsys):
+    folder, reports = room
+    good = reports[0]
+    for i, (path, value, expected) in enumerate(BAD_FIELDS):
+        text = json.dumps(_broken(good, path, value)) if value != 10 ** 400 else \
+            json.dumps(good).replace('"value": 7.5', '"value": 1' + "0" * 400)
+        (folder / f"bad{i}.json").write_text(text)
+    (folder / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "binary.json").write_bytes(b"\xcd\xff\x00")
+    (folder / "huge.json").write_text(" " * (board.MAX_REPORT_BYTES + 1))
+    out = tmp_path / "board.html"
+    assert cli.main(["collect", str(folder), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    for i, (_, _, expected) in enumerate(BAD_FIELDS):
+        line = next((x for x in err.splitlines() if f"bad{i}.json" in x), "")
+        assert line.startswith("WARNING: skipped ") and expected in line, (i, err)
+    for name, why in (("deep", "nested deeper"), ("binary", "not JSON"), ("huge", "more than a report's")):
+        assert any(f"{name}.json" in x and why in x for x in err.splitlines()), (name, err)
+    text = out.read_text()
+    assert all(r["learner"] in text for r in reports) and "nan" not in text.lower()
+
+
+@pytest.mark.parametrize("figures, expected", [({"x": 5}, "figure 'x' = 5: expected an object"),
+                                               ({"x": {"value": "NaN", "how": "h"}}, "'value' = 'NaN'")])
+def test_report_refuses_a_results_file_collect_would_refuse_naming_it(results, figures, expected, tmp_path, capsys):
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"figures": figures}))
+    out = tmp_path / "me.json"
+    assert cli.main(["report", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(results) in err and not out.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["report", "--name", "x/../../../evil"], "--name 'x/../../../evil': expected a name without '/'"),
+    (["report", "-o", "/proc/r.json"], "out='/proc/r.json': cannot write in the folder /proc"),
+    (["report", "-o", "r.txt"], "out='r.txt': the extension '.txt' is not one this output can have"),
+    (["collect", ".", "-o", "/proc/b.html"], "out='/proc/b.html': cannot write in the folder /proc"),
+])
+def test_report_and_collect_check_their_output_before_the_work(argv, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    assert expected in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] or list(tmp_path.iterdir()) == []

@@ -85,7 +85,7 @@ def _train_output(args):
     from pathlib import Path
 
     from . import models
-    from .data import DataError
+    from .data import DataError, check_output_path
 
     try:
         shipped = models.default_model_path().resolve()
@@ -101,6 +101,10 @@ def _train_output(args):
                       f"or write elsewhere (default: ./{TRAIN_OUT})")
     if args.overwrite_shipped and out.resolve() != shipped:
         return None, f"--overwrite-shipped replaces {shipped}; it cannot be combined with --out {out}"
+    try:  # before the training: a typo must not cost the run
+        check_output_path(out, (".npz",), "--out")
+    except ValueError as exc:
+        return None, str(exc)
     return out, None
 
 
@@ -180,8 +184,11 @@ def _report(args) -> int:
     from . import board
     from .bench import results_path
 
-    out = args.out or f"workshop-report-{args.name or 'me'}.json"
     try:
+        if args.name is not None and ("/" in args.name or "\\" in args.name or args.name.strip() in ("", ".", "..")):
+            raise ValueError(f"--name {args.name!r}: expected a name without '/' or '\\' (it is also the file name "
+                             "workshop-report-NAME.json)")
+        out = args.out or f"workshop-report-{args.name or 'me'}.json"
         report = board.write_report(out, learner=args.name)
     except (ValueError, OSError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
@@ -194,11 +201,15 @@ def _report(args) -> int:
 def _collect(args) -> int:
     from . import board
 
+    skipped = []
     try:
-        reports = board.collect(args.folder, args.out)
+        reports = board.collect(args.folder, args.out, skipped=skipped)
     except (ValueError, OSError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
+    finally:
+        for path, why in skipped:
+            print(f"WARNING: skipped {path}: {why}", file=sys.stderr)
     groups = sorted({board.group_of(r) for r in reports})
     print(f"{len(reports)} report(s) in {len(groups)} group(s) ({'; '.join(groups)}); wrote {args.out}")
     return 0

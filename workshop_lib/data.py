@@ -30,6 +30,7 @@ __all__ = [
     "load_image",
     "save_image",
     "atomic_write",
+    "check_output_path",
     "fsync_dir",
     "is_temporary",
     "remove_stale_temporaries",
@@ -95,6 +96,69 @@ def atomic_write(path, write) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def check_output_path(path, extensions, argument="path") -> Path:
+    """Check, before the work that produces it, that ``path`` can be written; returns it as a Path.
+
+    The checks: a file name, not a folder; an extension among ``extensions``; a folder that exists (or can be
+    created below an existing one, never through ``..`` after a missing folder, so the file lands where it was
+    asked); and a real trial write there (a one-byte temporary named as :func:`atomic_write`'s, removed at
+    once), which catches read-only folders, ``/proc`` and a full disk, where permission bits alone do not.
+
+    Parameters
+    ----------
+    path : str or Path
+        The output file.
+    extensions : sequence of str
+        The accepted suffixes, lower case with their dot (``(".json",)``); compared case-insensitively.
+    argument : str
+        How the user gave ``path`` (``"--out"``, ``"HOROVOD_TIMELINE"``), to name it in the error.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``argument``, the value, what is wrong and what was expected.
+    """
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    shown = repr(text) if text is not None else repr(path)
+    expected = f"a writable file path ending in {' or '.join(extensions)}"
+
+    def fail(why):
+        raise ValueError(f"{argument}={shown}: {why}; expected {expected}")
+
+    if not text or not text.strip() or "\0" in text:
+        fail("not a file name")
+    out = Path(text)
+    if text.endswith(("/", os.sep)) or out.is_dir():
+        fail("is a folder")
+    if out.suffix.lower() not in tuple(e.lower() for e in extensions):
+        fail(f"the extension {out.suffix or '(none)'!r} is not one this output can have")
+    if (out.exists() or out.is_symlink()) and not out.is_file():
+        fail("exists and is not a regular file")
+    folder = out.parent
+    if not folder.exists():
+        if ".." in out.parts:
+            fail(f"the folder {folder} does not exist ('..' after a missing folder would put the file elsewhere)")
+        while not folder.exists():
+            folder = folder.parent
+    if not folder.is_dir():
+        fail(f"{folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{out.name}.tmp{os.getpid()}-", suffix=out.suffix)
+        try:
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        fail(f"cannot write in the folder {folder} ({exc.strerror or exc})")
+    return out
 
 
 def _fsync(path, flags=os.O_RDONLY) -> None:
