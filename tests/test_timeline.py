@@ -54,6 +54,29 @@ def test_horovod_timeline_writes_one_chrome_trace_with_every_ranks_steps(mpirun,
     assert sorted(totals) == list(range(n)) and all(set(t) == set(timeline.PHASES) for t in totals.values())
 
 
+@pytest.mark.mpi
+def test_a_timeline_that_cannot_be_written_fails_hvd_init_on_every_rank(mpirun, tmp_path):
+    """Before: a FileNotFoundError traceback from the exit hook on every rank, and exit status 0."""
+    for path, why in (("/proc/timeline.json", "cannot write in the folder /proc"), (str(tmp_path), "is a folder")):
+        proc = mpirun(2, [SCRIPT, "--steps", "1"], timeout=120, check=False,
+                      env={**os.environ, "HOROVOD_TIMELINE": path})
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, out
+        message = f"the timeline cannot be written on rank(s) 0, 1: HOROVOD_TIMELINE={path!r}: {why}"
+        assert out.count(message) == 2, out  # on both ranks, at hvd.init(), before any step
+        assert "steps" not in proc.stdout
+
+
+def test_check_path_names_every_rank_that_cannot_write(tmp_path):
+    class Ranks:  # three ranks' answers, as comm.allgather returns them
+        def allgather(self, mine):
+            return [None, mine, "HOROVOD_TIMELINE='x': cannot write"]
+
+    timeline.check_path(tmp_path / "t.json")
+    with pytest.raises(ValueError, match=r"on rank\(s\) 2: HOROVOD_TIMELINE='x': cannot write"):
+        timeline.check_path(tmp_path / "t.json", Ranks())
+
+
 def test_a_single_process_timeline_and_its_drawing(tmp_path):
     import matplotlib
 

@@ -97,6 +97,7 @@ def init(comm=None):
     _state = _State(Communicator(comm))
     path = os.environ.get(timeline.ENV, "").strip()
     if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective
+        timeline.check_path(path, _state.comm.comm)  # collective: a path any rank cannot write fails on every rank
         _state.timeline = timeline.Timeline(path, _state.comm.rank, _state.comm.size, _state.comm.comm.Dup())
         # registered before the guard's exit hooks, so it runs after them: once every rank has ended normally
         atexit.register(_close_timeline)

@@ -26,9 +26,9 @@ import json
 import time
 from pathlib import Path
 
-from .data import atomic_write
+from .data import atomic_write, check_output_path
 
-__all__ = ["ENV", "PHASES", "Timeline", "load", "phase_totals", "draw"]
+__all__ = ["ENV", "PHASES", "Timeline", "check_path", "load", "phase_totals", "draw"]
 
 ENV = "HOROVOD_TIMELINE"
 PHASES = ("compute", "wait", "allreduce", "update")
@@ -37,6 +37,25 @@ _COLOURS = {"compute": "tab:blue", "wait": "tab:red", "allreduce": "tab:orange",
 
 def _now_us():
     return time.time_ns() / 1000.0
+
+
+def check_path(path, comm=None):
+    """Check on every rank, at start-up, that each can write the timeline ``path`` (its part, and rank 0 the merge).
+
+    Collective over ``comm`` (an mpi4py communicator; None: this process only): if any rank cannot write,
+    every rank raises the same ValueError, naming the ranks and why, so the job ends at ``hvd.init()``
+    instead of a traceback at exit with status 0.
+    """
+    try:
+        check_output_path(path, (".json",), ENV)
+        problem = None
+    except ValueError as exc:
+        problem = str(exc)
+    problems = [problem] if comm is None else comm.allgather(problem)
+    failed = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+    if failed:
+        ranks = ", ".join(str(rank) for rank, _ in failed)
+        raise ValueError(f"the timeline cannot be written on rank(s) {ranks}: {failed[0][1]}")
 
 
 class Timeline:
