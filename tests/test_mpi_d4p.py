@@ -104,7 +104,8 @@ def test_a_rank_that_fails_outside_a_d4p_call_ends_the_job_quickly_with_its_mess
 @pytest.mark.parametrize("args, message", [
     (["--out", "q.pgn"], "--out q.pgn: .pgn is not an image format PIL can write"),
     (["--out", "q.xbm"], "--out q.xbm: XBM cannot hold an RGB image"),
-    (["--out", "no_such_folder/q.png"], "does not exist or is not writable"),
+    (["--out", "/proc/q.png"], "--out='/proc/q.png': cannot write in the folder /proc"),  # passed as root before
+    (["--out", "a_file/q.png"], "a_file is a file, not a folder"),
     (["--colors", "0"], "--colors 0 must be between 1 and 256"),
     (["--max-iter", "-1"], "--max-iter -1 must be >= 0"),
     (["--image", "README.md"], "--image README.md: not a readable image"),
@@ -114,12 +115,15 @@ def test_quantize_script_rejects_bad_arguments_on_every_rank_before_any_work(mpi
 
     base = ["labs/scripts/kmeans_quantize.py", "--image", "data/images/hubble_deep_field.jpg", "--out",
             str(tmp_path / "q.png")]
+    if "a_file/q.png" in args:
+        args = ["--out", str(tmp_path / "a_file" / "q.png")]
+        (tmp_path / "a_file").write_text("not a folder")
     t0 = time.monotonic()
     proc = mpirun(2, base + args, timeout=60, check=False)
     assert proc.returncode == 2 and time.monotonic() - t0 < 30, (proc.returncode, proc.stderr)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("kmeans_quantize.py: error: ")]
     assert len(errors) == 2 and all(message in line for line in errors), proc.stderr  # one per rank
-    assert "Lloyd iterations" not in proc.stdout and not list(tmp_path.iterdir())
+    assert "Lloyd iterations" not in proc.stdout and [p.name for p in tmp_path.iterdir()] in ([], ["a_file"])
 
 
 def test_quantize_script_runs_as_documented_and_matches_one_rank(mpirun, root, tmp_path):

@@ -144,6 +144,8 @@ def test_stall_variables_are_validated():
     (["--batch-size", "-3"], "argument --batch-size: expected a positive integer, got -3"),
     (["--steps", "-1"], "argument --steps: expected a positive integer, got -1"),
     (["--lr", "nan"], "argument --lr: expected a positive number, got nan"),
+    (["--results", "/proc/r.json"], "--results='/proc/r.json': cannot write in the folder /proc"),  # after training
+    (["--results", "r.txt"], "--results='r.txt': the extension '.txt' is not one this output can have"),
 ])
 def test_the_horovod_mnist_script_refuses_bad_arguments_on_every_rank_before_training(mpirun, tmp_path, argv, message):
     t0 = time.monotonic()

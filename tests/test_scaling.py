@@ -152,3 +152,18 @@ def test_allreduce_bench_prints_the_fitted_models_prediction_next_to_the_measure
     rows = [line.split() for line in proc.stdout.splitlines() if line.strip().split()[:1] == ["65536"]]
     assert len(rows) == 2 and all(float(row[5]) > 0 and math.isclose(float(row[6]), float(row[5]) / float(row[4]),
                                                                       rel_tol=0.05, abs_tol=0.01) for row in rows)
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("allreduce_timing.py", ["--sizes", "-4"], "argument --sizes: expected positive integers, got -4"),
+    ("link_timing.py", ["--sizes", "8", "0"], "argument --sizes: expected positive integers, got 8 0"),
+    ("link_timing.py", ["--repeats", "0"], "argument --repeats: expected positive integers, got 0"),
+])
+def test_the_timing_scripts_name_a_bad_size_before_any_mpi(root, script, argv, message):
+    """Before: numpy's "negative dimensions are not allowed" from inside the timing."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, script, *argv], cwd=root / "labs" / "scripts", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

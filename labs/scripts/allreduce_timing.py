@@ -18,6 +18,9 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[1 << 16, 1 << 20, 1 << 24], help="bytes")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    for flag, values in (("--sizes", args.sizes), ("--repeats", [args.repeats])):
+        if any(v < 1 for v in values):
+            parser.error(f"argument {flag}: expected positive integers, got {' '.join(map(str, values))}")
     rows = [time_allreduce(n, ("mpi", "ring", "ours", "parameter_server"), args.repeats) for n in args.sizes]
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(json.dumps({"ranks": MPI.COMM_WORLD.Get_size(), "rows": rows}), flush=True)

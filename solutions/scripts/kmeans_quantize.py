@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 import workshop_lib.d4p as d4p
-from workshop_lib.data import load_image, save_image
+from workshop_lib.data import check_output_path, load_image, save_image
 
 
 def parse_args(argv=None):
@@ -72,9 +72,10 @@ def argument_problem(args):
         Image.new("RGB", (2, 2)).save(io.BytesIO(), format=image_format)
     except (OSError, ValueError, KeyError) as exc:
         return f"--out {args.out}: {image_format} cannot hold an RGB image ({exc}); use .png or .jpg"
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        return f"--out {args.out}: the folder {folder} does not exist or is not writable"
+    try:  # a trial write, before the fit: permission bits say nothing of /proc or a full disk
+        check_output_path(args.out, (extension,), "--out")
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

@@ -19,6 +19,9 @@ def main():
                         help="bytes")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    for flag, values in (("--sizes", args.sizes), ("--repeats", [args.repeats])):
+        if any(v < 1 for v in values):
+            parser.error(f"argument {flag}: expected positive integers, got {' '.join(map(str, values))}")
     sizes, seconds = measure_link(sizes=args.sizes, repeats=args.repeats)
     if MPI.COMM_WORLD.Get_rank() == 0:
         print(json.dumps({"ranks": MPI.COMM_WORLD.Get_size(), "bytes": sizes, "seconds": seconds}), flush=True)

@@ -14,14 +14,16 @@ the ranks at every step. The six steps of the slides are marked (1) to (6).
 import argparse
 import json
 import math
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 
 import workshop_lib.hvd as hvd
 import workshop_lib.tf as tf
 from workshop_lib import placement
-from workshop_lib.data import load_mnist
+from workshop_lib.data import atomic_write, check_output_path, load_mnist
 
 layers = tf.layers
 tf.logging.set_verbosity(tf.logging.INFO)
@@ -110,6 +112,13 @@ def parse_args():
             ("--seed", args.seed, args.seed >= 0, "a non-negative integer")):
         if not ok:
             parser.error(f"argument {flag}: expected {expected}, got {value}")
+    if os.path.exists(args.checkpoint_dir) and not os.path.isdir(args.checkpoint_dir):
+        parser.error(f"argument --checkpoint-dir: expected a folder, got {args.checkpoint_dir} (a file)")
+    if args.results:
+        try:  # before training: a typo must not cost the run
+            check_output_path(args.results, (".json",), "--results")
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -204,8 +213,7 @@ def main():
         print(f"ranks={hvd.size()} steps/rank={steps_run} time={seconds:.1f}s "
               f"images/s={summary['images_per_second']:.0f} test accuracy={accuracy:.4f}", flush=True)
         if args.results:
-            with open(args.results, "w") as f:
-                json.dump(summary, f, indent=1)
+            atomic_write(args.results, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
 
 
 if __name__ == "__main__":
