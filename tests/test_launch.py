@@ -322,7 +322,7 @@ def test_workshop_bench_offers_every_script_of_benchmarks(root):
     scripts = sorted(p.name[: -len("_bench.py")] for p in (root / "benchmarks").glob("*_bench.py"))
     assert {"allreduce", "horovod"} <= set(scripts)
     bench = cli.build_parser()._subparsers._group_actions[0].choices["bench"]
-    assert sorted(next(a for a in bench._actions if a.dest == "name").choices) == scripts
+    assert sorted(next(a for a in bench._actions if a.dest == "name").choices) == sorted(scripts + ["faults"])
 
 
 def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path):

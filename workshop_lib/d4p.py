@@ -290,6 +290,11 @@ def _communicator(distributed):
 # Validation at the public boundary (the kernels trust their inputs).
 
 
+def _is_real(value):
+    """A real number (int or float, numpy's too), not a bool or a string: what a numeric parameter may be."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def _check_common(nClusters, fptype):
     if not isinstance(nClusters, (int, np.integer)) or isinstance(nClusters, bool) or nClusters < 1:
         raise ValueError(f"nClusters={nClusters!r} must be a positive integer")
@@ -306,9 +311,13 @@ def _local_data_error(data, dtype, name="data"):
         return f"{name}.shape={arr.shape} must be 2-D (n_rows, n_features)", None
     if arr.shape[1] < 1:
         return f"{name}.shape={arr.shape} has no features", None
-    arr = np.ascontiguousarray(arr, dtype=dtype)
+    with np.errstate(over="ignore"):  # an overflow is reported below, naming the value
+        given, arr = arr, np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0]
+        if np.isfinite(given[bad[0], bad[1]]):  # finite, but beyond the range of fptype's dtype
+            return (f"{name}[{bad[0]}, {bad[1]}]={float(given[bad[0], bad[1]])!r} is beyond the range of {np.dtype(dtype)}; "
+                    "use fptype='double' or scale the data"), None
         return f"{name} contains NaN or Inf (first at row {bad[0]}, column {bad[1]}); clean or impute it first", None
     return None, arr
 
@@ -760,8 +769,8 @@ class kmeans_init:  # noqa: N801 - daal4py's name
             raise ValueError(f"method={method!r} must be one of {INIT_METHODS}")
         if not isinstance(nTrials, (int, np.integer)) or nTrials < 1:
             raise ValueError(f"nTrials={nTrials!r} must be a positive integer")
-        if not oversamplingFactor > 0:
-            raise ValueError(f"oversamplingFactor={oversamplingFactor!r} must be positive")
+        if not _is_real(oversamplingFactor) or not oversamplingFactor > 0:
+            raise ValueError(f"oversamplingFactor={oversamplingFactor!r} must be a positive number")
         if not isinstance(nRounds, (int, np.integer)) or nRounds < 1:
             raise ValueError(f"nRounds={nRounds!r} must be a positive integer")
         self.nClusters, self.method, self.nTrials = int(nClusters), method, int(nTrials)
@@ -832,8 +841,8 @@ class kmeans:  # noqa: N801 - daal4py's name
         _check_common(nClusters, fptype)
         if not isinstance(maxIterations, (int, np.integer)) or maxIterations < 0:
             raise ValueError(f"maxIterations={maxIterations!r} must be a non-negative integer")
-        if not accuracyThreshold >= 0:
-            raise ValueError(f"accuracyThreshold={accuracyThreshold!r} must be >= 0")
+        if not _is_real(accuracyThreshold) or not accuracyThreshold >= 0:
+            raise ValueError(f"accuracyThreshold={accuracyThreshold!r} must be a number >= 0")
         self.nClusters, self.maxIterations = int(nClusters), int(maxIterations)
         self.accuracyThreshold, self.assignFlag = float(accuracyThreshold), bool(assignFlag)
         self.distributed, self.fptype = bool(distributed), fptype
