@@ -187,3 +187,24 @@ def test_a_run_frees_each_value_after_its_last_reader_and_keeps_the_fetched_ones
         got_a, got_b = sess.run([a, b], {x: xv})  # fetched: kept to the end
         assert alive_later == [False, True]
         np.testing.assert_array_equal(got_a, 2 * xv)
+
+
+def test_bad_fetch_names_ragged_feeds_and_empty_batches_are_named():
+    """Before: a raw IndexError, int()'s ValueError, numpy's inhomogeneous-shape error and a ZeroDivisionError."""
+    import numpy as np
+
+    import workshop_lib.tf as tf
+
+    x = tf.placeholder(tf.float32, [None, 2], name="x")
+    w = tf.Variable(np.ones((2, 1), np.float32))
+    loss = tf.reduce_mean(tf.matmul(x, w), name="loss")
+    train = tf.train.GradientDescentOptimizer(0.1).minimize(loss)
+    with tf.Session() as sess:
+        sess.run(tf.global_variables_initializer())
+        for name in ("loss:3", "loss:zero"):
+            with pytest.raises(ValueError, match=f"tensor name '{name}': 'loss' has 1 output\\(s\\), so the index"):
+                sess.run(name, {x: np.ones((1, 2))})
+        with pytest.raises(tf.errors.InvalidArgumentError, match="cannot feed x:0 a ragged value"):
+            sess.run(loss, {x: [[1, 2], [3]]})
+        with pytest.raises(tf.errors.InvalidArgumentError, match="a mean over an empty input .* at least one example"):
+            sess.run(train, {x: np.zeros((0, 2), np.float32)})

@@ -200,6 +200,9 @@ class Graph:
             raise ValueError(f"tensor names look like 'op_name:0'; got {name!r}")
         op_name, index = name.rsplit(":", 1)
         op = self.get_operation_by_name(op_name)
+        if not index.isdigit() or int(index) >= len(op.outputs):
+            raise ValueError(f"tensor name {name!r}: {op_name!r} has {len(op.outputs)} output(s), so the index after "
+                             f"':' must be 0 to {len(op.outputs) - 1}; got {index!r}")
         return op.outputs[int(index)]
 
     def as_graph_element(self, obj):
@@ -434,7 +437,11 @@ def feed_array(tensor, value):
     InvalidArgumentError
         Naming the tensor, the dtype fed, the offending value and the dtype expected.
     """
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # a ragged list: numpy's "inhomogeneous shape"
+        raise InvalidArgumentError(f"cannot feed {tensor.name} a ragged value (rows of different lengths): {exc}; "
+                                   f"expected an array of shape {tensor.shape}") from None
     want = np.dtype(tensor.dtype.as_numpy_dtype)
     if arr.dtype == want:
         return arr

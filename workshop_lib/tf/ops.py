@@ -346,6 +346,9 @@ def _reduce_grad(scale_by_count):
         axes, keepdims = op.attrs["axis"], op.attrs["keepdims"]
 
         def compute(ctx, gv, xv):
+            if scale_by_count and xv.size == 0:
+                raise InvalidArgumentError(f"{op.name}: the gradient of a mean over an empty input (shape "
+                                           f"{xv.shape}); feed a batch of at least one example")
             if np.ndim(gv) == 0:  # a loss's mean or sum: fill, without broadcasting and copying (same values)
                 return (np.full(np.shape(xv), gv * (1 / xv.size) if scale_by_count else gv, dtype=xv.dtype),)
             if not keepdims:
