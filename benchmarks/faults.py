@@ -199,7 +199,7 @@ def probes(tmpfs_ok: bool) -> list:
             os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = "soon"
         hvd.init()
         hvd.allreduce(np.ones(10, np.float32))
-        """, expect=["HOROVOD_STALL_CHECK_TIME_SECONDS", "soon"], n=2, timeout=40, section1=True)
+        """, expect=["HOROVOD_STALL_CHECK_TIME_SECONDS", "soon"], n=2, timeout=30, section1=True)
     add("simulate_nodes_on_one_rank_only", "mpi raise (section 1)", """
         if os.environ.get("PMI_RANK") == "1":
             os.environ["WORKSHOP_SIMULATE_NODES"] = "2"
@@ -207,7 +207,7 @@ def probes(tmpfs_ok: bool) -> list:
         c = Communicator()
         c.allreduce(np.ones(10))
         print("HANDLED", flush=True)
-        """, expect=["WORKSHOP_SIMULATE_NODES"], n=2, timeout=40, section1=True)
+        """, expect=["WORKSHOP_SIMULATE_NODES"], n=2, timeout=30, section1=True)
     add("os_exit_on_one_rank", "mpi raise", """
         import workshop_lib.hvd as hvd
         hvd.init()
@@ -254,7 +254,7 @@ def probes(tmpfs_ok: bool) -> list:
         data = np.random.default_rng(d4p.my_procid()).random((200, 3))
         init = d4p.kmeans_init(4, method="randomDense", distributed=d4p.my_procid() == 0).compute(data)
         d4p.kmeans(4, 5, distributed=d4p.my_procid() == 0).compute(data, init.centroids)
-        """, expect=["distributed"], n=2, timeout=40, section1=True)
+        """, expect=["distributed"], n=2, timeout=30, section1=True)
     add("d4p_cluster_count_mismatch", "mpi mismatch", """
         import workshop_lib.d4p as d4p
         d4p.daalinit()
@@ -549,7 +549,7 @@ def run_probe(probe: Probe, scratch: Path, mpiexec: str | None) -> dict:
     program = scratch / "probe.py"
     program.write_text(probe.code)
     env = {**os.environ, "FAULTS_ROOT": str(ROOT), "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "PYTHONDONTWRITEBYTECODE": "1", **probe.env}
+           "PYTHONDONTWRITEBYTECODE": "1", "WORKSHOP_RESULTS": str(scratch / "results.json"), **probe.env}
     if probe.n > 1:
         if mpiexec is None:
             return {"name": probe.name, "area": probe.area, "category": "skipped", "seconds": 0.0,
