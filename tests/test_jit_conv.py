@@ -206,3 +206,11 @@ def test_no_kernel_when_numba_compiles_for_another_cpu(monkeypatch):
 def test_invalid_arguments_raise_errors_that_name_them(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("input_hw", [(0, -3), "ab", (2.5, 4)])
+def test_backward_data_names_a_bad_input_hw_instead_of_blaming_dout(input_hw):
+    """Before: (0, -3) was blamed on dout, asking for a shape (N, 0, -3, 4)."""
+    with pytest.raises((ValueError, TypeError), match=r"input_hw=.* must be a positive integer or a pair"):
+        jit_conv.conv2d_backward_data_nhwc_f32(np.zeros((1, 2, 2, 4), np.float32), np.zeros((3, 3, 2, 4), np.float32),
+                                               input_hw=input_hw, pads=((0, 0), (0, 0)))
