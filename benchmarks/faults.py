@@ -278,7 +278,8 @@ def probes(tmpfs_ok: bool) -> list:
         hvd.init()
         hvd.allreduce(np.ones(10, np.float32))
         hvd.shutdown() if False else None
-        """, expect=["WORKSHOP_HVD_EXIT_TIMEOUT", "abc"], n=2, env={"WORKSHOP_HVD_EXIT_TIMEOUT": "abc"})
+        """, expect=["WORKSHOP_HVD_EXIT_TIMEOUT", "abc"], n=2, env={"WORKSHOP_HVD_EXIT_TIMEOUT": "abc"},
+        section1=True)  # read at exit today; section 1 reads every variable at start-up
     add("numba_num_threads_zero", "env", """
         import workshop_lib.hvd as hvd
         hvd.init()
@@ -544,11 +545,11 @@ def _kill_group(proc):
         pass
 
 
-def run_probe(probe: Probe, scratch: Path, mpiexec: str | None) -> dict:
-    """Run one probe in ``scratch``; returns ``{"name", "area", "category", "seconds", "detail"}``."""
+def run_probe(probe: Probe, scratch: Path, mpiexec: str | None, root: Path = ROOT) -> dict:
+    """Run one probe in ``scratch`` against the checkout ``root``; returns its outcome as a dict."""
     program = scratch / "probe.py"
     program.write_text(probe.code)
-    env = {**os.environ, "FAULTS_ROOT": str(ROOT), "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    env = {**os.environ, "FAULTS_ROOT": str(root), "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "PYTHONDONTWRITEBYTECODE": "1", "WORKSHOP_RESULTS": str(scratch / "results.json"), **probe.env}
     if probe.n > 1:
         if mpiexec is None:
@@ -609,7 +610,12 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="list the probes and exit")
     parser.add_argument("--json", help="write every outcome to this .json file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (its path is printed)")
+    parser.add_argument("--root", default=str(ROOT),
+                        help="the course checkout whose workshop_lib and labs the probes use (default: this one); "
+                             "another commit's checkout gives the before/after")
     args = parser.parse_args(argv)
+    if not (Path(args.root) / "workshop_lib" / "__init__.py").is_file():
+        parser.error(f"argument --root: expected a checkout of the course (with workshop_lib/), got {args.root}")
     if args.json:
         sys.path.insert(0, str(ROOT))
         from workshop_lib.data import check_output_path
@@ -629,14 +635,14 @@ def main(argv=None):
 
     mpiexec = mpiexec_path()
     base = Path(tempfile.mkdtemp(prefix="workshop-faults-"))
-    print(f"{len(selected)} probes in {base}" + ("" if tmpfs_ok else "; no tmpfs can be mounted here: full-disk "
+    print(f"{len(selected)} probes of {Path(args.root).resolve()} in {base}" + ("" if tmpfs_ok else "; no tmpfs can be mounted here: full-disk "
                                                 "probes left out"), flush=True)
     rows, t0 = [], time.monotonic()
     try:
         for i, probe in enumerate(selected):
             scratch = base / probe.name
             scratch.mkdir()
-            row = run_probe(probe, scratch, mpiexec)
+            row = run_probe(probe, scratch, mpiexec, Path(args.root).resolve())
             rows.append(row)
             print(f"[{i + 1:3d}/{len(selected)}] {row['category']:8s} {row['seconds']:5.1f}s  {probe.area:24s} "
                   f"{probe.name}" + (f"  | {row['detail']}" if row["category"] not in ("clear", "handled") else ""),
