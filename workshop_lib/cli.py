@@ -1,5 +1,5 @@
 """The ``workshop`` command: ``check``, ``build-labs [--check]``, ``train mnist``, ``bench NAME``, ``launch``,
-``report``, ``collect``, ``--version``."""
+``warm``, ``report``, ``collect``, ``--version``."""
 
 from __future__ import annotations
 
@@ -176,6 +176,13 @@ def _launch(args) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _warm(args) -> int:
+    from . import warm
+
+    warm.warm(progress=not args.quiet)
+    return 0
+
+
 def _report(args) -> int:
     from . import board
     from .bench import results_path
@@ -276,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the line only")
     run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
     run.set_defaults(func=_launch, args=[])
+
+    wrm = sub.add_parser("warm", help="compile every kernel the labs time into numba's cache, for this CPU")
+    wrm.add_argument("--quiet", action="store_true", help="no progress bar")
+    wrm.set_defaults(func=_warm)
 
     rep = sub.add_parser("report", help="write your CPU and the figures the labs recorded as one JSON for the class board")
     rep.add_argument("-o", "--out", default=None, help="output file (default: workshop-report-NAME.json)")
