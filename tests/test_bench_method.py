@@ -160,3 +160,13 @@ def test_comparison_verdict_rejects_an_unknown_name():
                          bench.MachineNote(idle()(), idle()()))
     with pytest.raises(KeyError, match="'c'"):
         c.verdict("c")
+
+
+@pytest.mark.parametrize("plan, match", [(dict(thread=2), "unknown keys"), (dict(variant="stock"), "variant='stock'"),
+                                         (dict(mode="eval"), "mode='eval'")])
+def test_cnn_steps_rejects_a_bad_plan_by_name(plan, match):
+    import numpy as np
+
+    with pytest.raises(ValueError, match=match):
+        with bench.cnn_steps({"p": plan}, images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64)):
+            pass

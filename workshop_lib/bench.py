@@ -24,7 +24,7 @@ import numpy as np
 
 from .data import atomic_write
 
-__all__ = ["measure", "compare", "Measurement", "Comparison", "Verdict", "machine_state", "sig",
+__all__ = ["measure", "compare", "cnn_steps", "Measurement", "Comparison", "Verdict", "machine_state", "sig",
            "background_load", "RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_tensorflow_cnn", "measure_torch_cnn", "executive_summary",
            "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
@@ -247,6 +247,64 @@ def _time_steps(sess, model, mode, batch_size, num_batches, num_warmup, images, 
             losses.append(None if loss is None else float(loss))
     return speeds, (losses if mode == "train" else None)
 
+
+
+@contextlib.contextmanager
+def cnn_steps(plans, images=None, labels=None):
+    """``{name: step}``: one callable per plan, each running one step of the labs' CNN in a session of its own.
+
+    For :func:`compare`: every plan's session stays open inside the block, so the rounds time steps, not graph
+    building. Each call feeds a fresh random batch (seeded per plan).
+
+    Parameters
+    ----------
+    plans : dict
+        ``{name: kwargs}``, the keywords of :func:`measure_cnn` that shape a run: ``variant`` ("reference" or
+        "optimized"), ``mode``, ``batch_size``, ``threads``, ``inter_op``, ``data_format``, ``layout``, ``fusion``.
+    images, labels : ndarray, optional
+        The batches' source (default MNIST's training set).
+    """
+    import workshop_lib.tf as tf
+
+    from . import models
+    from .data import load_mnist
+
+    allowed = {"variant", "mode", "batch_size", "threads", "inter_op", "data_format", "layout", "fusion"}
+    if images is None:
+        (images, labels), _ = load_mnist()
+    with contextlib.ExitStack() as stack:
+        steps = {}
+        for name, plan in plans.items():
+            unknown = set(plan) - allowed
+            if unknown:
+                raise ValueError(f"plans[{name!r}] has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+            variant = plan.get("variant", "optimized")
+            if variant not in ("reference", "optimized"):
+                raise ValueError(f"plans[{name!r}]: variant={variant!r} must be 'reference' or 'optimized' "
+                                 "(stock needs a Python of its own: measure_cnn('stock'))")
+            mode, batch = plan.get("mode", "train"), plan.get("batch_size", 50)
+            if mode not in ("train", "inference"):
+                raise ValueError(f"plans[{name!r}]: mode={mode!r} must be 'train' or 'inference'")
+            model = models.TrainingGraph(seed=0, data_format=plan.get("data_format", "NHWC"))
+            options = tf.GraphOptions(kernels=variant, fusion=plan.get("fusion"), layout=plan.get("layout", "native"))
+            config = tf.ConfigProto(intra_op_parallelism_threads=plan.get("threads", 2),
+                                    inter_op_parallelism_threads=plan.get("inter_op", 1), graph_options=options)
+            sess = stack.enter_context(model.session(config))
+            steps[name] = _one_step(sess, model, mode, batch, images, labels)
+        yield steps
+
+
+def _one_step(sess, model, mode, batch_size, images, labels):
+    rng = np.random.default_rng(0)
+
+    def step():
+        idx = rng.choice(len(images), batch_size, replace=len(images) < batch_size)
+        if mode == "train":
+            sess.run(model.train_op, model.feed(images[idx], labels[idx], keep_prob=0.5))
+        else:
+            sess.run(model.logits, model.feed(images[idx]))
+    step.batch_size = batch_size
+    return step
 
 _STOCK_CHILD = """
 import json, sys
