@@ -170,3 +170,17 @@ def test_cnn_steps_rejects_a_bad_plan_by_name(plan, match):
     with pytest.raises(ValueError, match=match):
         with bench.cnn_steps({"p": plan}, images=np.zeros((4, 28, 28), np.uint8), labels=np.zeros(4, np.int64)):
             pass
+
+
+def test_verdict_apart_takes_its_spread_from_both_interquartile_ranges():
+    clock = FakeClock()
+    durations = [0.0, 0.009, 0.010, 0.011, 0.010, 0.010]
+    base = bench.measure(clock.work(durations), min_time=0, min_repeats=5, max_repeats=5, clock=clock, state=idle(),
+                         name="fp32")
+    fast = bench.measure(clock.work([0.0, 0.004, 0.005, 0.005, 0.005, 0.006]), min_time=0, min_repeats=5,
+                         max_repeats=5, clock=clock, state=idle(), name="int8")
+    v = bench.verdict_apart(base, fast, change="int8", what="the GEMM")
+    assert v.ratio == pytest.approx(2.0) and v.low == pytest.approx(0.010 / 0.005) and v.faster
+    assert "measured apart" in str(v) and str(v).startswith("On this machine, int8 made the GEMM 2.00x faster")
+    with pytest.raises(TypeError, match="baseline="):
+        bench.verdict_apart(0.01, fast)

@@ -24,7 +24,7 @@ import numpy as np
 
 from .data import atomic_write
 
-__all__ = ["measure", "compare", "cnn_steps", "Measurement", "Comparison", "Verdict", "machine_state", "sig",
+__all__ = ["measure", "compare", "verdict_apart", "cnn_steps", "Measurement", "Comparison", "Verdict", "machine_state", "sig",
            "background_load", "RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_tensorflow_cnn", "measure_torch_cnn", "executive_summary",
            "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
@@ -659,7 +659,7 @@ class Verdict:
     prints; the numbers stay available as attributes.
     """
 
-    def __init__(self, variant, baseline, ratios, threshold=1.0, change=None, what="the run", machine=None):
+    def __init__(self, variant, baseline, ratios, threshold=1.0, change=None, what="the run", machine=None, over=None):
         if not ratios:
             raise ValueError("ratios must hold at least one round's ratio")
         self.variant, self.baseline, self.threshold, self.machine = variant, baseline, threshold, machine
@@ -669,6 +669,7 @@ class Verdict:
         self.ratio = float(np.median(self.ratios))
         self.low, self.high = min(self.ratios), max(self.ratios)
         self.rounds = len(self.ratios)
+        self.over = over or f"over {self.rounds} round{'s' if self.rounds != 1 else ''}"
         if self.low > threshold:
             self.outcome = "faster"
         elif self.high < 1.0 / threshold:
@@ -687,7 +688,7 @@ class Verdict:
     def spread(self):
         """``"0.97-1.12 over 7 rounds"``, as the ratio the sentence states (inverted when the variant is slower)."""
         low, high = (self.low, self.high) if self.ratio >= 1 else (1 / self.high, 1 / self.low)
-        return f"{sig(low)}-{sig(high)} over {self.rounds} round{'s' if self.rounds != 1 else ''}"
+        return f"{sig(low)}-{sig(high)} {self.over}"
 
     def as_dict(self):
         return {"variant": self.variant, "baseline": self.baseline, "ratio": self.ratio, "low": self.low,
@@ -703,7 +704,7 @@ class Verdict:
             beyond = "" if self.threshold == 1.0 else f" the stated {sig(self.threshold)}x and"
             text += f": no difference beyond{beyond} this machine's noise."
         else:
-            text += f": {self.outcome} in every round" + \
+            text += f": {self.outcome} {'in every round' if self.over.startswith('over') else 'across the spread'}" + \
                 ("." if self.threshold == 1.0 else f", by more than {sig(self.threshold)}x.")
         if self.machine is not None and self.machine.loaded:
             text += (f" (Measured while the machine was loaded: load average {self.machine.load_before:.2f} "
@@ -712,6 +713,21 @@ class Verdict:
 
     __repr__ = __str__
 
+
+def verdict_apart(baseline, variant, change=None, what="the run", threshold=1.0):
+    """The :class:`Verdict` of two :class:`Measurement` taken one after the other (not interleaved).
+
+    For variants that cannot take turns (two processes, or two thread pools that disturb each other). The ratio is
+    of the medians; its spread runs from the least to the greatest ratio the two interquartile ranges allow
+    (``baseline.q1 / variant.q3`` to ``baseline.q3 / variant.q1``), which is wider than an interleaved comparison's.
+    """
+    for name, m in (("baseline", baseline), ("variant", variant)):
+        if not isinstance(m, Measurement):
+            raise TypeError(f"{name}={m!r} must be a bench.Measurement (from bench.measure)")
+    ratios = [baseline.q1 / variant.q3, baseline.median / variant.median, baseline.q3 / variant.q1]
+    over = f"from the interquartile ranges of {baseline.n} and {variant.n} runs measured apart"
+    return Verdict(variant.name or "variant", baseline.name or "baseline", ratios, threshold, change, what,
+                   variant.machine, over=over)
 
 class Comparison:
     """Variants measured round by round, interleaved; per-round seconds per call, and verdicts against a baseline."""
