@@ -102,10 +102,21 @@ def record(name, value, how, unit=None, path=None):
             pass
         figures = load_results(path)
         figures[name] = {"value": float(value), "how": how.strip(), "unit": unit,
-                         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **_recording_machine()}
         text = json.dumps({"figures": figures}, indent=1, sort_keys=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return path
+
+
+def _recording_machine():
+    """The CPU and the 1-minute load average next to a recorded figure (the expected-figures table shows both)."""
+    from .sysinfo import cpu_model
+
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    return {"cpu": cpu_model(), "load": load}
 
 
 @contextlib.contextmanager

@@ -176,6 +176,22 @@ def _launch(args) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _expected(args) -> int:
+    from . import expected
+
+    try:
+        current = expected.update(check=args.check)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    if args.check and not current:
+        print(f"{expected.GUIDE} disagrees with the figures in {expected.FIGURES_DIR}; run `workshop report --expected`",
+              file=sys.stderr)
+        return 1
+    print(f"{expected.GUIDE}: expected figures {'up to date' if current else 'regenerated'}")
+    return 0
+
+
 def _warm(args) -> int:
     from . import warm
 
@@ -184,6 +200,8 @@ def _warm(args) -> int:
 
 
 def _report(args) -> int:
+    if args.expected:
+        return _expected(args)
     from . import board
     from .bench import results_path
 
@@ -291,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write your CPU and the figures the labs recorded as one JSON for the class board")
     rep.add_argument("-o", "--out", default=None, help="output file (default: workshop-report-NAME.json)")
     rep.add_argument("--name", default=None, help="your name on the board (default: an anonymous id)")
+    rep.add_argument("--expected", action="store_true",
+                     help="regenerate docs/instructor_guide.md's expected figures from docs/expected_figures/")
+    rep.add_argument("--check", action="store_true", help="with --expected: fail if the guide is out of date")
     rep.set_defaults(func=_report)
 
     col = sub.add_parser("collect", help="plot the room's spread from a folder of `workshop report` files")
