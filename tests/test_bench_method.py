@@ -184,3 +184,14 @@ def test_verdict_apart_takes_its_spread_from_both_interquartile_ranges():
     assert "measured apart" in str(v) and str(v).startswith("On this machine, int8 made the GEMM 2.00x faster")
     with pytest.raises(TypeError, match="baseline="):
         bench.verdict_apart(0.01, fast)
+
+
+def test_energy_joules_reads_rapl_zones_and_says_why_when_it_cannot(tmp_path):
+    assert bench.energy_joules(tmp_path / "absent")[1].endswith("(no RAPL counters exposed: a virtual machine, "
+                                                                "a container, or not Linux)")
+    assert bench.energy_joules(tmp_path) == (None, f"{tmp_path} holds no readable RAPL zone")
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "name").write_text("package-0\n")
+    (zone / "energy_uj").write_text("2500000\n")
+    assert bench.energy_joules(tmp_path) == ({"intel-rapl:0 (package-0)": 2.5}, None)

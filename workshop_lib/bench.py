@@ -24,7 +24,7 @@ import numpy as np
 
 from .data import atomic_write
 
-__all__ = ["measure", "compare", "verdict_apart", "cnn_steps", "Measurement", "Comparison", "Verdict", "machine_state", "sig",
+__all__ = ["measure", "compare", "verdict_apart", "cnn_steps", "energy_joules", "Measurement", "Comparison", "Verdict", "machine_state", "sig",
            "background_load", "RESULTS_ENV", "results_path", "record", "load_results", "best_time", "VARIANTS", "summarize", "report_lines", "measure_cnn", "measure_tensorflow_cnn", "measure_torch_cnn", "executive_summary",
            "ALLREDUCE_METHODS", "time_allreduce", "memcopy_bandwidth"]
 
@@ -724,6 +724,35 @@ class Verdict:
 
     __repr__ = __str__
 
+
+POWERCAP = "/sys/class/powercap"
+
+
+def energy_joules(root=POWERCAP):
+    """``({domain: joules}, None)`` from the CPU's RAPL energy counters, or ``(None, why not)`` where unreadable.
+
+    Linux exposes Intel's and AMD's running-average-power-limit counters under ``/sys/class/powercap``
+    (``intel-rapl:0/energy_uj``: the package; ``intel-rapl:0:0``: its cores...). They are often readable by root only,
+    and absent in most virtual machines and containers. A counter counts the whole package, other programs included:
+    read energy per call on a quiet machine only.
+    """
+    base = Path(root)
+    if not base.is_dir():
+        return None, f"{base} does not exist (no RAPL counters exposed: a virtual machine, a container, or not Linux)"
+    readings, refused = {}, []
+    for zone in sorted(base.glob("*rapl:*")):
+        try:
+            name = (zone / "name").read_text().strip()
+            readings[f"{zone.name} ({name})"] = int((zone / "energy_uj").read_text()) / 1e6
+        except PermissionError:
+            refused.append(zone.name)
+        except (OSError, ValueError):
+            continue
+    if readings:
+        return readings, None
+    if refused:
+        return None, f"{', '.join(refused)} exist but are readable by root only (sudo chmod o+r .../energy_uj)"
+    return None, f"{base} holds no readable RAPL zone"
 
 def verdict_apart(baseline, variant, change=None, what="the run", threshold=1.0):
     """The :class:`Verdict` of two :class:`Measurement` taken one after the other (not interleaved).
