@@ -195,3 +195,9 @@ def test_energy_joules_reads_rapl_zones_and_says_why_when_it_cannot(tmp_path):
     (zone / "name").write_text("package-0\n")
     (zone / "energy_uj").write_text("2500000\n")
     assert bench.energy_joules(tmp_path) == ({"intel-rapl:0 (package-0)": 2.5}, None)
+
+
+def test_verdict_of_an_unchanged_speed_says_so_instead_of_1_00x_slower():
+    same = fixed_rounds([0.94, 0.997, 1.09])
+    assert str(same) == ("On this machine, fusion left training at the same speed, 0.997x (0.940-1.09 over 3 rounds): "
+                         "no difference beyond this machine's noise.")

@@ -696,9 +696,10 @@ class Verdict:
     def slower(self):
         return self.outcome == "slower"
 
-    def spread(self):
+    def spread(self, inverted=None):
         """``"0.97-1.12 over 7 rounds"``, as the ratio the sentence states (inverted when the variant is slower)."""
-        low, high = (self.low, self.high) if self.ratio >= 1 else (1 / self.high, 1 / self.low)
+        inverted = self.ratio < 1 if inverted is None else inverted
+        low, high = (1 / self.high, 1 / self.low) if inverted else (self.low, self.high)
         return f"{sig(low)}-{sig(high)} {self.over}"
 
     def as_dict(self):
@@ -707,7 +708,9 @@ class Verdict:
                 "machine": None if self.machine is None else self.machine.as_dict()}
 
     def __str__(self):
-        if self.ratio >= 1:
+        if sig(self.ratio) == sig(1.0) or sig(1 / self.ratio) == sig(1.0):
+            text = f"On this machine, {self.change} left {self.what} at the same speed, {sig(self.ratio)}x ({self.spread(False)})"
+        elif self.ratio >= 1:
             text = f"On this machine, {self.change} made {self.what} {sig(self.ratio)}x faster ({self.spread()})"
         else:
             text = f"On this machine, {self.change} made {self.what} {sig(1 / self.ratio)}x slower ({self.spread()})"
