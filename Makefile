@@ -47,11 +47,13 @@ test: $(STAMP) browser
 check-labs: $(STAMP)
 	$(BIN)/workshop build-labs --check
 
-# Re-execute the solution notebooks in place so solutions/ carries fresh outputs.
+# Re-execute the solution notebooks in place so solutions/ carries fresh outputs; the figures they record go to
+# docs/expected_figures/<this CPU>.json, from which the instructor guide's expected-figures table is generated.
 solutions: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-		--ExecutePreprocessor.timeout=1200 solutions/*.ipynb
+	PATH="$(abspath $(BIN)):$$PATH" WORKSHOP_RESULTS="$$($(BIN)/python -c 'from workshop_lib import expected; print(expected.figures_file())')" \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 solutions/*.ipynb
 	$(BIN)/workshop build-labs
+	$(BIN)/workshop report --expected
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -111,3 +111,13 @@ def test_fusion_before_after_draws_both_columns():
     left, right = fig.axes
     assert left.get_title() == "as written: 3 operations" and right.get_title() == "as run: 3 primitives, 1 fused"
     assert [t.get_text() for t in right.texts] == [e[0] for e in figures.trace_events(TRACE)]
+
+
+def test_fusion_before_after_links_each_operation_to_the_primitive_it_became():
+    before = [("Reshape", "r"), ("Conv2D", "c"), ("BiasAdd", "b"), ("Relu", "a"), ("MaxPool", "p")]
+    ran = ["Reshape/numpy", "reorder/nhwc->nChw16c", "_FusedConv2DBiasAddRelu/jit", "MaxPool/numpy"]
+    assert figures._fusion_links(before, ran) == [(0, 0), (1, 2), (2, 2), (3, 2), (4, 3)]
+    trace = ["workshop_verbose,exec,VariableV2,numpy,-,src:,dst:10,0.004"] + TRACE
+    fig = figures.fusion_before_after([("Reshape", "r"), ("Conv2D", "c"), ("BiasAdd", "b"), ("Relu", "a")], trace)
+    assert fig.axes[1].get_title() == "as run: 3 primitives, 1 fused"  # the variable read is not a primitive drawn
+    assert len(fig.artists) == 4

@@ -1,5 +1,5 @@
 """The ``workshop`` command: ``check``, ``build-labs [--check]``, ``train mnist``, ``bench NAME``, ``launch``,
-``report``, ``collect``, ``--version``."""
+``warm``, ``report``, ``collect``, ``--version``."""
 
 from __future__ import annotations
 
@@ -183,7 +183,32 @@ def _launch(args) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _expected(args) -> int:
+    from . import expected
+
+    try:
+        current = expected.update(check=args.check)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    if args.check and not current:
+        print(f"{expected.GUIDE} disagrees with the figures in {expected.FIGURES_DIR}; run `workshop report --expected`",
+              file=sys.stderr)
+        return 1
+    print(f"{expected.GUIDE}: expected figures {'up to date' if current else 'regenerated'}")
+    return 0
+
+
+def _warm(args) -> int:
+    from . import warm
+
+    warm.warm(progress=not args.quiet)
+    return 0
+
+
 def _report(args) -> int:
+    if args.expected:
+        return _expected(args)
     from . import board
     from .bench import results_path
 
@@ -291,9 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
     run.set_defaults(func=_launch, args=[])
 
+    wrm = sub.add_parser("warm", help="compile every kernel the labs time into numba's cache, for this CPU")
+    wrm.add_argument("--quiet", action="store_true", help="no progress bar")
+    wrm.set_defaults(func=_warm)
+
     rep = sub.add_parser("report", help="write your CPU and the figures the labs recorded as one JSON for the class board")
     rep.add_argument("-o", "--out", default=None, help="output file (default: workshop-report-NAME.json)")
     rep.add_argument("--name", default=None, help="your name on the board (default: an anonymous id)")
+    rep.add_argument("--expected", action="store_true",
+                     help="regenerate docs/instructor_guide.md's expected figures from docs/expected_figures/")
+    rep.add_argument("--check", action="store_true", help="with --expected: fail if the guide is out of date")
     rep.set_defaults(func=_report)
 
     col = sub.add_parser("collect", help="plot the room's spread from a folder of `workshop report` files")

@@ -236,14 +236,39 @@ def compute_ops(tensor):
     return [(op.type, op.name) for op in order if op.type not in _NOT_COMPUTE]
 
 
+def _fusion_links(before, ran):
+    """``[(row in before, row in ran), ...]``: which primitive each written operation became, in order.
+
+    A fused primitive's name is ``_Fused`` + the types it folded (``_FusedConv2DBiasAddRelu``), so it takes the
+    written operations whose types spell its name, one after another; any other primitive takes the next written
+    operation of its own type; reorders were not written at all.
+    """
+    links, j = [], 0
+    for row, label in enumerate(ran):
+        primitive = label.split("/")[0]
+        if primitive.startswith("_Fused"):
+            rest = primitive[len("_Fused"):]
+            while j < len(before) and rest.startswith(before[j][0]):
+                links.append((j, row))
+                rest, j = rest[len(before[j][0]):], j + 1
+        elif not primitive.startswith("reorder"):
+            match = next((k for k in range(j, len(before)) if before[k][0] == primitive), None)
+            if match is not None:
+                links.append((match, row))
+                j = match + 1
+    return links
+
+
 def fusion_before_after(before, after):
     """Draw the graph as written (``before``: ``[(type, name), ...]``) beside what ran (``after``: trace lines).
 
-    Fused primitives are green, reorders red. Returns the figure.
+    Fused primitives are green, reorders red; a line joins each written operation to the primitive it became. Reads
+    of variables, which the written column leaves out too, are not drawn. Returns the figure.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.patches import ConnectionPatch
 
-    ran = [label for label, _, _ in trace_events(after)]
+    ran = [label for label, _, _ in trace_events(after) if label.split("/")[0] not in _NOT_COMPUTE]
     rows = max(len(before), len(ran))
     fig, axes = plt.subplots(1, 2, figsize=(11, 0.33 * rows + 1.0))
     columns = ((axes[0], [f"{kind}  ({name})" for kind, name in before], f"as written: {len(before)} operations"),
@@ -257,5 +282,8 @@ def fusion_before_after(before, after):
         ax.set_ylim(0, rows)
         ax.axis("off")
         ax.set_title(title, fontsize=10)
+    for left, right in _fusion_links(before, ran):
+        fig.add_artist(ConnectionPatch((0.98, rows - left - 0.5), (0.02, rows - right - 0.5), "data", "data",
+                                       axesA=axes[0], axesB=axes[1], color="tab:green", lw=0.8, alpha=0.7))
     fig.tight_layout()
     return fig

@@ -1,9 +1,9 @@
 """Data-parallel training of a CNN on MNIST with Horovod's TensorFlow-1 API.
 
-The TF1-era Horovod sample (``examples/tensorflow_mnist.py``), with two changes:
+The TF1-era Horovod sample (``examples/tensorflow_mnist.py``), with these changes:
 the imports (``workshop_lib.tf`` / ``workshop_lib.hvd`` instead of ``tensorflow`` /
-``horovod.tensorflow``) and the dataset loader (``workshop_lib.data`` instead of
-a download). Run it with any number of ranks::
+``horovod.tensorflow``), the dataset loader (``workshop_lib.data`` instead of
+a download), argument checks, each rank's cores, and a results file; lab 03 shows each. Run it with any number of ranks::
 
     mpiexec -n 2 python tensorflow_mnist.py --steps 1000 --batch-size 100
 
