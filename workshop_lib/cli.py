@@ -162,11 +162,18 @@ def _launch(args) -> int:
             if args.scheduler != "slurm":
                 raise ValueError("--batch writes a Slurm batch script; add --scheduler slurm")
             nodes, per_node, _, threads = launch.job_layout(args.n, args.nodes, None, args.cpus_per_node)
-            print(launch.batch_script(args.script, nodes, per_node, threads, args.args), end="")
+            print(launch.batch_script(args.script, nodes, per_node, threads, args.args, python=sys.executable), end="")
             return 0
+        mpiexec = args.mpiexec
+        if args.dry_run and args.mpi and mpiexec is None and args.scheduler == "mpiexec":
+            try:  # a line written here for another machine: that machine's `mpiexec`, when this one has none
+                mpiexec = launch.find_mpiexec(args.mpi)
+            except RuntimeError as exc:
+                print(f"note: {exc}; the line says `mpiexec`", file=sys.stderr)
+                mpiexec = "mpiexec"
         cmd = launch.launch_command(args.script, args.n, nodes=args.nodes, hostfile=args.hostfile,
                                     scheduler=args.scheduler, mpi=args.mpi, args=args.args,
-                                    cpus_per_node=args.cpus_per_node)
+                                    cpus_per_node=args.cpus_per_node, mpiexec=mpiexec, verbose=args.verbose)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
@@ -272,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mpi", choices=["mpich", "openmpi", "intel"], default=None,
                      help="the MPI behind mpiexec (default: asked of `mpiexec --version`)")
     run.add_argument("--cpus-per-node", type=int, default=None,
-                     help="CPUs per node shared by its ranks (default: SLURM_CPUS_ON_NODE, else this machine's)")
+                     help="CPUs per node shared by its ranks (default: the Slurm allocation's, else the CPUs "
+                          "this process may use)")
+    run.add_argument("--mpiexec", default=None,
+                     help="the launcher to use (default: the one next to this Python, or on PATH for --mpi)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show each rank's binding (the launcher's report and the library's placement)")
     run.add_argument("--dry-run", action="store_true", help="print the line only")
     run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
     run.set_defaults(func=_launch, args=[])
