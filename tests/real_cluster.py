@@ -131,11 +131,11 @@ HOSTS = ("node1", "node2")
 
 # an "ssh" for hydra's -launcher-exec: `nsrsh [ssh options] HOST COMMAND...` runs COMMAND in HOST's namespace,
 # under HOST's hostname (a UTS namespace) and with the empty environment an ssh login gives
-NSRSH = """#!/bin/bash
+NSRSH = r"""#!/bin/bash
 while [ $# -gt 0 ]; do case "$1" in -o|-p|-l|-i|-F) shift 2;; -*) shift;; *) break;; esac; done
 host=$1; shift
 case "$host" in {cases} *) echo "nsrsh: unknown host $host" >&2; exit 255;; esac
-exec nsenter --net=/var/run/netns/$ns unshare --uts /bin/sh -c \
+exec ip netns exec "$ns" unshare --uts /bin/sh -c \
   'hostname "$0"; exec env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root /bin/sh -c "$*"' "$host" "$@"
 """
 
