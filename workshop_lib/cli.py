@@ -25,6 +25,9 @@ def _check(args) -> int:
         except Exception as exc:  # noqa: BLE001 - e.g. numba refuses NUMBA_NUM_THREADS=0: the problems below say why
             print(f"Placement of {args.ranks} rank(s): unavailable ({type(exc).__name__}: {exc})")
     found = sysinfo.problems(info)
+    from .launch import shm_problem
+
+    found += [p for p in [shm_problem(args.ranks)] if p]  # MPICH's share of /dev/shm grows with the ranks
     for problem in found:
         print(f"ERROR: {problem}", file=sys.stderr)
     if not found and not args.json:
@@ -232,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--no-mpi", action="store_true", help="skip starting 2 MPI ranks")
     check.add_argument("--ranks", type=_positive_int, default=1,
-                       help="show the cores and threads each of N ranks on this node would get (default 1)")
+                       help="show the cores and threads each of N ranks on this node would get, and check that "
+                            "/dev/shm holds N ranks (default 1)")
     check.set_defaults(func=_check)
 
     build = sub.add_parser("build-labs", help="generate labs/ from solutions/")
