@@ -53,6 +53,10 @@ cluster-tools:
 test: $(STAMP) browser cluster-tools
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Build the Docker image with the engine this machine has and check it (not part of `make test`: 5-15 minutes).
+test-container:
+	bash cluster/container_check.sh
+
 check-labs: $(STAMP)
 	$(BIN)/workshop build-labs --check
 

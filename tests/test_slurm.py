@@ -90,6 +90,21 @@ def test_every_batch_template_runs_as_one_mpi_world_with_its_threads_and_binding
         assert '"ranks": 2' in text
 
 
+def test_a_job_written_by_workshop_launch_batch_runs_as_one_world(cluster, root):
+    folder, env = cluster
+    script = folder / "hello.sbatch"
+    with script.open("w") as out:
+        subprocess.run([sys.executable, "-m", "workshop_lib.cli", "launch", "labs/scripts/mpi_hello.py", "-n", "2",
+                        "--cpus-per-node", "2", "--scheduler", "slurm", "--batch"], stdout=out, check=True, env=env,
+                       cwd=root, timeout=60)
+    assert f'PYTHON="${{WORKSHOP_PYTHON:-{sys.executable}}}"' in script.read_text()  # names this interpreter
+    out = folder / "hello.out"
+    proc = subprocess.run(["sbatch", "--wait", f"--output={out}", f"--chdir={root}", str(script)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr + (out.read_text() if out.exists() else "")
+    _one_world_of_two(out.read_text())
+
+
 def test_salloc_workshop_launch_scheduler_slurm_sizes_from_the_allocation_and_forms_one_world(cluster, root):
     _, env = cluster
     cmd = ["salloc", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=00:05:00",
