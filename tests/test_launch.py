@@ -8,6 +8,7 @@ are parsed for the properties they must have (they are not built).
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -54,7 +55,8 @@ def test_mpich_line_exports_every_thread_variable_with_genv_and_binds_each_rank_
 def test_openmpi_line_exports_with_x_name_equals_value_and_maps_ranks_per_node_with_cores_each():
     cmd = line("openmpi", n=8, nodes=2, cpus=32)
     assert cmd[:3] == ["mpiexec", "-n", "8"]
-    assert sorted(pairs(cmd, "-x")) == sorted(f"{v}=8" for v in launch.THREAD_VARIABLES)
+    forwarded = [v for v in ("PATH", "LD_LIBRARY_PATH") if v in os.environ]  # as Horovod's docs do
+    assert sorted(pairs(cmd, "-x")) == sorted([f"{v}=8" for v in launch.THREAD_VARIABLES] + forwarded)
     assert pairs(cmd, "--map-by") == ["ppr:4:node:PE=8"] and pairs(cmd, "--bind-to") == ["core"]
     assert "-genv" not in cmd and "-ppn" not in cmd
 
@@ -270,6 +272,17 @@ def test_mpi_openmpi_looks_for_an_open_mpi_launcher_and_says_when_there_is_none(
     with pytest.raises(RuntimeError, match=r"no openmpi mpiexec found \(\S*mpiexec is mpich.*--mpiexec PATH"):
         launch.launch_command("t.py", 2, mpi="openmpi", cpus_per_node=2, python="p")
     assert launch.find_mpiexec("mpich") == sysinfo.mpiexec_path()
+
+
+@pytest.mark.skipif(not any(launch.flavour_from_version(subprocess.run([exe, "--version"], capture_output=True,
+                                                                        text=True).stdout) == "openmpi"
+                            for exe in filter(None, [shutil.which("mpiexec", path="/usr/bin")])),
+                    reason="no Open MPI in /usr/bin (Debian: apt-get install openmpi-bin)")
+def test_mpi_openmpi_finds_the_site_s_open_mpi_behind_the_mpich_wheel_s_mpiexec(monkeypatch):
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}{os.pathsep}/usr/bin")
+    assert launch.find_mpiexec("openmpi") == "/usr/bin/mpiexec"  # the venv's own (MPICH) is asked first, skipped
+    cmd = launch.launch_command("t.py", 2, mpi="openmpi", cpus_per_node=2, python="p")
+    assert cmd[0] == "/usr/bin/mpiexec" and "--map-by" in cmd
 
 
 def test_verbose_asks_each_launcher_for_its_binding_report():

@@ -1,12 +1,14 @@
 """Launch lines for MPI jobs: the right ``mpiexec`` or ``srun`` command for the MPI at hand.
 
 Mirrors what HPC centres' user guides (CSC, ENCCS, Horovod's ``horovodrun``) tell people to type. The one
-idea: a rank's environment is not the shell's. Each launcher forwards variables its own way (MPICH and
-Intel MPI: ``-genv NAME VALUE``; Open MPI: ``-x NAME=VALUE``; Slurm: ``--export=ALL,NAME=VALUE``), so a
-thread count set in the shell may never reach a rank on another node, and every rank then starts one
-thread per core: N ranks x all cores, the oversubscription that made a 2-rank training run 10x slower.
-Here the thread count is derived once, ``cores per node // ranks per node``, handed to every runtime
-(OpenMP, numba, OpenBLAS, MKL) through the launcher's own flag, and each rank is bound to that many cores.
+idea: a launch line decides how many threads each rank runs and where, and each launcher must be told in its
+own words. Thread counts go through the launcher's own flag (MPICH and Intel MPI: ``-genv NAME VALUE``;
+Open MPI, which forwards nothing by default: ``-x NAME=VALUE``; Slurm: ``--export=ALL,NAME=VALUE``), so
+no rank starts one thread per core: N ranks x all cores, the oversubscription that made a 2-rank training
+run 10x slower. ``srun`` must also be told the PMI the ranks' MPI speaks (``--mpi=pmi2``), or each task is
+a world of one. The thread count is derived once, ``cores per node // ranks per node`` (inside a Slurm
+allocation, from the allocation), handed to every runtime (OpenMP, numba, OpenBLAS, MKL), and each rank
+is bound to that many cores, within the CPU mask the launch inherited.
 
 Shapes of the job: ``n`` ranks on ``nodes`` nodes, ``ranks_per_node = n // nodes`` on each,
 ``threads = cpus_per_node // ranks_per_node`` per rank.
@@ -320,6 +322,8 @@ def launch_command(script, n, nodes=None, hostfile=None, scheduler="mpiexec", mp
             cmd += ["--report-bindings"]
         for name, value in env.items():
             cmd += ["-x", f"{name}={value}"]
+        # Open MPI starts remote ranks with ssh's bare environment: a module-loaded MPI and the venv need these
+        cmd += [a for name in ("PATH", "LD_LIBRARY_PATH") if name in os.environ for a in ("-x", name)]
         return cmd + program
     cmd += ["-ppn", str(per_node)]
     if hosts is not None:
