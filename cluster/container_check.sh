@@ -18,7 +18,7 @@ bad()  { echo "FAIL: $*"; FAIL=$((FAIL + 1)); }
 note() { echo "NOTE: $*"; NOTES+=("$*"); }
 SERVER_PID=""
 cleanup() {
-    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
+    [ -n "$SERVER_PID" ] && kill -9 "$SERVER_PID" 2>/dev/null
     [ -n "${MOUNTED:-}" ] && buildah umount "$CONTAINER" >/dev/null 2>&1
     [ -n "${CONTAINER:-}" ] && buildah rm "$CONTAINER" >/dev/null 2>&1
     rm -rf "$WORK"
@@ -112,9 +112,12 @@ mount -t tmpfs -o size=1g shm "$ROOT/dev/shm"
 mount --bind "$VOLUME" "$ROOT$WORKDIR/labs"
 exec chroot --userspec=$UID_GID "$ROOT" env -i HOME=/home/$USER_NAME $ENVS sh -c 'cd $WORKDIR && exec "\$@"' sh "\$@"
 EOF
-in_container() { unshare --mount --pid --ipc --uts --net --fork bash "$WORK/enter.sh" "$@"; }
+# --kill-child: the namespace's PID 1 (and with it everything inside) dies with unshare, which ignores SIGTERM
+in_container() { unshare --mount --pid --ipc --uts --net --fork --kill-child bash "$WORK/enter.sh" "$@"; }
 serve() {
-    in_container sh -c "exec $ARGV" >"$WORK/server.log" 2>&1 &
+    # unshare itself in the background (not a function's subshell), so that $! is the process to kill
+    unshare --mount --pid --ipc --uts --net --fork --kill-child bash "$WORK/enter.sh" sh -c "exec $ARGV" \
+        >"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 120); do grep -q 'lab?token=' "$WORK/server.log" && break; sleep 1; done
 }
@@ -140,7 +143,7 @@ if in_container workshop check >"$WORK/check.log" 2>&1; then
 else
     bad "workshop check fails inside:"; tail -8 "$WORK/check.log"
 fi
-kill "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
+kill -9 "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
 serve  # a new container on the same volume
 in_container cat labs/learner-note.txt 2>/dev/null | grep -q kept && ok "the learner's work survives a new container on the volume" \
     || bad "the learner's work was lost"
