@@ -1,8 +1,9 @@
 """workshop_lib.launch and the files of the way to a cluster: launch lines, batch templates, containers, environment.
 
-No container engine, Slurm, Open MPI or Intel MPI is installed here: the generated lines are checked against
-each launcher's documented syntax, the MPICH line is also run, and the Dockerfile and Apptainer definition
-are parsed for the properties they must have (they are not built).
+The generated lines are checked against each launcher's documented syntax and the MPICH line is run (its
+binding, its loopback-only listeners, an inherited CPU mask). The real components run elsewhere: Slurm in
+test_slurm.py, two MPI nodes in test_two_nodes.py, the Docker image in cluster/container_check.sh (outside
+the suite); here the Dockerfile and Apptainer definition are parsed for the properties they must have.
 """
 
 import os
