@@ -17,10 +17,17 @@ ok()   { echo "PASS: $*"; PASS=$((PASS + 1)); }
 bad()  { echo "FAIL: $*"; FAIL=$((FAIL + 1)); }
 note() { echo "NOTE: $*"; NOTES+=("$*"); }
 SERVER_PID=""
+stop_server() {  # SIGKILL to the namespace's PID 1 ends everything inside; unshare then exits by itself
+    [ -n "$SERVER_PID" ] || return 0
+    kill -9 $(cat "/proc/$SERVER_PID/task/$SERVER_PID/children" 2>/dev/null) 2>/dev/null
+    wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
+}
 cleanup() {
-    [ -n "$SERVER_PID" ] && kill -9 "$SERVER_PID" 2>/dev/null
+    stop_server
     [ -n "${MOUNTED:-}" ] && buildah umount "$CONTAINER" >/dev/null 2>&1
-    [ -n "${CONTAINER:-}" ] && buildah rm "$CONTAINER" >/dev/null 2>&1
+    if [ -n "${CONTAINER:-}" ]; then  # the namespaces' last processes may still hold its root for a moment
+        for _ in 1 2 3 4 5; do buildah rm "$CONTAINER" >/dev/null 2>&1 && break; sleep 2; done
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -80,6 +87,8 @@ if buildah bud --pull=never --isolation chroot --layers -t "$IMAGE" . >"$WORK/bu
 else
     bad "buildah bud failed:"; tail -20 "$WORK/build.log"; exit 1
 fi
+# buildah 1.28 leaves a working container behind for a last stage without instructions (FROM runtime AS learner)
+for leftover in $(buildah containers --quiet --filter "ancestor=$IMAGE" 2>/dev/null); do buildah rm "$leftover" >/dev/null; done
 
 # -- 4. start it -----------------------------------------------------------------------------------------------
 # Try a real run first; hosts without CAP_SYS_RESOURCE (crun/runc: setrlimit RLIMIT_NOFILE) cannot, and then
@@ -112,11 +121,10 @@ mount -t tmpfs -o size=1g shm "$ROOT/dev/shm"
 mount --bind "$VOLUME" "$ROOT$WORKDIR/labs"
 exec chroot --userspec=$UID_GID "$ROOT" env -i HOME=/home/$USER_NAME $ENVS sh -c 'cd $WORKDIR && exec "\$@"' sh "\$@"
 EOF
-# --kill-child: the namespace's PID 1 (and with it everything inside) dies with unshare, which ignores SIGTERM
-in_container() { unshare --mount --pid --ipc --uts --net --fork --kill-child bash "$WORK/enter.sh" "$@"; }
+in_container() { unshare --mount --pid --ipc --uts --net --fork bash "$WORK/enter.sh" "$@"; }
 serve() {
     # unshare itself in the background (not a function's subshell), so that $! is the process to kill
-    unshare --mount --pid --ipc --uts --net --fork --kill-child bash "$WORK/enter.sh" sh -c "exec $ARGV" \
+    unshare --mount --pid --ipc --uts --net --fork bash "$WORK/enter.sh" sh -c "exec $ARGV" \
         >"$WORK/server.log" 2>&1 &
     SERVER_PID=$!
     for _ in $(seq 120); do grep -q 'lab?token=' "$WORK/server.log" && break; sleep 1; done
@@ -143,10 +151,13 @@ if in_container workshop check >"$WORK/check.log" 2>&1; then
 else
     bad "workshop check fails inside:"; tail -8 "$WORK/check.log"
 fi
-kill -9 "$SERVER_PID" 2>/dev/null; wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
+stop_server
 serve  # a new container on the same volume
 in_container cat labs/learner-note.txt 2>/dev/null | grep -q kept && ok "the learner's work survives a new container on the volume" \
     || bad "the learner's work was lost"
+stop_server
+buildah umount "$CONTAINER" >/dev/null && MOUNTED=""
+buildah rm "$CONTAINER" >/dev/null && CONTAINER="" || note "buildah rm $CONTAINER failed: remove it by hand"
 echo
 echo "$PASS passed, $FAIL failed; engine $ENGINE, base $BASE"
 for n in "${NOTES[@]}"; do echo "  not as on a learner's machine: $n"; done
