@@ -1,11 +1,15 @@
 # JupyterLab with the workshop's labs.
 #   docker build -t dl-at-scale .                                    # the learners' image (labs/, no solutions)
-#   docker build --target instructor -t dl-at-scale:instructor .     # the same plus solutions/
-#   docker run --rm --shm-size=1g -p 8888:8888 dl-at-scale           # prints the URL with a random token
-#   docker run --rm --shm-size=1g -p 8888:8888 -e JUPYTER_TOKEN=... dl-at-scale
-# --shm-size=1g: Docker's default /dev/shm is 64 MB, and MPI's shared-memory transport then fails with SIGBUS
-# on large messages (`workshop check` prints the size). tini is PID 1 (as `docker run --init` would do), so
-# mpiexec, ipyparallel engines and their children are reaped and get Ctrl-C / `docker stop`.
+#   docker build --target instructor -t dl-at-scale:instructor .     # the same plus solutions/, served from the top
+#   docker run --rm --shm-size=1g -p 8888:8888 -v dl-labs:/home/learner/workshop/labs dl-at-scale
+#       prints http://127.0.0.1:8888/lab?token=... : open that URL. The named volume `dl-labs` keeps the learner's
+#       notebooks across runs (Docker fills it from the image the first time); without -v, `--rm` loses them.
+#   docker run ... -e JUPYTER_TOKEN=mysecret dl-at-scale              # a token of your choice (empty: a random one)
+#   docker exec <container> jupyter server list                      # the URL again, with its token
+# --shm-size=1g: MPICH takes about 5 MB of /dev/shm per rank (plus 2 MB for the library's shared window), so
+# Docker's default 64 MB fails (SIGBUS, or a segfault) from about 10 ranks on, whatever the message size;
+# `workshop check --ranks N` compares what N ranks need with what is free. tini is PID 1 (as `docker run
+# --init`), so mpiexec, ipyparallel engines and their children are reaped and get Ctrl-C / `docker stop`.
 
 # A pinned base image: the Python minor and patch version and the Debian release, never `latest`.
 FROM python:3.11.11-slim-bookworm AS base
@@ -20,7 +24,7 @@ WORKDIR /home/learner/workshop
 COPY --chown=learner:learner pyproject.toml README.md ./
 COPY --chown=learner:learner workshop_lib ./workshop_lib
 # editable: `workshop bench` finds benchmarks/ beside the package, numba caches beside it as the learner
-RUN pip install -e .
+RUN pip install -e ".[mpich]"
 
 # The labs are generated from solutions/ as the learner, in a stage of their own: solutions stay out of the image.
 FROM base AS labs
@@ -36,12 +40,15 @@ COPY --from=labs --chown=learner:learner /home/learner/workshop/labs ./labs
 USER learner
 EXPOSE 8888
 ENTRYPOINT ["/usr/bin/tini", "--"]
-# An empty token would leave the server open: generate one unless the user set JUPYTER_TOKEN.
-CMD ["sh", "-c", "exec jupyter lab --ServerApp.ip=0.0.0.0 --ServerApp.port=8888 --no-browser --ServerApp.root_dir=labs --IdentityProvider.token=\"${JUPYTER_TOKEN:-$(python -c 'import secrets; print(secrets.token_hex(24))')}\""]
+# No token on the command line: jupyter_server then takes JUPYTER_TOKEN, or (unset or empty) generates a random
+# one and prints the URL with it; a token it did not generate it never prints.
+ENV WORKSHOP_ROOT_DIR=labs
+CMD ["sh", "-c", "exec jupyter lab --ServerApp.ip=0.0.0.0 --ServerApp.port=8888 --no-browser --ServerApp.root_dir=\"$WORKSHOP_ROOT_DIR\""]
 
 # The instructor's image: the learners' plus the complete notebooks.
 FROM runtime AS instructor
 COPY --chown=learner:learner solutions ./solutions
+ENV WORKSHOP_ROOT_DIR=.
 
 # The default target (last stage): the learners' image.
 FROM runtime AS learner

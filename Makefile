@@ -11,7 +11,7 @@ PORT   ?= 8888
 IP     ?= 127.0.0.1
 PYTEST_ARGS ?=
 
-.PHONY: lab test setup labs check-labs browser solutions clean
+.PHONY: lab test setup labs check-labs browser cluster-tools test-container solutions clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; sys.exit("Python >= 3.10 is required, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
@@ -19,7 +19,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[mpich,test]"
 	touch $@
 
 setup: $(STAMP)
@@ -41,8 +41,21 @@ browser:
 			|| echo "chromium could not be installed: the browser test will skip"; \
 	fi
 
-test: $(STAMP) browser
+# Debian's Slurm and munge for the real-Slurm test (tests/test_slurm.py), installed the same way when we are
+# root on Debian/Ubuntu; elsewhere that test skips and says why.
+cluster-tools:
+	@if ! command -v slurmctld >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Installing Debian's slurm-wlm and munge for the Slurm test..."; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null) \
+			|| echo "slurm-wlm could not be installed: the Slurm test will skip"; \
+	fi
+
+test: $(STAMP) browser cluster-tools
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Build the Docker image with the engine this machine has and check it (not part of `make test`: 5-15 minutes).
+test-container:
+	bash cluster/container_check.sh
 
 check-labs: $(STAMP)
 	$(BIN)/workshop build-labs --check

@@ -25,6 +25,9 @@ def _check(args) -> int:
         except Exception as exc:  # noqa: BLE001 - e.g. numba refuses NUMBA_NUM_THREADS=0: the problems below say why
             print(f"Placement of {args.ranks} rank(s): unavailable ({type(exc).__name__}: {exc})")
     found = sysinfo.problems(info)
+    from .launch import shm_problem
+
+    found += [p for p in [shm_problem(args.ranks)] if p]  # MPICH's share of /dev/shm grows with the ranks
     for problem in found:
         print(f"ERROR: {problem}", file=sys.stderr)
     if not found and not args.json:
@@ -169,11 +172,18 @@ def _launch(args) -> int:
             if args.scheduler != "slurm":
                 raise ValueError("--batch writes a Slurm batch script; add --scheduler slurm")
             nodes, per_node, _, threads = launch.job_layout(args.n, args.nodes, None, args.cpus_per_node)
-            print(launch.batch_script(args.script, nodes, per_node, threads, args.args), end="")
+            print(launch.batch_script(args.script, nodes, per_node, threads, args.args, python=sys.executable), end="")
             return 0
+        mpiexec = args.mpiexec
+        if args.dry_run and args.mpi and mpiexec is None and args.scheduler == "mpiexec":
+            try:  # a line written here for another machine: that machine's `mpiexec`, when this one has none
+                mpiexec = launch.find_mpiexec(args.mpi)
+            except RuntimeError as exc:
+                print(f"note: {exc}; the line says `mpiexec`", file=sys.stderr)
+                mpiexec = "mpiexec"
         cmd = launch.launch_command(args.script, args.n, nodes=args.nodes, hostfile=args.hostfile,
                                     scheduler=args.scheduler, mpi=args.mpi, args=args.args,
-                                    cpus_per_node=args.cpus_per_node)
+                                    cpus_per_node=args.cpus_per_node, mpiexec=mpiexec, verbose=args.verbose)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
@@ -264,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("--no-mpi", action="store_true", help="skip starting 2 MPI ranks")
     check.add_argument("--ranks", type=_positive_int, default=1,
-                       help="show the cores and threads each of N ranks on this node would get (default 1)")
+                       help="show the cores and threads each of N ranks on this node would get, and check that "
+                            "/dev/shm holds N ranks (default 1)")
     check.set_defaults(func=_check)
 
     build = sub.add_parser("build-labs", help="generate labs/ from solutions/")
@@ -311,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mpi", choices=["mpich", "openmpi", "intel"], default=None,
                      help="the MPI behind mpiexec (default: asked of `mpiexec --version`)")
     run.add_argument("--cpus-per-node", type=int, default=None,
-                     help="CPUs per node shared by its ranks (default: SLURM_CPUS_ON_NODE, else this machine's)")
+                     help="CPUs per node shared by its ranks (default: the Slurm allocation's, else the CPUs "
+                          "this process may use)")
+    run.add_argument("--mpiexec", default=None,
+                     help="the launcher to use (default: the one next to this Python, or on PATH for --mpi)")
+    run.add_argument("--verbose", action="store_true",
+                     help="show each rank's binding (the launcher's report and the library's placement)")
     run.add_argument("--dry-run", action="store_true", help="print the line only")
     run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
     run.set_defaults(func=_launch, args=[])

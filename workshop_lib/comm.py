@@ -349,6 +349,7 @@ class Communicator:
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        placement.check_launcher_world()  # srun/mpirun started N tasks but MPI sees 1: stop, say why
         placement.place(self.comm)  # each rank's share of the node's cores, decided once per process
         self.small_bytes, self.segment_bytes, self.timeout = small_bytes, segment_bytes, timeout
         self.shm_min_bytes, self.shm_max_bytes = shm_min_bytes, shm_max_bytes

@@ -101,6 +101,7 @@ def daalinit(nthreads=None):
         Threads each rank uses for its chunk (numba's thread count). Must be at
         most ``NUMBA_NUM_THREADS`` (set it before Python starts to allow more).
     """
+    placement.check_launcher_world()  # srun/mpirun started N tasks but MPI sees 1: stop, say why
     placement.place(_state.mpi())  # each rank's share of the node's cores; nthreads below overrides numba's
     if nthreads is not None:
         limit = numba.config.NUMBA_NUM_THREADS

@@ -93,6 +93,7 @@ def init(comm=None):
     global _state
     if _state is not None:
         return
+    placement.check_launcher_world()  # srun/mpirun started N tasks but MPI sees 1: stop, say why
     placement.place(comm)  # Horovod: pin each process to its share of the node's cores and threads
     _state = _State(Communicator(comm))
     path = os.environ.get(timeline.ENV, "").strip()

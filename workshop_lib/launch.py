@@ -1,12 +1,14 @@
 """Launch lines for MPI jobs: the right ``mpiexec`` or ``srun`` command for the MPI at hand.
 
 Mirrors what HPC centres' user guides (CSC, ENCCS, Horovod's ``horovodrun``) tell people to type. The one
-idea: a rank's environment is not the shell's. Each launcher forwards variables its own way (MPICH and
-Intel MPI: ``-genv NAME VALUE``; Open MPI: ``-x NAME=VALUE``; Slurm: ``--export=ALL,NAME=VALUE``), so a
-thread count set in the shell may never reach a rank on another node, and every rank then starts one
-thread per core: N ranks x all cores, the oversubscription that made a 2-rank training run 10x slower.
-Here the thread count is derived once, ``cores per node // ranks per node``, handed to every runtime
-(OpenMP, numba, OpenBLAS, MKL) through the launcher's own flag, and each rank is bound to that many cores.
+idea: a launch line decides how many threads each rank runs and where, and each launcher must be told in its
+own words. Thread counts go through the launcher's own flag (MPICH and Intel MPI: ``-genv NAME VALUE``;
+Open MPI, which forwards nothing by default: ``-x NAME=VALUE``; Slurm: ``--export=ALL,NAME=VALUE``), so
+no rank starts one thread per core: N ranks x all cores, the oversubscription that made a 2-rank training
+run 10x slower. ``srun`` must also be told the PMI the ranks' MPI speaks (``--mpi=pmi2``), or each task is
+a world of one. The thread count is derived once, ``cores per node // ranks per node`` (inside a Slurm
+allocation, from the allocation), handed to every runtime (OpenMP, numba, OpenBLAS, MKL), and each rank
+is bound to that many cores, within the CPU mask the launch inherited.
 
 Shapes of the job: ``n`` ranks on ``nodes`` nodes, ``ranks_per_node = n // nodes`` on each,
 ``threads = cpus_per_node // ranks_per_node`` per rank.
@@ -21,14 +23,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["FLAVOURS", "SCHEDULERS", "THREAD_VARIABLES", "flavour_from_version", "detect_flavour",
-           "read_hostfile", "job_layout", "threads_per_rank", "thread_environment", "launch_command", "batch_script",
-           "format_command"]
+__all__ = ["FLAVOURS", "SCHEDULERS", "THREAD_VARIABLES", "flavour_from_version", "detect_flavour", "find_mpiexec",
+           "read_hostfile", "job_layout", "threads_per_rank", "thread_environment", "loopback_environment",
+           "srun_mpi", "launch_command", "batch_script", "format_command", "shm_needed", "shm_problem"]
 
 FLAVOURS = ("mpich", "openmpi", "intel")
 SCHEDULERS = ("mpiexec", "slurm")
 # every thread pool a rank of the labs may start: numba's, OpenMP's (numba's layer), numpy's BLAS
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# the PMI srun speaks to the ranks: MPICH's and Intel MPI's libraries speak PMI-1/2, and Slurm's usual
+# MpiDefault=none gives them none, so each task would be a world of one
+SRUN_MPI_DEFAULT = "pmi2"
+# /dev/shm a rank of one node takes: MPICH 5.0's shared-memory transport (measured: 10.3 MB for 2 ranks, 20.6 for
+# 4, 82.3 for 16; 12 ranks in Docker's 64 MB fail with SIGBUS, whatever the message size) plus the library's
+# shared window (two 1 MB blocks per rank, workshop_lib.comm)
+MPICH_SHM_BYTES_PER_RANK = 5_200_000
+WINDOW_SHM_BYTES_PER_RANK = 2 << 20
 
 
 def flavour_from_version(text):
@@ -73,12 +83,50 @@ def detect_flavour(mpiexec=None, timeout=20):
     return flavour
 
 
+def find_mpiexec(mpi):
+    """The ``mpiexec`` of flavour ``mpi``: the one next to this Python if it is one, else the first on PATH.
+
+    ``mpiexec`` and ``mpirun`` of every PATH folder are asked their ``--version``, so ``--mpi openmpi`` finds
+    a site's Open MPI even where the mpich wheel's launcher sits next to Python.
+
+    Raises
+    ------
+    RuntimeError
+        When no launcher of that flavour is found, naming the ones that were and what they are.
+    """
+    if mpi not in FLAVOURS:
+        raise ValueError(f"mpi={mpi!r} must be one of {FLAVOURS}")
+    import shutil
+
+    from .sysinfo import mpiexec_path
+
+    candidates = [mpiexec_path()]
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidates += [shutil.which(name, path=folder) for name in ("mpiexec", "mpirun") if folder]
+    seen = {}
+    for exe in candidates:
+        if exe is None or os.path.realpath(exe) in seen:
+            continue
+        try:
+            found = detect_flavour(exe)
+        except RuntimeError:
+            found = None
+        seen[os.path.realpath(exe)] = (exe, found)
+        if found == mpi:
+            return exe
+    tried = "; ".join(f"{exe} is {found or 'unknown'}" for exe, found in seen.values()) or "none on PATH"
+    raise RuntimeError(f"no {mpi} mpiexec found ({tried}); load that MPI (module load ...) or pass --mpiexec PATH")
+
+
 def read_hostfile(path):
     """``[(host, slots), ...]`` from a host file in Open MPI's (``node01 slots=4``) or MPICH's (``node01:4``) syntax.
 
     Blank lines and ``#`` comments are skipped; a host without a count has None slots.
     """
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"hostfile {path} is not a text file: expected one `host:N` or `host slots=N` per line") from None
     hosts = []
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -121,11 +169,50 @@ def thread_environment(threads):
     return {name: str(threads) for name in THREAD_VARIABLES}
 
 
+def loopback_environment(env=None):
+    """The variables that keep a one-node MPICH or Intel MPI job's ranks listening on loopback only.
+
+    The ranks' network modules (UCX, libfabric's tcp and sockets providers) otherwise open a listening
+    socket on every address of the machine for the job's lifetime, although ranks on one node talk through
+    shared memory. A variable the user set is left alone. Hydra's own control port still listens on all
+    addresses (MPICH 5.0 has no setting for it): docs/troubleshooting.md says so.
+    """
+    env = os.environ if env is None else env
+    lo = "lo0" if sys.platform == "darwin" else "lo"
+    wanted = {"UCX_NET_DEVICES": lo, "FI_TCP_IFACE": lo, "FI_SOCKETS_IFACE": lo}
+    return {name: value for name, value in wanted.items() if name not in env}
+
+
+def srun_mpi(env=None):
+    """The ``srun --mpi=`` plugin: ``WORKSHOP_SRUN_MPI`` if set, else ``pmi2`` (what the MPICH wheel speaks)."""
+    value = (os.environ if env is None else env).get("WORKSHOP_SRUN_MPI", "").strip() or SRUN_MPI_DEFAULT
+    if not re.fullmatch(r"[A-Za-z0-9_]+", value):
+        raise ValueError(f"WORKSHOP_SRUN_MPI={value!r} must be one of srun's MPI plugins (`srun --mpi=list`), "
+                         "e.g. pmi2, pmix, none")
+    return value
+
+
+def _slurm_layout(n, nodes, cpus_per_node):
+    """``nodes`` and ``cpus_per_node`` from the Slurm allocation this runs in, where not given."""
+    from .placement import slurm_allocation
+
+    alloc = slurm_allocation()
+    if alloc is None:
+        return nodes, cpus_per_node
+    if nodes is None and alloc["nodes"]:
+        nodes = min(alloc["nodes"], n)
+    if cpus_per_node is None:
+        cpus_per_node = alloc["cpus_per_node"]
+    return nodes, cpus_per_node
+
+
 def job_layout(n, nodes=None, hostfile=None, cpus_per_node=None):
     """``(nodes, ranks_per_node, cpus_per_node, threads_per_rank)`` of a job of ``n`` ranks, validated.
 
     ``nodes`` defaults to the hosts of ``hostfile``, else 1; ``cpus_per_node`` to ``SLURM_CPUS_ON_NODE``,
-    else the CPUs this process may use. Raises ValueError when ``n`` does not split evenly over the nodes.
+    else the CPUs this process may use (its affinity: a ``taskset`` or cgroup mask counts). Inside a Slurm
+    allocation :func:`launch_command` fills both from the allocation first (see
+    :func:`workshop_lib.placement.slurm_allocation`). Raises ValueError when ``n`` does not split evenly.
     """
     _positive_int("n", n)
     if hostfile is not None and nodes is None:
@@ -144,7 +231,7 @@ def job_layout(n, nodes=None, hostfile=None, cpus_per_node=None):
 
 
 def launch_command(script, n, nodes=None, hostfile=None, scheduler="mpiexec", mpi=None, args=(), cpus_per_node=None,
-                   python=None, mpiexec=None):
+                   python=None, mpiexec=None, verbose=False):
     """The command line (a list) that runs ``python script *args`` on ``n`` ranks, threads exported and bound.
 
     Parameters
@@ -154,25 +241,39 @@ def launch_command(script, n, nodes=None, hostfile=None, scheduler="mpiexec", mp
     n : int
         Number of ranks.
     nodes : int, optional
-        Number of nodes (default: the hosts of ``hostfile``, else 1). ``n`` must be a multiple of it.
+        Number of nodes (default: the hosts of ``hostfile``, else ``SLURM_NNODES`` with ``scheduler="slurm"``,
+        else 1). ``n`` must be a multiple of it.
     hostfile : str or Path, optional
-        Host file for mpiexec (Open MPI's or MPICH's syntax, see :func:`read_hostfile`).
+        Host file (Open MPI's or MPICH's syntax, see :func:`read_hostfile`); its hosts are passed in the
+        launcher's own syntax (``-hosts a:2,b:2`` for hydra, ``--host a:2,b:2`` for Open MPI).
     scheduler : {"mpiexec", "slurm"}
-        ``"slurm"`` gives an ``srun`` line (inside an allocation or a batch script), which needs no host file.
+        ``"slurm"`` gives an ``srun --mpi=pmi2`` line (inside an allocation or a batch script), which needs no
+        host file; ``WORKSHOP_SRUN_MPI`` names another PMI plugin.
     mpi : {"mpich", "openmpi", "intel"}, optional
-        The MPI behind ``mpiexec``; default: asked of it (:func:`detect_flavour`). Unused by ``srun``.
+        The MPI behind ``mpiexec``; default: asked of it (:func:`detect_flavour`). Named, the launcher of that
+        flavour is looked for (:func:`find_mpiexec`). Unused by ``srun``.
     args : sequence of str
         The script's own arguments.
     cpus_per_node : int, optional
-        CPUs of a node to share among its ranks; default: ``SLURM_CPUS_ON_NODE`` if set, else the CPUs this
-        process may use (run it on a compute node, or give it).
+        CPUs of a node to share among its ranks; default: the Slurm allocation's (``SLURM_JOB_CPUS_PER_NODE``),
+        else ``SLURM_CPUS_ON_NODE``, else the CPUs this process may use.
     python, mpiexec : str, optional
-        The interpreter (default: this one) and the launcher (default: the one next to this Python, or the
-        flavour's usual name).
+        The interpreter (default: this one) and the launcher (default: see ``mpi``).
+    verbose : bool
+        Show each rank's binding: the launcher's report (hydra ``HYDRA_TOPO_DEBUG``, Open MPI
+        ``--report-bindings``, Intel ``I_MPI_DEBUG``, srun ``--cpu-bind=verbose``) and the library's placement
+        (``WORKSHOP_VERBOSE=1``).
 
     Returns
     -------
     list of str
+
+    Notes
+    -----
+    On one node, a CPU mask the launch inherited (``taskset``, a cgroup cpuset) is kept: the launcher is not
+    asked to bind (hydra's ``-bind-to`` would bind to every core of the machine), and each rank's placement
+    splits the inherited CPUs among the node's ranks. One-node MPICH and Intel MPI jobs also get
+    :func:`loopback_environment`.
 
     Examples
     --------
@@ -187,38 +288,83 @@ def launch_command(script, n, nodes=None, hostfile=None, scheduler="mpiexec", mp
         raise TypeError(f"args={args!r} must be a sequence of arguments, not one string")
     if scheduler == "slurm" and hostfile is not None:
         raise ValueError("hostfile= is for mpiexec; srun runs on the nodes of the Slurm allocation")
+    _positive_int("n", n)
+    if scheduler == "slurm" or hostfile is None:
+        nodes, cpus_per_node = _slurm_layout(n, nodes if scheduler == "slurm" or nodes else 1, cpus_per_node)
     nodes, per_node, _, threads = job_layout(n, nodes, hostfile, cpus_per_node)
     program = [python or sys.executable, str(script), *map(str, args)]
     env = thread_environment(threads)
+    if verbose:
+        env["WORKSHOP_VERBOSE"] = "1"
     if scheduler == "slurm":
         exports = ",".join(f"{k}={v}" for k, v in env.items())
-        return ["srun", f"--nodes={nodes}", f"--ntasks={n}", f"--ntasks-per-node={per_node}",
-                f"--cpus-per-task={threads}", "--cpu-bind=cores", f"--export=ALL,{exports}", *program]
-    if mpi is None:
-        mpi = detect_flavour(mpiexec)
+        return ["srun", f"--mpi={srun_mpi()}", "--kill-on-bad-exit=1", f"--nodes={nodes}", f"--ntasks={n}",
+                f"--ntasks-per-node={per_node}", f"--cpus-per-task={threads}",
+                "--cpu-bind=verbose,cores" if verbose else "--cpu-bind=cores", f"--export=ALL,{exports}", *program]
     if mpiexec is None:
         from .sysinfo import mpiexec_path
 
-        mpiexec = mpiexec_path() or "mpiexec"
+        mpiexec = (find_mpiexec(mpi) if mpi is not None else mpiexec_path()) or "mpiexec"
+    if mpi is None:
+        mpi = detect_flavour(mpiexec)
+    one_node = nodes == 1 and hostfile is None
+    # a mask this launch inherited (taskset, cpuset) is kept: the ranks' placement splits it among them
+    masked = one_node and _local_cpus() < (os.cpu_count() or 1)
+    hosts = read_hostfile(hostfile) if hostfile is not None else None
     cmd = [mpiexec, "-n", str(n)]
     if mpi == "openmpi":
         # ppr: ranks per node; PE: cores per rank, which --bind-to core then binds each rank to
-        cmd += ["--map-by", f"ppr:{per_node}:node:PE={threads}", "--bind-to", "core"]
-        if hostfile is not None:
-            cmd += ["--hostfile", str(hostfile)]
+        cmd += (["--map-by", f"ppr:{per_node}:node", "--bind-to", "none"] if masked
+                else ["--map-by", f"ppr:{per_node}:node:PE={threads}", "--bind-to", "core"])
+        if hosts is not None:
+            cmd += ["--host", ",".join(f"{host}:{per_node}" for host, _ in hosts)]
+        if verbose:
+            cmd += ["--report-bindings"]
         for name, value in env.items():
             cmd += ["-x", f"{name}={value}"]
+        # Open MPI starts remote ranks with ssh's bare environment: a module-loaded MPI and the venv need these
+        cmd += [a for name in ("PATH", "LD_LIBRARY_PATH") if name in os.environ for a in ("-x", name)]
         return cmd + program
     cmd += ["-ppn", str(per_node)]
-    if hostfile is not None:
-        cmd += ["-f", str(hostfile)]
+    if hosts is not None:
+        cmd += ["-hosts", ",".join(f"{host}:{per_node}" for host, _ in hosts)]
+    if one_node:
+        env.update(loopback_environment())
+    if mpi == "intel" and verbose:
+        env["I_MPI_DEBUG"] = "4"
     for name, value in env.items():
         cmd += ["-genv", name, value]
     if mpi == "intel":  # Intel MPI pins each rank to a domain of OMP_NUM_THREADS cores
-        cmd += ["-genv", "I_MPI_PIN", "1", "-genv", "I_MPI_PIN_DOMAIN", "omp"]
-    else:  # MPICH's Hydra: each rank bound to `threads` cores
+        cmd += ["-genv", "I_MPI_PIN", "0"] if masked else ["-genv", "I_MPI_PIN", "1", "-genv", "I_MPI_PIN_DOMAIN", "omp"]
+    elif not masked:  # MPICH's Hydra: each rank bound to `threads` cores
         cmd += ["-bind-to", f"core:{threads}" if threads > 1 else "core"]
+    if verbose and mpi == "mpich":  # hydra reads it from its own environment, not from -genv
+        cmd = ["env", "HYDRA_TOPO_DEBUG=1", *cmd]
     return cmd + program
+
+
+def shm_needed(ranks):
+    """Bytes of /dev/shm that ``ranks`` MPICH ranks on one node take: about 7 MB each (see the constants)."""
+    _positive_int("ranks", ranks)
+    return ranks * (MPICH_SHM_BYTES_PER_RANK + WINDOW_SHM_BYTES_PER_RANK)
+
+
+def shm_problem(ranks, path="/dev/shm"):
+    """A sentence when ``path`` has less free space than ``ranks`` ranks on this node need, else None.
+
+    The rank count decides, not the message size: MPICH's transport takes a fixed share per rank.
+    """
+    needed = shm_needed(ranks)
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None  # no /dev/shm (macOS): MPICH uses other shared memory there
+    free = st.f_bavail * st.f_frsize
+    if free >= needed:
+        return None
+    return (f"{path} has {free / 2**20:.0f} MB free, but {ranks} MPI ranks on this node need about "
+            f"{needed / 2**20:.0f} MB (about {needed / ranks / 2**20:.0f} MB each, whatever the message size): "
+            f"run fewer ranks per node, or give the container more (`docker run --shm-size=1g`)")
 
 
 def format_command(cmd):
@@ -227,12 +373,20 @@ def format_command(cmd):
 
 
 def batch_script(script, nodes, ntasks_per_node, cpus_per_task, args=(), time="00:30:00", job_name=None,
-                 python="python"):
+                 python=None):
     """A Slurm batch script that runs ``script`` on ``nodes x ntasks_per_node`` ranks of ``cpus_per_task`` threads.
 
     The thread counts are derived from ``SLURM_CPUS_PER_TASK`` inside the job, so editing the ``#SBATCH``
     lines is enough; ``SRUN_CPUS_PER_TASK`` is exported because since Slurm 22.05 ``srun`` no longer
-    inherits ``--cpus-per-task`` from ``sbatch``, and without it each rank would get one CPU.
+    inherits ``--cpus-per-task`` from ``sbatch``, and without it each rank would get one CPU. ``srun`` gets
+    ``--mpi=pmi2`` (``WORKSHOP_SRUN_MPI`` overrides it), ``--kill-on-bad-exit=1`` and a binding it reports;
+    arguments given to ``sbatch`` after the file name reach the script after its own (the last wins).
+
+    Parameters
+    ----------
+    python : str, optional
+        The interpreter the job runs; default: the course's ``.venv/bin/python`` in the folder the job was
+        submitted from. ``WORKSHOP_PYTHON`` in the submitting shell overrides either.
 
     Returns
     -------
@@ -246,11 +400,13 @@ def batch_script(script, nodes, ntasks_per_node, cpus_per_task, args=(), time="0
     name = job_name or Path(str(script)).stem
     n = nodes * ntasks_per_node
     exports = " ".join(f"{v}=$SLURM_CPUS_PER_TASK" for v in THREAD_VARIABLES)
-    line = " ".join(shlex.quote(str(a)) for a in (python, script, *args))
+    line = " ".join(shlex.quote(str(a)) for a in (script, *args))
+    interpreter = shlex.quote(str(python)) if python else "$SLURM_SUBMIT_DIR/.venv/bin/python"
     return "\n".join([
         "#!/bin/bash",
         f"# {script} on {nodes} node(s) x {ntasks_per_node} rank(s), {cpus_per_task} thread(s) per rank.",
         "# Submit from the course's root directory:  sbatch cluster/" + f"{name}.sbatch",
+        "# (arguments after the file name go to the script: sbatch cluster/" + f"{name}.sbatch --help)",
         f"# The same line by hand: workshop launch {script} -n {n} --nodes {nodes} --scheduler slurm"
         + (f" -- {' '.join(shlex.quote(str(a)) for a in args)}" if args else ""),
         "# Edit the #SBATCH lines for your site (account, partition, time); the rest follows from them.",
@@ -264,14 +420,21 @@ def batch_script(script, nodes, ntasks_per_node, cpus_per_task, args=(), time="0
         "##SBATCH --partition=small",
         "",
         "set -euo pipefail",
-        "# module load <the MPI your mpi4py was built against>; source .venv/bin/activate",
+        "# module load <the MPI your mpi4py was built against>   (a site MPI; the mpich wheel needs none)",
+        "# the course's interpreter, named so the job does not depend on the submitting shell's PATH",
+        f'PYTHON="${{WORKSHOP_PYTHON:-{interpreter}}}"',
+        '[ -x "$PYTHON" ] || { echo "no Python at $PYTHON: run make setup in the course folder, or set WORKSHOP_PYTHON" >&2; exit 2; }',
         "",
         "# srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): pass it on explicitly",
         "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
         "# one thread per CPU Slurm gave the rank, for every thread pool in the process",
         f"export {exports}",
-        "export OMP_PROC_BIND=close OMP_PLACES=cores",
+        "# srun and the library bind; OpenMP's own binding would pin every thread of a rank to its first core",
+        "unset OMP_PROC_BIND OMP_PLACES",
         "",
-        f"srun --cpu-bind=cores --export=ALL {line}",
+        "# --mpi=pmi2: the PMI the MPICH and Intel MPI libraries speak (Slurm's MpiDefault=none gives them none, and",
+        "# every task would be a world of one); --kill-on-bad-exit=1: a rank that dies ends the job",
+        'srun --mpi="${WORKSHOP_SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 --cpu-bind=verbose,cores --export=ALL '
+        f'"$PYTHON" {line} "$@"',
         "",
     ])

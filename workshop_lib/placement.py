@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["Placement", "THREAD_VARIABLES", "without_thread_settings", "usable_cpus", "plan", "place", "current", "blas_threads", "op_threads", "matmul",
-           "format_cpus", "format_plan"]
+           "format_cpus", "format_plan", "slurm_allocation", "launcher_tasks", "check_launcher_world"]
 
 # the variables a user sets to choose thread counts; numba reads NUMBA_NUM_THREADS itself, the BLAS
 # libraries read theirs (and OMP_NUM_THREADS) when they load, so a set variable means "leave it alone"
@@ -185,6 +185,105 @@ def format_plan(n_ranks, cpus=None, env=None) -> str:
         p = plan(cpus, n_ranks, r, env, numba_limit=numba.config.NUMBA_NUM_THREADS)
         lines.append("  " + p.describe())
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a scheduler or launcher gave the job
+
+
+def _first_count(text):
+    """The first count of a Slurm list such as ``SLURM_JOB_CPUS_PER_NODE="2(x3),1"`` -> 2, or None."""
+    head = (text or "").split(",")[0].split("(")[0].strip()
+    return int(head) if head.isdigit() and int(head) > 0 else None
+
+
+def slurm_allocation(env=None):
+    """``{"nodes", "cpus_per_node", "cpus_per_task"}`` of the Slurm allocation this process runs in, or None.
+
+    Read from what ``salloc``/``sbatch`` set (``SLURM_NNODES``, ``SLURM_JOB_CPUS_PER_NODE``,
+    ``SLURM_CPUS_PER_TASK``), never from the machine running the command: an ``salloc`` shell usually
+    runs on a login node whose CPUs are not the job's. A value Slurm did not set is None.
+
+    Parameters
+    ----------
+    env : mapping, optional
+        The environment to read (default ``os.environ``).
+
+    Returns
+    -------
+    dict or None
+        None outside an allocation (no ``SLURM_JOB_ID``).
+    """
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    cpus = _first_count(env.get("SLURM_JOB_CPUS_PER_NODE")) or _first_count(env.get("SLURM_CPUS_ON_NODE"))
+    return {"nodes": _first_count(env.get("SLURM_NNODES")), "cpus_per_node": cpus,
+            "cpus_per_task": _first_count(env.get("SLURM_CPUS_PER_TASK"))}
+
+
+# who started this process, and the variable that says how many tasks it started
+_LAUNCHERS = (("PMI_SIZE", "mpiexec (MPICH/Intel MPI hydra) or srun --mpi=pmi2"),
+              ("OMPI_COMM_WORLD_SIZE", "Open MPI's mpirun"),
+              ("SLURM_STEP_NUM_TASKS", "srun"))
+
+
+def launcher_tasks(env=None):
+    """``(variable, tasks, launcher)`` of the launcher that started this process, or None when none did.
+
+    ``PMI_SIZE`` (hydra, srun's pmi2), ``OMPI_COMM_WORLD_SIZE`` (Open MPI), else ``SLURM_STEP_NUM_TASKS``
+    (or ``SLURM_NTASKS``) inside an ``srun`` step. A batch script's own shell is no step: ``SLURM_NTASKS``
+    there counts the allocation's tasks, not this process's world.
+    """
+    env = os.environ if env is None else env
+    for name, who in _LAUNCHERS:
+        count = _first_count(env.get(name))
+        if count is not None and (name != "SLURM_STEP_NUM_TASKS" or env.get("SLURM_STEP_ID")):
+            return name, count, who
+    if env.get("SLURM_STEP_ID") and _first_count(env.get("SLURM_NTASKS")):
+        return "SLURM_NTASKS", _first_count(env.get("SLURM_NTASKS")), "srun"
+    return None
+
+
+def check_launcher_world(world_size=None, env=None):
+    """Fail clearly when a launcher started several tasks but MPI sees a world of one.
+
+    The symptom of a launcher and an MPI that do not speak the same PMI (``srun`` under Slurm's
+    ``MpiDefault=none`` with MPICH, an Open MPI ``mpirun`` with an MPICH mpi4py, or the reverse): every
+    task becomes ``rank 0 of 1``, runs the whole job alone, and usually exits 0. ``hvd.init()``,
+    ``Communicator()`` and ``d4p.daalinit()`` call this, so such a job stops at once on every task.
+
+    Parameters
+    ----------
+    world_size : int, optional
+        ``MPI.COMM_WORLD``'s size (default: asked of mpi4py). A sub-communicator's size is not the world.
+    env : mapping, optional
+        The environment to read (default ``os.environ``).
+
+    Raises
+    ------
+    RuntimeError
+        Naming the variable, the task count, the world size and the fix.
+    """
+    found = launcher_tasks(env)
+    if found is None or found[1] <= 1:
+        return
+    if world_size is None:
+        from mpi4py import MPI
+
+        world_size = MPI.COMM_WORLD.Get_size()
+    if world_size != 1:
+        return
+    name, tasks, who = found
+    if name.startswith("SLURM"):
+        fix = ("srun does not speak the PMI of the MPI behind mpi4py (Slurm's MpiDefault=none): run "
+               "`srun --mpi=pmi2 ...` (what `workshop launch --scheduler slurm` writes; WORKSHOP_SRUN_MPI picks "
+               "another, see `srun --mpi=list`)")
+    else:
+        fix = ("mpi4py was built against another MPI than this launcher's: start it with the mpiexec of the MPI "
+               "mpi4py uses (`workshop check` names it), or `srun --mpi=pmi2` under Slurm")
+    raise RuntimeError(f"{name}={tasks}: {who} started {tasks} tasks, but MPI sees a world of 1 rank, so each task "
+                       f"would run the whole job alone; {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
