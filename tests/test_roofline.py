@@ -120,3 +120,18 @@ def test_report_is_json_with_every_kernel_placed():
     assert "% of roof" in table and "conv1 forward" in table
     line = roofline.fraction_line("x", ops=1e9, seconds=1.0, roofs=result)
     assert "% of the measured fp32 peak" in line
+
+
+def test_workshop_roofline_prints_json_with_kmeans_placed(monkeypatch, capsys):
+    import functools
+
+    from workshop_lib import cli
+
+    small = functools.partial(roofline.report, memory_bytes=1 << 20, cache_sweeps=2, batch=2, int8_batch=2)
+    monkeypatch.setattr(roofline, "report", small)
+    assert cli.main(["roofline", "--json", "--no-mpi", "--duration", "0.01", "--points", "4000"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [row["name"] for row in result["kernels"]]
+    assert "K-Means Lloyd pass (n=4000, k=16)" in names and "k-means++ (15 steps)" in names
+    lloyd = result["kernels"][names.index("K-Means Lloyd pass (n=4000, k=16)")]
+    assert lloyd["ops"] == roofline.lloyd_counts(4000, 3, 16)[0]

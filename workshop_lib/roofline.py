@@ -195,20 +195,18 @@ def _threads(threads):
 def _timed_runs(call, iters_for, duration):
     """Best ops/s of ``call(iters)`` over short runs filling ``duration`` seconds (at least 3 runs).
 
-    Runs are short (about a tenth of ``duration``) and the fastest counts: on a shared machine another
-    process only ever takes cycles away, so the least disturbed run is the closest to the hardware.
+    Runs are short (about a tenth of ``duration``, at least 2^18 iterations, so that waking the threads is
+    negligible) and the fastest counts: on a shared machine another process only ever takes cycles away,
+    so the least disturbed run is the closest to the hardware.
     """
-    iters = 256
-    call(iters)  # compile and warm up
-    target = max(duration / 10, 1e-3)
-    while True:
+    call(1024)  # compile and warm up
+    per_iter = float("inf")
+    for iters in (1 << 12, 1 << 14, 1 << 16):  # the cost of one iteration, as undisturbed as seen
         t0 = time.perf_counter()
         call(iters)
-        dt = time.perf_counter() - t0
-        if dt >= target or iters >= 1 << 40:
-            break
-        iters = int(iters * min(100.0, max(2.0, target / max(dt, 1e-7))))
-    best, runs, start = dt, 0, time.perf_counter()
+        per_iter = min(per_iter, (time.perf_counter() - t0) / iters)
+    iters = max(1 << 18, int(max(duration / 10, 1e-3) / per_iter))
+    best, runs, start = float("inf"), 0, time.perf_counter()
     while runs < 3 or time.perf_counter() - start < duration:
         t0 = time.perf_counter()
         call(iters)
@@ -527,8 +525,16 @@ def allreduce_counts(nbytes, ranks):
 
 
 def _peak(roofs, roof, threads="all_cores"):
+    """The roof for ``threads``; all cores can do at least what one core did (a loaded machine can hide that)."""
     row = roofs["compute"].get(roof, {})
+    if threads == "all_cores" and "one_core" in row:
+        return max(row["one_core"], row["all_cores"])
     return row.get(threads)
+
+
+def _bandwidth(roofs, kind, threads):
+    row = roofs["memory"][kind]
+    return max(row["one_core"], row["all_cores"]) if threads == "all_cores" else row[threads]
 
 
 def attainable(roofs, roof, intensity, threads="all_cores"):
@@ -536,7 +542,7 @@ def attainable(roofs, roof, intensity, threads="all_cores"):
     peak = _peak(roofs, roof, threads)
     if peak is None:
         raise ValueError(f"roof={roof!r} was not measured on this CPU: {roofs['compute'].get(roof)}")
-    memory = intensity * roofs["memory"]["triad"][threads]
+    memory = intensity * _bandwidth(roofs, "triad", threads)
     return (peak, "compute") if peak <= memory else (memory, "memory")
 
 
@@ -564,7 +570,7 @@ def place(roofs, name, roof, ops, nbytes, seconds, threads="all_cores"):
     seconds = check.real(seconds, "seconds", 0, low_open=True)
     if roof == "memory":
         rate = nbytes / seconds
-        ceiling = roofs["memory"]["copy"][threads]
+        ceiling = _bandwidth(roofs, "copy", threads)
         return {"name": name, "roof": roof, "ops": None, "bytes": int(nbytes), "seconds": seconds, "intensity": None,
                 "rate": rate, "bound": "memory", "attainable": ceiling, "fraction": rate / ceiling}
     intensity = ops / nbytes
@@ -728,6 +734,10 @@ def format_table(result):
             unit = "B/s" if row["roof"] == "memory" else "op/s"
             lines.append(f"{row['name'][:52]:52s} {row['roof']:6s} {intensity:>9s} {_si(row['rate'], unit):>14s} "
                          f"{row['bound']:8s} {100 * row['fraction']:8.1f}%")
+        lines.append("roofs on all cores: the larger of the one-core and all-core measurements; slanted roof: triad")
+        if any(row["roof"] == "memory" for row in result["kernels"]):
+            lines.append("memory rows: bytes each rank must send per second (a ring moves 2(p-1)/p bytes per byte "
+                         "reduced) against the copy bandwidth")
     return "\n".join(lines)
 
 
@@ -742,7 +752,7 @@ def fraction_line(label, ops, seconds, roof="fp32", nbytes=None, duration=0.2, r
     if roof != "memory" and "missing" in roofs["compute"][roof]:
         return f"{label}: no {roof} roof on this CPU ({roofs['compute'][roof]['missing']})"
     if nbytes is None:
-        peak = roofs["compute"][roof]["all_cores"]
+        peak = _peak(roofs, roof)
         rate = ops / seconds
         return (f"{label}: {_si(rate, 'op/s')}, {100 * rate / peak:.1f}% of the measured {roof} peak "
                 f"({_si(peak, 'op/s')}, {roofs['compute'][roof]['threads']} thread(s))")
