@@ -34,6 +34,11 @@ def test_gemm_and_kmeans_and_adam_counts_are_exact():
     assert roofline.allreduce_counts(4096, 4) == 6144
 
 
+def test_cnn_ops_per_image_match_the_recorded_hand_count():
+    assert roofline.cnn_ops_per_image("inference") == 27_767_808  # FACTS: forward 27.77 MFLOP
+    assert roofline.cnn_ops_per_image("train") == 27_767_808 + 54_281_216  # backward 54.28 MFLOP
+
+
 def test_counts_name_a_bad_argument():
     with pytest.raises(ValueError, match="direction"):
         roofline.conv_counts(1, 2, 2, 1, 1, 1, 1, "sideways")
@@ -120,6 +125,7 @@ def test_report_is_json_with_every_kernel_placed():
     assert "% of roof" in table and "conv1 forward" in table
     line = roofline.fraction_line("x", ops=1e9, seconds=1.0, roofs=result)
     assert "% of the measured fp32 peak" in line
+    assert "% of the memory roof" in roofline.fraction_line("a", None, 1.0, result, roof="memory", nbytes=10)
 
 
 def test_workshop_roofline_prints_json_with_kmeans_placed(monkeypatch, capsys):

@@ -37,8 +37,8 @@ from . import _validate as check
 
 __all__ = ["ROOFS", "compile_target", "vector_isa", "cpu_clock_hz", "nominal_peaks", "measure_compute_peaks",
            "measure_memory", "measure_roofs", "conv_counts", "gemm_counts", "lloyd_counts", "kmeanspp_step_counts",
-           "adam_counts", "allreduce_counts", "place", "attainable", "measure_kernels", "report", "format_table",
-           "fraction_line"]
+           "adam_counts", "allreduce_counts", "cnn_ops_per_image", "place", "attainable", "measure_kernels", "report",
+           "format_table", "benchmark_roofs", "fraction_line"]
 
 # compute roofs: name -> (instruction, operations per 32-bit lane of one instruction)
 ROOFS = {
@@ -378,13 +378,7 @@ def _cache_bytes():
 
 
 def _best_bandwidth(call, nbytes, repeats):
-    call()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return nbytes / _best_time(call, repeats)
 
 
 def measure_memory(nbytes=None, threads=None, repeats=5, cache_sweeps=None):
@@ -396,7 +390,7 @@ def measure_memory(nbytes=None, threads=None, repeats=5, cache_sweeps=None):
     Parameters
     ----------
     nbytes : int, optional
-        Bytes of each float64 array; by default 4x the last-level cache, kept within 64 MiB .. 512 MiB.
+        Bytes of each float64 array; by default 4x the last-level cache, kept within 64 MiB .. 256 MiB (a shared machine's memory).
     threads : int, optional
         Numba threads for "all cores" (the usable cores by default).
     repeats : int
@@ -415,7 +409,7 @@ def measure_memory(nbytes=None, threads=None, repeats=5, cache_sweeps=None):
     caches = _cache_bytes()
     llc = max(caches.values()) if caches else None
     if nbytes is None:
-        nbytes = min(512 << 20, max(64 << 20, 4 * (llc or 0)))
+        nbytes = min(256 << 20, max(64 << 20, 4 * (llc or 0)))
     nbytes = check.integer(nbytes, "nbytes", 4096)
     n = nbytes // 8
     a, b, c = np.ones(n), np.full(n, 2.0), np.full(n, 0.5)
@@ -613,14 +607,18 @@ def _cnn_kernels(rng, batch):
                         lambda dy=dy, cache=cache: kernels.conv2d_backward(dy, cache, need_dw=False, algorithm="jit")))
         out.append((f"{name} backward-weights", "fp32", conv_counts(*shape, "backward_weights"),
                     lambda dy=dy, cache=cache: kernels.conv2d_backward(dy, cache, need_dx=False)))
-    for name, (m, kk, n) in (("fc1 forward", (batch, 3136, 1024)), ("fc1 backward-data", (batch, 1024, 3136)),
-                             ("fc1 backward-weights", (3136, batch, 1024)), ("fc2 forward", (batch, 1024, 10))):
-        a, b = rng.standard_normal((m, kk), dtype=np.float32), rng.standard_normal((kk, n), dtype=np.float32)
-        out.append((name, "fp32", gemm_counts(m, kk, n), lambda a=a, b=b: kernels.gemm_forward(a, b)))
+    fx, fw = rng.standard_normal((batch, 3136), dtype=np.float32), rng.standard_normal((3136, 1024), dtype=np.float32)
+    fdy, fw2 = rng.standard_normal((batch, 1024), dtype=np.float32), rng.standard_normal((1024, 10), dtype=np.float32)
+    out += [("fc1 forward", "fp32", gemm_counts(batch, 3136, 1024), lambda: kernels.gemm_forward(fx, fw)),
+            ("fc1 backward-data", "fp32", gemm_counts(batch, 1024, 3136),  # dy w^T, as the engine calls it
+             lambda: kernels.gemm_forward(fdy, fw, trans_b=True)),
+            ("fc1 backward-weights", "fp32", gemm_counts(3136, batch, 1024),  # x^T dy
+             lambda: kernels.gemm_forward(fx, fdy, trans_a=True)),
+            ("fc2 forward", "fp32", gemm_counts(batch, 1024, 10), lambda: kernels.gemm_forward(fdy, fw2))]
     size = 3136 * 1024
-    w, g, m1, v1 = (rng.standard_normal(size, dtype=np.float32) for _ in range(4))
-    v1 = np.abs(v1)
-    out.append(("Adam update (fc1/w)", "fp32", adam_counts(size), lambda: kernels.adam_update(w, g, m1, v1, 1e-4)))
+    aw, ag, am, av = (rng.standard_normal(size, dtype=np.float32) for _ in range(4))
+    av = np.abs(av)
+    out.append(("Adam update (fc1/w)", "fp32", adam_counts(size), lambda: kernels.adam_update(aw, ag, am, av, 1e-4)))
     return out
 
 
@@ -633,8 +631,9 @@ def _int8_kernels(rng, batch):
     for m, kk, n in ((64, 3136, 1024), (1024, 1024, 1024)):
         a = rng.integers(0, 256, (m, kk), dtype=np.uint8)
         b = rng.integers(-128, 128, (kk, n), dtype=np.int8)
+        packed = int8.pack_weights(b)  # packed once, as inference does
         out.append((f"int8 GEMM {m}x{kk}x{n}", "int8", gemm_counts(m, kk, n, 1, 4, 1),
-                    lambda a=a, b=b: int8.gemm_u8s8s32(a, b)))
+                    lambda a=a, packed=packed: int8.gemm_u8s8s32(a, packed)))
     for name, (h, c, k) in (("conv1", (28, 1, 32)), ("conv2", (14, 32, 64))):
         x = rng.integers(0, 256, (batch, h, h, c), dtype=np.uint8)
         wq = int8.pack_fused_weights(rng.integers(-128, 128, (5, 5, c, k), dtype=np.int8))
@@ -741,22 +740,51 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def fraction_line(label, ops, seconds, roof="fp32", nbytes=None, duration=0.2, roofs=None):
+def benchmark_roofs(kinds=("fp32",), memory=False, threads=None, duration=0.2):
+    """The roofs a benchmark needs, measured quickly in its own run: ``{"compute": ..., "memory": ... or None}``.
+
+    ``threads`` (the benchmark's own thread count) is capped at the usable cores.
+    """
+    threads = None if threads is None else min(_threads(None), check.integer(threads, "threads", 1))
+    return {"compute": measure_compute_peaks(duration, threads, kinds),
+            "memory": measure_memory(threads=threads, repeats=3) if memory else None}
+
+
+def fraction_line(label, ops, seconds, roofs, roof="fp32", nbytes=None):
     """One line for a benchmark: ``label``'s achieved rate and its fraction of the measured roof that binds it.
 
-    Measures the roofs (compute ``roof`` and, with ``nbytes``, memory) unless ``roofs`` is given.
+    Parameters
+    ----------
+    label : str
+    ops : int or None
+        Operations done in ``seconds`` (None for a data mover, ``roof="memory"``).
+    seconds : float
+    roofs : dict
+        From :func:`benchmark_roofs` or :func:`measure_roofs`.
+    roof : str
+        The compute roof (``"fp32"``, ``"int8"``...) or ``"memory"``.
+    nbytes : int, optional
+        The least bytes moved; with it the memory roof is considered too (``roofs`` must hold ``memory``).
     """
-    if roofs is None:
-        roofs = {"compute": measure_compute_peaks(duration, kinds=[roof] if roof != "memory" else []),
-                 "memory": measure_memory(repeats=3) if nbytes is not None else None}
     if roof != "memory" and "missing" in roofs["compute"][roof]:
         return f"{label}: no {roof} roof on this CPU ({roofs['compute'][roof]['missing']})"
     if nbytes is None:
         peak = _peak(roofs, roof)
         rate = ops / seconds
-        return (f"{label}: {_si(rate, 'op/s')}, {100 * rate / peak:.1f}% of the measured {roof} peak "
-                f"({_si(peak, 'op/s')}, {roofs['compute'][roof]['threads']} thread(s))")
+        return f"{label}: {_si(rate, 'op/s')} = {100 * rate / peak:.1f}% of the measured {roof} peak ({_si(peak, 'op/s')})"
     row = place(roofs, label, roof, ops, nbytes, seconds)
     unit = "B/s" if roof == "memory" else "op/s"
-    return (f"{label}: {_si(row['rate'], unit)}, {100 * row['fraction']:.1f}% of the {row['bound']} roof it meets "
-            f"({_si(row['attainable'], unit)})")
+    return (f"{label}: {_si(row['rate'], unit)} = {100 * row['fraction']:.1f}% of the {row['bound']} roof that binds "
+            f"it ({_si(row['attainable'], unit)})")
+
+
+def cnn_ops_per_image(mode="train"):
+    """Operations per image of the labs' CNN (conv 5x5x1x32, conv 5x5x32x64, FC 3136x1024, FC 1024x10; SAME,
+    2x2 pools): forward 27,767,808; training adds backward-data (not for conv1) and backward-weights."""
+    check.option(mode, "mode", ("train", "inference"))
+    convs = [conv_counts(1, 28, 28, 1, 5, 5, 32)[0], conv_counts(1, 14, 14, 32, 5, 5, 64)[0]]
+    fcs = [gemm_counts(1, 3136, 1024)[0], gemm_counts(1, 1024, 10)[0]]
+    forward = sum(convs) + sum(fcs)
+    if mode == "inference":
+        return forward
+    return forward + convs[0] + 2 * convs[1] + 2 * sum(fcs)
