@@ -19,7 +19,6 @@ features and k clusters. "ops" are multiplies and adds counted separately (one F
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import sys
