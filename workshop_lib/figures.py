@@ -264,6 +264,13 @@ def fusion_before_after(before, after):
 def roofline_values(result, points=64):
     """The lines and points of a roofline plot, from :func:`workshop_lib.roofline.report`'s result.
 
+    Parameters
+    ----------
+    result : dict
+        :func:`workshop_lib.roofline.report`'s dict.
+    points : int
+        Points along each roof.
+
     Returns
     -------
     dict
@@ -287,7 +294,17 @@ def roofline_values(result, points=64):
 
 
 def roofline_plot(result):
-    """Draw the log-log roofline of :func:`roofline_values`: one roof per instruction, one dot per kernel."""
+    """Draw the log-log roofline of :func:`roofline_values`: one roof per instruction, one dot per kernel.
+
+    Parameters
+    ----------
+    result : dict
+        :func:`workshop_lib.roofline.report`'s dict.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
     import matplotlib.pyplot as plt
 
     values = roofline_values(result)

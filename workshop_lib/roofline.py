@@ -56,6 +56,11 @@ def compile_target() -> dict:
 
     Honours ``NUMBA_CPU_NAME`` / ``NUMBA_CPU_FEATURES`` (then only what they grant counts), else LLVM's view
     of the host, so a peak kernel never uses an instruction that numba would not emit here.
+
+    Returns
+    -------
+    dict
+        ``{"cpu": str, "features": {name: bool}}``.
     """
     import llvmlite.binding as llvm
     from numba.core import config
@@ -71,7 +76,17 @@ def compile_target() -> dict:
 
 
 def vector_isa(features=None):
-    """(name, float32 lanes) of the widest FMA vector in ``features``: ("avx512", 16), ("avx2", 8) or (None, None)."""
+    """(name, float32 lanes) of the widest FMA vector in ``features``: ("avx512", 16), ("avx2", 8) or (None, None).
+
+    Parameters
+    ----------
+    features : dict, optional
+        LLVM feature names -> bool; :func:`compile_target`'s by default.
+
+    Returns
+    -------
+    tuple
+    """
     features = compile_target()["features"] if features is None else features
     if features.get("avx512f") and features.get("fma"):
         return "avx512", 16
@@ -268,7 +283,13 @@ def measure_compute_peaks(duration=0.3, threads=None, kinds=None):
 
 
 def cpu_clock_hz():
-    """(Hz, where it was read) of the cores' highest clock the OS reveals, or (None, why not)."""
+    """(Hz, where it was read) of the cores' highest clock the OS reveals, or (None, why not).
+
+    Returns
+    -------
+    tuple
+        ``(float or None, str)``.
+    """
     path = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
     try:
         return int(path.read_text()) * 1000.0, str(path)
@@ -311,6 +332,13 @@ def _vector_pipes(features, lanes):
 
 def nominal_peaks(features=None, cores=None):
     """Nominal ops/s per roof from the ISA and the clock: lanes x ops per lane x pipes x clock (x cores).
+
+    Parameters
+    ----------
+    features : dict, optional
+        LLVM feature names -> bool; :func:`compile_target`'s by default.
+    cores : int, optional
+        Cores for "all cores"; the usable ones by default.
 
     Returns
     -------
@@ -464,7 +492,20 @@ def measure_roofs(duration=0.3, threads=None, memory_bytes=None, cache_sweeps=No
 
 
 def gemm_counts(m, k, n, in_bytes=4, out_bytes=4, weight_bytes=None):
-    """(ops, bytes) of C (M, N) = A (M, K) B (K, N): 2MNK ops; A, B read once and C written once."""
+    """(ops, bytes) of C (M, N) = A (M, K) B (K, N): 2MNK ops; A, B read once and C written once.
+
+    Parameters
+    ----------
+    m, k, n : int
+        The GEMM's shape.
+    in_bytes, out_bytes, weight_bytes : int
+        Bytes per element of A, C and B (B: ``in_bytes`` by default).
+
+    Returns
+    -------
+    tuple
+        ``(ops, bytes)``.
+    """
     m, k, n = (check.integer(v, name, 1) for v, name in ((m, "m"), (k, "k"), (n, "n")))
     weight_bytes = in_bytes if weight_bytes is None else weight_bytes
     return 2 * m * n * k, m * k * in_bytes + k * n * weight_bytes + m * n * out_bytes
@@ -475,6 +516,19 @@ def conv_counts(n, h, w, c, r, s, k, direction="forward", in_bytes=4, out_bytes=
 
     All three directions do 2 N H W K R S C ops. Bytes: ``forward`` reads x, w and writes y;
     ``backward_data`` reads dy, w and writes dx; ``backward_weights`` reads x, dy and writes dw.
+
+    Parameters
+    ----------
+    n, h, w, c, r, s, k : int
+        Batch, input height, width, channels; filter height, width; output channels.
+    direction : {"forward", "backward_data", "backward_weights"}
+    in_bytes, out_bytes : int
+        Bytes per element read and written.
+
+    Returns
+    -------
+    tuple
+        ``(ops, bytes)``.
     """
     dims = [check.integer(v, name, 1) for v, name in zip((n, h, w, c, r, s, k), "nhwcrsk")]
     n, h, w, c, r, s, k = dims
@@ -488,27 +542,77 @@ def conv_counts(n, h, w, c, r, s, k, direction="forward", in_bytes=4, out_bytes=
 
 def lloyd_counts(n, d, k, itemsize=8):
     """(ops, bytes) of one Lloyd pass: 2nkd for the n x k distances (a dot product each), nd for the
-    per-cluster sums; the points read once, the k centroids read and the new ones written."""
+    per-cluster sums; the points read once, the k centroids read and the new ones written.
+
+    Parameters
+    ----------
+    n, d, k : int
+        Points, features, clusters.
+    itemsize : int
+        Bytes per value (8: float64).
+
+    Returns
+    -------
+    tuple
+        ``(ops, bytes)``.
+    """
     n, d, k = (check.integer(v, name, 1) for v, name in ((n, "n"), (d, "d"), (k, "k")))
     return 2 * n * k * d + n * d, (n * d + 2 * k * d) * itemsize
 
 
 def kmeanspp_step_counts(n, d, itemsize=8):
     """(ops, bytes) of one k-means++ step: each point's squared distance to the new centroid (3d ops: subtract,
-    multiply, add) and the minimum with its old D^2 (1); the points read once, D^2 (float64) read and written."""
+    multiply, add) and the minimum with its old D^2 (1); the points read once, D^2 (float64) read and written.
+
+    Parameters
+    ----------
+    n, d : int
+        Points, features.
+    itemsize : int
+        Bytes per value of the points.
+
+    Returns
+    -------
+    tuple
+        ``(ops, bytes)``.
+    """
     n, d = check.integer(n, "n", 1), check.integer(d, "d", 1)
     return 3 * n * d + n, n * d * itemsize + 2 * n * 8
 
 
 def adam_counts(size, itemsize=4):
     """(ops, bytes) of Adam's update of ``size`` values: 12 ops each (m: 3, v: 4, w: sqrt, add, divide, multiply,
-    subtract); w, g, m, v read and w, m, v written."""
+    subtract); w, g, m, v read and w, m, v written.
+
+    Parameters
+    ----------
+    size : int
+        Values updated.
+    itemsize : int
+        Bytes per value (4: float32).
+
+    Returns
+    -------
+    tuple
+        ``(ops, bytes)``.
+    """
     size = check.integer(size, "size", 1)
     return 12 * size, 7 * size * itemsize
 
 
 def allreduce_counts(nbytes, ranks):
-    """Bytes each rank must send (and receive) in a ring allreduce of ``nbytes``: 2 (p - 1) / p x nbytes."""
+    """Bytes each rank must send (and receive) in a ring allreduce of ``nbytes``: 2 (p - 1) / p x nbytes.
+
+    Parameters
+    ----------
+    nbytes : int
+        Size of the buffer reduced.
+    ranks : int
+
+    Returns
+    -------
+    int
+    """
     nbytes, ranks = check.integer(nbytes, "nbytes", 1), check.integer(ranks, "ranks", 1)
     return 2 * (ranks - 1) * nbytes // ranks
 
@@ -531,7 +635,22 @@ def _bandwidth(roofs, kind, threads):
 
 
 def attainable(roofs, roof, intensity, threads="all_cores"):
-    """(ops/s the roofline allows at ``intensity`` ops/byte on the ``roof`` compute peak, "compute" or "memory")."""
+    """(ops/s the roofline allows at ``intensity`` ops/byte on the ``roof`` compute peak, "compute" or "memory").
+
+    Parameters
+    ----------
+    roofs : dict
+        From :func:`measure_roofs`.
+    roof : str
+        A compute roof of :data:`ROOFS`.
+    intensity : float
+        Operations per byte.
+    threads : {"all_cores", "one_core"}
+
+    Returns
+    -------
+    tuple
+    """
     peak = _peak(roofs, roof, threads)
     if peak is None:
         raise ValueError(f"roof={roof!r} was not measured on this CPU: {roofs['compute'].get(roof)}")
@@ -683,7 +802,21 @@ def measure_kernels(roofs, timer=None, batch=CNN_BATCH, int8_batch=INT8_BATCH, s
 def report(duration=0.3, timer=None, extra=(), **measure):
     """Roofs and placed kernels as one JSON-able dict: ``measure_roofs(...)`` plus ``"kernels"``.
 
-    ``extra`` are rows built with :func:`place` by layers above this one (K-Means, allreduce).
+    Parameters
+    ----------
+    duration : float
+        Seconds per compute roof and core count.
+    timer : callable, optional
+        See :func:`measure_kernels`.
+    extra : sequence of dict
+        Rows built with :func:`place` by layers above this one (K-Means, allreduce).
+    **measure
+        ``threads``, ``memory_bytes``, ``cache_sweeps`` (for :func:`measure_roofs`), ``batch``, ``int8_batch``
+        (for :func:`measure_kernels`).
+
+    Returns
+    -------
+    dict
     """
     roofs = measure_roofs(duration, **{k: measure[k] for k in ("threads", "memory_bytes", "cache_sweeps")
                                        if k in measure})
@@ -702,7 +835,17 @@ def _si(value, unit):
 
 
 def format_table(result):
-    """The roofs and the "% of the roof that binds it" table as text."""
+    """The roofs and the "% of the roof that binds it" table as text.
+
+    Parameters
+    ----------
+    result : dict
+        From :func:`report` or :func:`measure_roofs`.
+
+    Returns
+    -------
+    str
+    """
     lines = [f"Roofline of {result['cpu']} (numba target {result['compile_target']}, {result['vector']} vectors, "
              f"{result['threads']} thread(s))", "", f"{'roof':10s} {'instruction':12s} {'one core':>14s} "
              f"{'all cores':>14s} {'nominal (all)':>14s}"]
@@ -742,7 +885,19 @@ def format_table(result):
 def benchmark_roofs(kinds=("fp32",), memory=False, threads=None, duration=0.2):
     """The roofs a benchmark needs, measured quickly in its own run: ``{"compute": ..., "memory": ... or None}``.
 
-    ``threads`` (the benchmark's own thread count) is capped at the usable cores.
+    Parameters
+    ----------
+    kinds : sequence of str
+        Compute roofs to measure.
+    memory : bool
+        Also measure the memory bandwidths.
+    threads : int, optional
+        The benchmark's own thread count, capped at the usable cores.
+    duration : float
+
+    Returns
+    -------
+    dict
     """
     threads = None if threads is None else min(_threads(None), check.integer(threads, "threads", 1))
     return {"compute": measure_compute_peaks(duration, threads, kinds),
@@ -764,6 +919,10 @@ def fraction_line(label, ops, seconds, roofs, roof="fp32", nbytes=None):
         The compute roof (``"fp32"``, ``"int8"``...) or ``"memory"``.
     nbytes : int, optional
         The least bytes moved; with it the memory roof is considered too (``roofs`` must hold ``memory``).
+
+    Returns
+    -------
+    str
     """
     if roof != "memory" and "missing" in roofs["compute"][roof]:
         return f"{label}: no {roof} roof on this CPU ({roofs['compute'][roof]['missing']})"
@@ -779,7 +938,16 @@ def fraction_line(label, ops, seconds, roofs, roof="fp32", nbytes=None):
 
 def cnn_ops_per_image(mode="train"):
     """Operations per image of the labs' CNN (conv 5x5x1x32, conv 5x5x32x64, FC 3136x1024, FC 1024x10; SAME,
-    2x2 pools): forward 27,767,808; training adds backward-data (not for conv1) and backward-weights."""
+    2x2 pools): forward 27,767,808; training adds backward-data (not for conv1) and backward-weights.
+
+    Parameters
+    ----------
+    mode : {"train", "inference"}
+
+    Returns
+    -------
+    int
+    """
     check.option(mode, "mode", ("train", "inference"))
     convs = [conv_counts(1, 28, 28, 1, 5, 5, 32)[0], conv_counts(1, 14, 14, 32, 5, 5, 64)[0]]
     fcs = [gemm_counts(1, 3136, 1024)[0], gemm_counts(1, 1024, 10)[0]]
