@@ -114,7 +114,8 @@ def test_report_is_json_with_every_kernel_placed():
     result = roofline.report(FAST, memory_bytes=1 << 20, cache_sweeps=2, batch=2, int8_batch=2)
     text = json.dumps(result)
     back = json.loads(text)
-    assert set(back) >= {"cpu", "compile_target", "vector", "threads", "compute", "nominal", "memory", "kernels"}
+    assert set(back) >= {"cpu", "compile_target", "vector", "threads", "load", "compute", "nominal", "memory",
+                         "kernels"}
     names = [row["name"] for row in back["kernels"]]
     assert "conv2 backward-weights" in names and "Adam update (fc1/w)" in names
     for row in back["kernels"]:
@@ -123,6 +124,8 @@ def test_report_is_json_with_every_kernel_placed():
         assert math.isclose(row["fraction"], row["rate"] / row["attainable"])
     table = roofline.format_table(result)
     assert "% of roof" in table and "conv1 forward" in table
+    result["kernels"][0]["fraction"] = 2.0  # a kernel above its roof: the table must say the roofs are suspect
+    assert "WARNING: " in roofline.format_table(result) and "ran above their roof" in roofline.format_table(result)
     line = roofline.fraction_line("x", ops=1e9, seconds=1.0, roofs=result)
     assert "% of the measured fp32 peak" in line
     assert "% of the memory roof" in roofline.fraction_line("a", None, 1.0, result, roof="memory", nbytes=10)

@@ -474,14 +474,16 @@ def measure_roofs(duration=0.3, threads=None, memory_bytes=None, cache_sweeps=No
     Returns
     -------
     dict
-        ``{"cpu", "compile_target", "vector", "threads", "compute", "nominal", "memory"}``.
+        ``{"cpu", "compile_target", "vector", "threads", "load", "compute", "nominal", "memory"}`` (``load``: the
+        1, 5 and 15 minute load averages when measured, or None).
     """
     from .sysinfo import cpu_model
 
     target = compile_target()
     isa, lanes = vector_isa(target["features"])
     threads = _threads(threads)
-    return {"cpu": cpu_model(), "compile_target": target["cpu"], "vector": isa, "threads": threads,
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu_model(), "compile_target": target["cpu"], "vector": isa, "threads": threads, "load": load,
             "compute": measure_compute_peaks(duration, threads),
             "nominal": nominal_peaks(target["features"], threads),
             "memory": measure_memory(memory_bytes, threads, cache_sweeps=cache_sweeps)}
@@ -876,6 +878,13 @@ def format_table(result):
             lines.append(f"{row['name'][:52]:52s} {row['roof']:6s} {intensity:>9s} {_si(row['rate'], unit):>14s} "
                          f"{row['bound']:8s} {100 * row['fraction']:8.1f}%")
         lines.append("roofs on all cores: the larger of the one-core and all-core measurements; slanted roof: triad")
+        above = [row["name"] for row in result["kernels"] if row["fraction"] > 1.05]
+        if above:
+            load = result.get("load")
+            lines.append(f"WARNING: {len(above)} kernel(s) ran above their roof ({', '.join(above[:3])}...): the roofs were "
+                         f"measured while other programs held the cores (load average {load[0]:.1f} on "
+                         f"{result['threads']} threads); rerun on a quiet machine" if load else
+                         f"WARNING: {len(above)} kernel(s) ran above their roof: rerun on a quiet machine")
         if any(row["roof"] == "memory" for row in result["kernels"]):
             lines.append("memory rows: bytes each rank must send per second (a ring moves 2(p-1)/p bytes per byte "
                          "reduced) against the copy bandwidth")
