@@ -64,7 +64,7 @@ def main():
     if args.worker:
         return worker(args)
 
-    from workshop_lib import scaling, sysinfo
+    from workshop_lib import roofline, scaling, sysinfo
     from workshop_lib.bench import memcopy_bandwidth
     from workshop_lib.comm import SMALL_BYTES
 
@@ -72,6 +72,7 @@ def main():
     print(f"CPU: {sysinfo.cpu_model()}; MPI: {sysinfo.mpi_library_version()}")
     print(f"memory copy bandwidth (read + write): {copy / 1e9:.1f} GB/s  (the physical reference)")
     results = {"memcopy_GBps": copy / 1e9, "runs": []}
+    roofs = roofline.benchmark_roofs((), memory=True)
     cores = sysinfo.core_counts()["usable"]
     for n in args.ranks:
         proc = sysinfo.run_mpi(n, [__file__, "--worker", "--max-bytes", args.max_bytes, "--repeats", args.repeats],
@@ -110,6 +111,12 @@ def main():
             print("  hvd.allreduce(x, op=hvd.Sum), MPI / hvd: " + ", ".join(
                 f"{r['bytes'] // 1024} KB {r['mpi'] / r['hvd']:.2f}" for r in large)
                 + f"; at worst {min(r['mpi'] / r['hvd'] for r in large):.2f} (target >= 1.0)")
+        biggest = max(run["rows"], key=lambda r: r["bytes"])
+        for method in ("mpi", "ours", "hvd"):
+            if method in biggest:
+                print("  " + roofline.fraction_line(
+                    f"{method} at {biggest['bytes']:,} B (each rank moves 2(p-1)/p of it)", None, biggest[method],
+                    roofs, "memory", roofline.allreduce_counts(biggest["bytes"], n)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from workshop_lib import bench, sysinfo  # noqa: E402
+from workshop_lib import bench, roofline, sysinfo  # noqa: E402
 from workshop_lib.data import load_mnist  # noqa: E402
 
 
@@ -162,6 +162,10 @@ def main(argv=None):
     bench.executive_summary(results, args.mode, args.batch_size)
     for ratio in ratio_lines(results, args.mode) + (round_ratio_lines(rounds, args.mode) if args.rounds > 1 else []):
         print(ratio)
+    roofs = roofline.benchmark_roofs(("fp32",), threads=args.threads)  # the machine's limit, beside the peers
+    for name, images_per_second in results.items():
+        print(roofline.fraction_line(f"{name} ({args.mode})", roofline.cnn_ops_per_image(args.mode) * images_per_second,
+                                     1.0, roofs))
     if args.background_load:
         print(f"(under {args.background_load} busy process(es); targets with 2 on 2 cores: optimized / reference "
               ">= 2x, optimized / PyTorch >= 0.5)")

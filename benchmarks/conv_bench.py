@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workshop_lib import jit_conv, kernels, placement, sysinfo  # noqa: E402
+from workshop_lib import jit_conv, kernels, placement, roofline, sysinfo  # noqa: E402
 
 
 def cases(batch, rng):
@@ -75,8 +75,11 @@ def main(argv=None):
                 best[i] = min(best[i], time.perf_counter() - t0)
     print(f"CPU: {sysinfo.cpu_model()}; {args.threads} thread(s); {jit_conv.simd_lanes()} float32 lanes; "
           f"batch {args.batch_size}; best of {args.repetitions} interleaved repetitions")
+    roofs = roofline.benchmark_roofs(("fp32",), threads=args.threads)
+    peak = max(roofs["compute"]["fp32"]["one_core"], roofs["compute"]["fp32"]["all_cores"])
     for (name, _, flops), seconds in zip(rows, best):
-        print(f"{name:45s} {seconds * 1e3:8.2f} ms {flops / seconds / 1e9:8.1f} GFLOP/s")
+        print(f"{name:45s} {seconds * 1e3:8.2f} ms {flops / seconds / 1e9:8.1f} GFLOP/s "
+              f"{100 * flops / seconds / peak:5.1f}% of the measured fp32 peak")
     for op in ("conv1 forward", "conv2 forward", "conv2 backward-data"):
         times = {name.split(", ")[1]: t for (name, _, _), t in zip(rows, best) if name.startswith(op)}
         jit, gemm, path = (times[k] for k in sorted(times, key=lambda k: ("jit" not in k, "alone" not in k)))

@@ -153,6 +153,12 @@ def main():
               f"{result['test_accuracy']:9.4f}")
     ratio = best["2x1"]["images_per_second"] / base
     print(f"\n2 ranks x 1 thread / 1 rank x 1 thread = {ratio:.2f}x (target >= 1.7)")
+    from workshop_lib import roofline
+
+    roofs = roofline.benchmark_roofs(("fp32",))  # all usable cores: what every configuration shares
+    for key, result in best.items():
+        print(roofline.fraction_line(f"{key} training", roofline.cnn_ops_per_image() * result["images_per_second"],
+                                     1.0, roofs))
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, "batch_size": args.batch_size, "runs": best,
                                          "ratio_2x1_over_1x1": ratio, **figures}, indent=2))

@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from workshop_lib import int8, models, sysinfo  # noqa: E402
+from workshop_lib import int8, models, roofline, sysinfo  # noqa: E402
 from workshop_lib.bench import best_time  # noqa: E402
 from workshop_lib.data import load_mnist  # noqa: E402
 
@@ -105,6 +105,24 @@ def gemm_rows(shapes, repeats, torch, rounds=1):
             print(line)
         rows.append(row)
     return rows
+
+
+def print_roof_fractions(figures, batch):
+    """Each GEMM and the int8 CNN as a fraction of this CPU's measured int8 and fp32 peaks (same run)."""
+    roofs = roofline.benchmark_roofs(("fp32", "int8"))
+    print("\nFraction of this CPU's measured roofs:")
+    for row in figures["gemm"]:
+        m, k, n = row["shape"]
+        ops = 2 * m * k * n
+        ours = row.get("int8_fused_u8_gops", row["int8_gops"])
+        print("  " + roofline.fraction_line(f"ours int8 {m}x{k}x{n}", ops, ops / (ours * 1e9), roofs, "int8"))
+        print("  " + roofline.fraction_line(f"numpy fp32 {m}x{k}x{n}", ops, ops / (row["fp32_gflops"] * 1e9), roofs))
+        if row.get("onednn_linear_gops"):
+            print("  " + roofline.fraction_line(f"oneDNN int8 {m}x{k}x{n}", ops,
+                                                ops / (row["onednn_linear_gops"] * 1e9), roofs, "int8"))
+    if "int8_images_per_s" in figures["cnn"]:
+        print("  " + roofline.fraction_line(f"int8 CNN inference, batch {batch}", roofline.cnn_ops_per_image(
+            "inference") * figures["cnn"]["int8_images_per_s"], 1.0, roofs, "int8"))
 
 
 def torch_int8_cnn(torch, params, calibration_images, example):
@@ -218,6 +236,7 @@ def main():
         print(f"\nint8 GEMM at 1024^3 is {at_1024[0]['ratio']:.2f}x numpy's fp32 GEMM (target >= 2.0)"
               + (f" and {at_1024[0]['vs_onednn']:.2f}x oneDNN's int8 linear (target >= 0.8)"
                  if "vs_onednn" in at_1024[0] else ""))
+    print_roof_fractions(figures, batch)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
 

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workshop_lib import d4p, placement, sysinfo  # noqa: E402
+from workshop_lib import d4p, placement, roofline, sysinfo  # noqa: E402
 from workshop_lib.data import load_image  # noqa: E402
 
 
@@ -122,6 +122,7 @@ def main():
           f"{len(X):,} RGB pixels (float64); {args.iterations} Lloyd iterations; best of {args.repeats}")
     print(f"daal4py: {_daal4py_version() if daal4py else 'not installed (skipped)'}")
     figures = {"pixels": len(X), "threads": numba.get_num_threads(), "k": {}}
+    roofs = None if args.mpi_only else roofline.benchmark_roofs(("fp32",), memory=True)
 
     for k in [] if args.mpi_only else args.ks:
         C0 = d4p.kmeans_init(k, method="plusPlusDense").compute(X).centroids  # shared start
@@ -171,6 +172,12 @@ def main():
         if daal4py is not None:
             print(f"                        daal4py {row['daal4py_pp_s']:7.3f} s -> ours / daal4py = "
                   f"{row['ours_pp_s'] / row['daal4py_pp_s']:.2f} (target <= 2.0)")
+        n, d = X.shape
+        print("  " + roofline.fraction_line("Lloyd iteration", *roofline.lloyd_counts(n, d, k, X.itemsize)[:1],
+                                            row["ours_ms"] / 1e3, roofs, nbytes=roofline.lloyd_counts(n, d, k, X.itemsize)[1]))
+        step_ops, step_bytes = roofline.kmeanspp_step_counts(n, d, X.itemsize)
+        print("  " + roofline.fraction_line(f"k-means++ ({k - 1} steps)", step_ops * (k - 1), row["ours_pp_s"], roofs,
+                                            nbytes=step_bytes * (k - 1)))
 
     if not args.no_mpi and sysinfo.mpiexec_path():
         k = args.ks[0]

@@ -53,7 +53,7 @@ def main():
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from workshop_lib import scaling, sysinfo
+    from workshop_lib import roofline, scaling, sysinfo
 
     if args.nbytes is None:
         args.nbytes = scaling.cnn_gradient_bytes()
@@ -79,6 +79,10 @@ def main():
         measured = run["row"]["ring"]
         comparison.append({"ranks": p, "model": model, "measured": measured, "mpi": run["row"]["mpi"]})
         print(f"{p:6d} {model * 1e3:10.2f} {measured * 1e3:12.2f} {model / measured:17.2f} {run['row']['mpi'] * 1e3:9.2f}")
+    roofs = roofline.benchmark_roofs((), memory=True)
+    for item in comparison:
+        print(roofline.fraction_line(f"ring allreduce, {item['ranks']} ranks", None, item["measured"], roofs, "memory",
+                                     roofline.allreduce_counts(args.nbytes, item["ranks"])))
     network = scaling.Link(args.network_latency_us * 1e-6 if args.network_latency_us is not None else link.alpha,
                            1 / (args.network_GBps * 1e9) if args.network_GBps else link.beta, link.gamma)
     per_node = args.ranks_per_node or sysinfo.core_counts()["usable"]

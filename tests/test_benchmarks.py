@@ -19,7 +19,8 @@ def test_kmeans_bench_runs_at_a_tiny_size(root, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     for expected in ("Lloyd per iteration", "k-means++ (1 trial)", "Distributed Lloyd, k = 4",
-                     "2 x 1 / 1 x 1 = ", "Plain mpiexec, no thread variable set"):
+                     "2 x 1 / 1 x 1 = ", "Plain mpiexec, no thread variable set", "Lloyd iteration: ",
+                     "k-means++ (3 steps): "):
         assert expected in proc.stdout
     import json
 
@@ -36,6 +37,7 @@ def test_int8_bench_runs_in_quick_mode(root, tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "int8 / fp32" in proc.stdout and "images/s" in proc.stdout
+    assert "ours int8 64x3136x1024: " in proc.stdout and "% of the measured int8 peak" in proc.stdout
     figures = json.loads(out.read_text())
     assert figures["cnn"]["int8_accuracy"] > 0.97 and len(figures["gemm"]) == 3
 
@@ -56,6 +58,7 @@ def test_cnn_bench_prints_tf_cnn_benchmarks_lines(root, tmp_path):
     assert re.search(r"^optimized / reference = \d+\.\d\dx$", proc.stdout, re.MULTILINE)
     assert "optimized / PyTorch = " not in proc.stdout and "optimized / TensorFlow = " not in proc.stdout
     assert set(json.loads(out.read_text())["images_per_second"]) == {"stock", "reference", "optimized"}
+    assert re.search(r"^optimized \(train\): .* = \d+\.\d% of the measured fp32 peak", proc.stdout, re.MULTILINE)
 
 
 def test_cnn_bench_ratio_lines_name_both_sides_and_skip_what_was_not_measured(root):
@@ -119,6 +122,7 @@ def test_conv_bench_prints_each_convolution_and_the_ratios(root):
     assert proc.returncode == 0, proc.stderr
     if "no jit_conv kernels" not in proc.stdout:
         assert proc.stdout.count("GFLOP/s") == 9 and "conv2 backward-data: jit / GEMM alone = " in proc.stdout
+        assert proc.stdout.count("% of the measured fp32 peak") == 9
 
 
 def test_allreduce_bench_runs_at_a_tiny_size(root):
@@ -126,6 +130,7 @@ def test_allreduce_bench_runs_at_a_tiny_size(root):
                            "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stderr
     assert "memory copy bandwidth" in proc.stdout and "at 4 KB ours takes" in proc.stdout
+    assert "ours at 16,384 B (each rank moves 2(p-1)/p of it): " in proc.stdout and "of the memory roof" in proc.stdout
 
 
 def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
@@ -137,6 +142,7 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
                           text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr
     assert "2 ranks x 1 thread / 1 rank x 1 thread = " in proc.stdout
+    assert "2x1 training: " in proc.stdout and "% of the measured fp32 peak" in proc.stdout
     assert "2 ranks nothing set / 2 ranks pinned by hand = " in proc.stdout
     assert "2 ranks nothing set / 1 rank nothing set     = " in proc.stdout
     assert re.search(r"^tensorflow_mnist.py 1 rank / cnn_bench engine = \d+\.\d\dx \(target >= 0.9\)$", proc.stdout,

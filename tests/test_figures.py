@@ -121,3 +121,19 @@ def test_fusion_before_after_links_each_operation_to_the_primitive_it_became():
     fig = figures.fusion_before_after([("Reshape", "r"), ("Conv2D", "c"), ("BiasAdd", "b"), ("Relu", "a")], trace)
     assert fig.axes[1].get_title() == "as run: 3 primitives, 1 fused"  # the variable read is not a primitive drawn
     assert len(fig.artists) == 4
+
+
+def test_roofline_values_bend_at_the_ridge_and_keep_every_kernel():
+    result = {"cpu": "test", "memory": {"triad": {"all_cores": 10.0}},
+              "compute": {"fp32": {"all_cores": 100.0}, "bf16": {"missing": "not on this CPU"}},
+              "kernels": [{"name": "gemm", "intensity": 20.0, "rate": 50.0, "bound": "compute"},
+                          {"name": "allreduce", "intensity": None, "rate": 5.0, "bound": "memory"}]}
+    values = figures.roofline_values(result)
+    xs, ys = values["roofs"]["fp32"]
+    assert list(values["roofs"]) == ["fp32"]
+    assert np.allclose(ys, np.minimum(100.0, 10.0 * xs)) and ys.max() == 100.0 and xs.min() < 10 < xs.max()
+    assert values["kernels"] == [("gemm", 20.0, 50.0, "compute")]
+    fig = figures.roofline_plot(result)
+    assert fig.axes[0].get_xscale() == "log"
+    with pytest.raises(ValueError, match="report"):
+        figures.roofline_values({})

@@ -1,5 +1,5 @@
 """The ``workshop`` command: ``check``, ``build-labs [--check]``, ``train mnist``, ``bench NAME``, ``launch``,
-``warm``, ``report``, ``collect``, ``--version``."""
+``warm``, ``report``, ``collect``, ``roofline``, ``--version``."""
 
 from __future__ import annotations
 
@@ -253,6 +253,58 @@ def _collect(args) -> int:
     return 0
 
 
+_ALLREDUCE_SCRIPT = """
+import json
+from mpi4py import MPI
+from workshop_lib import bench
+rows = [bench.time_allreduce(n, methods=("mpi", "hvd")) for n in (4096, 64 << 20)]
+if MPI.COMM_WORLD.Get_rank() == 0:
+    print("ROWS", json.dumps(rows))
+"""
+
+
+def _roofline_extras(roofs, ranks, points, clusters):
+    """K-Means (through d4p's public API) and the allreduce (2 ranks under mpiexec) placed on ``roofs``."""
+    import numpy as np
+
+    from . import bench, d4p, roofline, sysinfo
+
+    x = np.random.default_rng(0).random((points, 3))
+    init = d4p.kmeans_init(clusters, method="plusPlusDense")
+    centroids = init.compute(x).centroids
+    rows = []
+    one_pass = [bench.best_time(lambda it=it: d4p.kmeans(clusters, it, assignFlag=False).compute(x, centroids))
+                for it in (0, 1)]  # one more Lloyd iteration is exactly one more pass
+    ops, moved = roofline.lloyd_counts(points, 3, clusters)
+    rows.append(roofline.place(roofs, f"K-Means Lloyd pass (n={points}, k={clusters})", "fp32", ops, moved,
+                               max(one_pass[1] - one_pass[0], 1e-9)))
+    ops, moved = roofline.kmeanspp_step_counts(points, 3)
+    rows.append(roofline.place(roofs, f"k-means++ ({clusters - 1} steps)", "fp32", ops * (clusters - 1),
+                               moved * (clusters - 1), bench.best_time(lambda: init.compute(x))))
+    if ranks:
+        out = sysinfo.run_mpi(ranks, ["-c", _ALLREDUCE_SCRIPT], timeout=300)
+        for row in json.loads(out.stdout.split("ROWS", 1)[1]):
+            moved = roofline.allreduce_counts(row["bytes"], ranks)
+            for method in ("mpi", "hvd"):
+                label = "MPI Allreduce" if method == "mpi" else "hvd.allreduce"
+                rows.append(roofline.place(roofs, f"{label} {row['bytes']:,} B x {ranks} ranks (moves 2(p-1)/p)",
+                                           "memory", None, moved, row[method]))
+    return rows
+
+
+def _roofline(args) -> int:
+    from . import bench, roofline
+
+    result = roofline.report(args.duration, timer=bench.best_time)
+    result["kernels"] += _roofline_extras(result, 0 if args.no_mpi else 2, args.points, 16)
+    if args.plot:
+        from . import figures
+
+        figures.roofline_plot(result).savefig(args.plot, dpi=120)
+    print(json.dumps(result, indent=1, default=str) if args.json else roofline.format_table(result))
+    return 0
+
+
 def _version():
     from . import __version__
 
@@ -343,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="regenerate docs/instructor_guide.md's expected figures from docs/expected_figures/")
     rep.add_argument("--check", action="store_true", help="with --expected: fail if the guide is out of date")
     rep.set_defaults(func=_report)
+
+    roof = sub.add_parser("roofline", help="measure this CPU's roofs and place the labs' kernels on them")
+    roof.add_argument("--json", action="store_true", help="print the result as JSON")
+    roof.add_argument("--duration", type=_positive(float, "number"), default=0.3,
+                      help="seconds per compute roof and core count (default: 0.3)")
+    roof.add_argument("--no-mpi", action="store_true", help="skip the allreduce (2 MPI ranks)")
+    roof.add_argument("--points", type=_positive_int, default=1 << 20, help="K-Means points (default: 1048576)")
+    roof.add_argument("--plot", default=None, help="also draw the log-log roofline into this image file")
+    roof.set_defaults(func=_roofline)
 
     col = sub.add_parser("collect", help="plot the room's spread from a folder of `workshop report` files")
     col.add_argument("folder", help="folder of report JSON files")

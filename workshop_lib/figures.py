@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["int8_lane_values", "int8_lanes", "layout_order", "memory_order", "trace_events", "trace_timeline", "compute_ops",
-           "fusion_before_after"]
+           "fusion_before_after", "roofline_values", "roofline_plot"]
 
 LAYOUTS = ("NCHW", "NHWC", "nChw16c")
 
@@ -285,5 +285,68 @@ def fusion_before_after(before, after):
     for left, right in _fusion_links(before, ran):
         fig.add_artist(ConnectionPatch((0.98, rows - left - 0.5), (0.02, rows - right - 0.5), "data", "data",
                                        axesA=axes[0], axesB=axes[1], color="tab:green", lw=0.8, alpha=0.7))
+    fig.tight_layout()
+    return fig
+
+
+def roofline_values(result, points=64):
+    """The lines and points of a roofline plot, from :func:`workshop_lib.roofline.report`'s result.
+
+    Parameters
+    ----------
+    result : dict
+        :func:`workshop_lib.roofline.report`'s dict.
+    points : int
+        Points along each roof.
+
+    Returns
+    -------
+    dict
+        ``roofs``: ``{name: (intensities, ops/s)}``, each ``min(peak, intensity x triad bandwidth)`` on all cores;
+        ``kernels``: ``[(name, intensity, achieved ops/s, bound)]`` for every kernel with an intensity;
+        ``bandwidth``: the triad bandwidth (bytes/s) the slanted roof uses.
+    """
+    try:
+        bandwidth = result["memory"]["triad"]["all_cores"]
+        compute = result["compute"]
+    except (KeyError, TypeError):
+        raise ValueError("result must be workshop_lib.roofline.report()'s dict (with 'memory' and 'compute')") from None
+    kernels = [(row["name"], row["intensity"], row["rate"], row["bound"])
+               for row in result.get("kernels", []) if row.get("intensity")]
+    lowest = min([0.05] + [k[1] / 2 for k in kernels])
+    highest = max([1e4] + [k[1] * 2 for k in kernels])
+    xs = np.geomspace(lowest, highest, points)
+    roofs = {name: (xs, np.minimum(row["all_cores"], xs * bandwidth))
+             for name, row in compute.items() if "all_cores" in row}
+    return {"roofs": roofs, "kernels": kernels, "bandwidth": bandwidth}
+
+
+def roofline_plot(result):
+    """Draw the log-log roofline of :func:`roofline_values`: one roof per instruction, one dot per kernel.
+
+    Parameters
+    ----------
+    result : dict
+        :func:`workshop_lib.roofline.report`'s dict.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    import matplotlib.pyplot as plt
+
+    values = roofline_values(result)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for name, (xs, ys) in values["roofs"].items():
+        ax.loglog(xs, ys, label=f"{name} peak {ys.max() / 1e9:,.0f} G/s")
+    for name, intensity, rate, bound in values["kernels"]:
+        ax.loglog([intensity], [rate], "o", color="black" if bound == "compute" else "tab:red", markersize=4)
+        ax.annotate(name, (intensity, rate), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("arithmetic intensity (operations per byte moved)")
+    ax.set_ylabel("operations per second")
+    ax.set_title(f"Roofline of {result.get('cpu', 'this CPU')}: memory {values['bandwidth'] / 1e9:.1f} GB/s (triad); "
+                 "red dots memory-bound", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -226,11 +226,18 @@ def _fast_gemm(instruction: str, lanes: int):
     def gemm(a32, bp, c):  # IN a32 (Mp, G) int32 groups, bp (P, G, cols) packed; OUT c (Mp, P*cols) s32, zeroed
         n_groups = a32.shape[1]
         n_panels = bp.shape[0]
-        for mt in numba.prange(a32.shape[0] // _MR):
+        n_tiles = a32.shape[0] // _MR
+        n_threads = numba.get_num_threads()
+        # each thread owns a share of the row tiles and sweeps one block of K at a time over all of them, so
+        # that block's slice of B (_KC groups x all panels) is read from memory once per thread and then from
+        # L2, not once per row tile (a long K, as 64 x 3136 x 1024, re-streamed B for every tile)
+        for th in numba.prange(n_threads):
+            t0, t1 = th * n_tiles // n_threads, (th + 1) * n_tiles // n_threads
             for g0 in range(0, n_groups, _KC):
                 g1 = min(n_groups, g0 + _KC)
-                for p in range(n_panels):
-                    tile(c, a32, bp, np.int64(mt * _MR), np.int64(p * cols), np.int64(g0), np.int64(g1))
+                for mt in range(t0, t1):
+                    for p in range(n_panels):
+                        tile(c, a32, bp, np.int64(mt * _MR), np.int64(p * cols), np.int64(g0), np.int64(g1))
 
     return gemm
 
