@@ -235,17 +235,28 @@ def _fast_gemm(instruction: str, lanes: int):
     return gemm
 
 
-@functools.lru_cache(maxsize=None)
 def vnni_isa():
-    """The VNNI flavour this CPU offers: ``"avx512_vnni"`` (16 lanes), ``"avx_vnni"`` (8 lanes) or None."""
-    from .sysinfo import cpu_features
+    """The VNNI flavour numba compiles for here: ``"avx512_vnni"`` (16 lanes), ``"avx_vnni"`` (8 lanes) or None.
 
-    features = cpu_features()
-    if features.get("avx512_vnni") and features.get("avx512f"):
+    Chosen from :func:`workshop_lib.sysinfo.target_features` (the compile target, ``NUMBA_CPU_NAME`` and
+    ``NUMBA_CPU_FEATURES`` honoured, checked against the OS), never from /proc/cpuinfo alone: an intrinsic
+    the target lacks aborts the interpreter inside LLVM.
+    """
+    from .sysinfo import target_has
+
+    if target_has("avx512_vnni", "avx512f"):
         return "avx512_vnni"
-    if features.get("avx_vnni"):
+    if target_has("avx_vnni"):
         return "avx_vnni"
     return None
+
+
+def _no_vnni_reason():
+    from .sysinfo import compile_target
+
+    target = compile_target()
+    return (f"numba compiles for {target['cpu_name']!r} ({target['cpu_source']}; features: "
+            f"{target['features_source']}), which has neither avx512_vnni nor avx_vnni")
 
 
 _ISA_LANES = {"avx512_vnni": 16, "avx_vnni": 8}
@@ -285,7 +296,7 @@ def pack_weights(b, isa=None) -> PackedWeights:
     """Pack an int8 or int16 weight matrix (K, N) for the fast kernel of this CPU."""
     isa = isa or vnni_isa()
     if isa is None:
-        raise RuntimeError("this CPU has no VNNI (avx512_vnni or avx_vnni): use path='portable'")
+        raise RuntimeError(f"no VNNI to pack for: {_no_vnni_reason()}; use path='portable'")
     b = _check_matrix(b, "b", (np.int8, np.int16))
     return PackedWeights(b, _lanes(isa))
 
@@ -350,7 +361,7 @@ def _resolve_path(path):
     if path == "auto":
         return ("fast", isa) if isa else ("portable", None)
     if path == "fast" and isa is None:
-        raise RuntimeError("path='fast' needs avx512_vnni or avx_vnni, which this CPU lacks; use 'portable'")
+        raise RuntimeError(f"path='fast' needs avx512_vnni or avx_vnni: {_no_vnni_reason()}; use 'portable'")
     return path, isa
 
 
@@ -538,9 +549,12 @@ def pack_fused_weights(w, isa=None) -> FusedWeights:
     """
     if isa is not None and isa not in ("avx512_vnni", "avx_vnni"):
         raise ValueError(f"isa={isa!r} must be 'avx512_vnni' or 'avx_vnni'")
-    isa = isa or vnni_isa()
-    if isa is None:
-        raise RuntimeError("the fused kernels need avx512_vnni or avx_vnni, which this CPU lacks; use path='portable'")
+    have = vnni_isa()
+    if isa is None and have is None:
+        raise RuntimeError(f"the fused kernels need avx512_vnni or avx_vnni: {_no_vnni_reason()}; use path='portable'")
+    if isa is not None and isa != have and not (isa == "avx_vnni" and have == "avx512_vnni"):
+        raise RuntimeError(f"isa={isa!r} cannot be compiled here: numba's target offers {have or 'no VNNI'}")
+    isa = isa or have
     w = np.asarray(w)
     if w.dtype != np.int8 or w.ndim not in (2, 4):
         raise TypeError(f"w must be int8, (K, N) or HWIO (R, S, C, K); got dtype={w.dtype}, shape={w.shape}")

@@ -33,22 +33,15 @@ from . import _validate
 def simd_lanes():
     """float32 lanes of the FMA vectors numba compiles for here: 16 (AVX-512F), 8 (AVX2 + FMA), or None.
 
-    Where numba compiles for another CPU than this one (``NUMBA_CPU_NAME``, as the ``stock`` variant sets
-    it), only what ``NUMBA_CPU_FEATURES`` grants counts, so a vector the target lacks is never emitted.
+    Chosen from :func:`workshop_lib.sysinfo.target_features`: where numba compiles for another CPU than this
+    one (``NUMBA_CPU_NAME``, as the ``stock`` variant sets it), what that target and ``NUMBA_CPU_FEATURES``
+    grant counts, so a vector the target lacks is never emitted.
     """
-    from numba.core import config
+    from .sysinfo import target_has
 
-    from .sysinfo import cpu_features
-
-    if config.CPU_NAME not in (None, "host"):
-        granted = set((config.CPU_FEATURES or "").split(","))
-        if "+avx512f" in granted:
-            return 16
-        return 8 if {"+avx2", "+fma"} <= granted else None
-    features = cpu_features()
-    if features.get("avx512f"):
+    if target_has("avx512f"):
         return 16
-    return 8 if features.get("avx2") and features.get("fma") else None
+    return 8 if target_has("avx2", "fma") else None
 
 
 def _tile_shape(n_vectors, out_w, lanes):
