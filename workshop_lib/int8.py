@@ -29,6 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _validate as check
+from . import runtime
 from .kernels import im2col_nhwc
 
 __all__ = [
@@ -407,6 +408,7 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
         _gemm_u8s8s32_avx512bw_reference(_pad_k(a, 1, 4), _pad_k(b, 0, 4), c)
         return c
     path, isa = _resolve_path(path)
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
         return _run_fast(a, packed, "vpdpbusd")
@@ -427,6 +429,7 @@ def gemm_s16s16s32(a, b, path="auto"):
     if isinstance(b, PackedWeights) and path in ("portable", "reference"):
         raise ValueError("packed weights are for the fast VNNI path only; pass the int16 matrix instead")
     path, isa = _resolve_path(path)
+    runtime.yield_blas()
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
         return _run_fast(a, packed, "vpdpwssd")
@@ -862,6 +865,7 @@ def conv2d_u8s8u8_fused(x, w, bias, multiplier, zero_point=0, relu=True, pool=1,
     if any(p for pair in pads for p in pair):
         x = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
     x = np.ascontiguousarray(x)
+    runtime.yield_blas()
     out = np.empty((n_size, out_h // pool + 2 * out_pad, out_w // pool + 2 * out_pad, w.padded_channels), np.uint8)
     _fused_conv_driver(w.nv, w.lanes, pool)(x, w.data, bias_f64, mult_f64, out, r, w.groups_per_segment, out_h,
                                             out_w, out_pad, zp, lo, hi)
@@ -877,6 +881,7 @@ def _fused_gemm(a, w, bias_f64, mult_f64, out_dtype, zp, lo, hi, out_kind):
         padded[:m_size, : a.shape[1]] = a
         a = padded
     out = np.empty((a.shape[0], w.padded_channels), dtype=out_dtype)
+    runtime.yield_blas()
     _fused_gemm_driver(w.nv, w.lanes, out_kind)(a, w.data, bias_f64, mult_f64, out, zp, lo, hi)
     return out[:m_size, : w.out_channels]
 

@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from . import _validate
+from . import _validate, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Forward and backward-data
@@ -215,6 +215,7 @@ def conv2d_nhwc_f32(x, w, pads, bias=None, relu=False, lanes=None):
     RuntimeError
         If this CPU has neither AVX-512F nor AVX2 + FMA (callers use im2col then).
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     lanes = _check_lanes(lanes)
     x = _check_f32(x, "x", "(N, H, W, C)")
     w = _check_f32(w, "w", "(R, S, C, K), HWIO")
@@ -247,6 +248,7 @@ def conv2d_backward_data_nhwc_f32(dout, w, input_hw, pads, lanes=None):
     -------
     dx : (N, H, W, C) float32
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     lanes = _check_lanes(lanes)
     dout = _check_f32(dout, "dout", "(N, OH, OW, K)")
     w = _check_f32(w, "w", "(R, S, C, K), HWIO")
@@ -516,6 +518,7 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
     >>> float(conv2d_backward_filter_nhwc(x, dy, 3, 3, ((1, 1), (1, 1)))[1, 1, 0, 0])  # every pixel, 2 images
     50.0
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     x = _validate.array(x, "x", 4, (np.float32,), "(N, H, W, C)")
     dy = _validate.array(dy, "dy", 4, (np.float32,), "(N, OH, OW, K)")
     r, s = _validate.integer(r, "r", minimum=1), _validate.integer(s, "s", minimum=1)
