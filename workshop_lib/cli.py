@@ -20,13 +20,13 @@ def kernel_paths() -> dict:
                 "the BLAS numpy was built with")
     lanes = jit_conv.simd_lanes()
     isa = int8.vnni_isa()
-    vnni = f"vpdpbusd ({isa}, {int8._ISA_LANES[isa]} lanes)" if isa else None
+    vnni = f"{int8._U8S8_INSTRUCTION[isa]} ({isa}, {int8._ISA_LANES[isa]} lanes)" if isa else None
     return {
         "fp32 GEMM": f"numpy {np.__version__} matmul ({blas})",
         "fp32 conv": (f"jit direct convolution, {lanes}-lane FMA vectors" if lanes
                       else "im2col + BLAS (the target has no AVX2+FMA or AVX-512F vectors)"),
         "int8 GEMM/conv": vnni or "portable numba loops (the target has no VNNI)",
-        "int8 fused layers": (f"fused {vnni}" if vnni else "unfused: int8 GEMM (portable) + requantize"),
+        "int8 fused layers": (f"fused {vnni}" if int8.fused_isa() else "unfused: the int8 GEMM's path + requantize"),
         "K-Means (d4p Lloyd)": "numba loops, vectorized by LLVM for the target",
     }
 

@@ -9,6 +9,7 @@ the target, one line per family (``family: ok (path)``) and ``ALL OK``; exits 1 
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -16,20 +17,14 @@ from workshop_lib import int8, jit_conv, sysinfo
 from workshop_lib import kernels as K
 from workshop_lib import quantization as Q
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_kernels import conv_reference  # noqa: E402 - the float64 reference of the unit tests
+
 RNG = np.random.default_rng(28)
 
 
 def conv_f64(x, w, pads):
-    """NHWC float64 convolution, stride 1: one einsum per filter tap (independent of im2col and jit_conv)."""
-    (pt, pb), (pl, pr) = pads
-    xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    r_size, s_size, _, k = w.shape
-    oh, ow = xp.shape[1] - r_size + 1, xp.shape[2] - s_size + 1
-    out = np.zeros((x.shape[0], oh, ow, k))
-    for r in range(r_size):
-        for s in range(s_size):
-            out += np.einsum("nhwc,ck->nhwk", xp[:, r : r + oh, s : s + ow, :], w[r, s].astype(np.float64))
-    return out
+    return conv_reference(x, w, (1, 1), pads)
 
 
 def same(name, got, want):
