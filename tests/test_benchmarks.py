@@ -153,3 +153,12 @@ def test_horovod_bench_runs_at_a_tiny_size(root, tmp_path):
     assert len(figures["overhead"]["script"]) == len(figures["overhead"]["engine"]) == 1
     assert figures["overhead"]["script"][0] > 0 and figures["overhead"]["engine"][0] > 0
     assert set(figures["runs"]) == {"1x1", "1x2", "2x1"} and figures["runs"]["2x1"]["steps_per_rank"] == 4
+
+
+def test_runtime_bench_prints_interleaved_over_alone_for_each_family(root):
+    proc = subprocess.run([sys.executable, "benchmarks/runtime_bench.py", "--quick", "--repeats", "1"], cwd=root,
+                          capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr
+    for family in ("int8 GEMM 512^3", "fp32 conv (jit)", "d4p Lloyd (1 iteration)"):
+        assert re.search(rf"^{re.escape(family)}.*\s\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d$", proc.stdout, re.M), family
+    assert re.search(r"^worst interleaved/alone speed: \d+\.\d\d \(target >= 0.90; load ", proc.stdout, re.M)

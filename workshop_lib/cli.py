@@ -8,6 +8,29 @@ import json
 import sys
 
 
+def kernel_paths() -> dict:
+    """``{kernel family: the path it takes in this process}``, chosen from numba's compile target."""
+    import numpy as np
+
+    from . import int8, jit_conv
+
+    from threadpoolctl import threadpool_info
+
+    blas = next((lib.get("internal_api", "?") for lib in threadpool_info() if lib.get("user_api") == "blas"),
+                "the BLAS numpy was built with")
+    lanes = jit_conv.simd_lanes()
+    isa = int8.vnni_isa()
+    vnni = f"{int8._U8S8_INSTRUCTION[isa]} ({isa}, {int8._ISA_LANES[isa]} lanes)" if isa else None
+    return {
+        "fp32 GEMM": f"numpy {np.__version__} matmul ({blas})",
+        "fp32 conv": (f"jit direct convolution, {lanes}-lane FMA vectors" if lanes
+                      else "im2col + BLAS (the target has no AVX2+FMA or AVX-512F vectors)"),
+        "int8 GEMM/conv": vnni or "portable numba loops (the target has no VNNI)",
+        "int8 fused layers": (f"fused {vnni}" if int8.fused_isa() else "unfused: the int8 GEMM's path + requantize"),
+        "K-Means (d4p Lloyd)": "numba loops, vectorized by LLVM for the target",
+    }
+
+
 def _check(args) -> int:
     from . import placement, sysinfo
 
@@ -16,6 +39,10 @@ def _check(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a diagnosis tool reports what broke, never a traceback
         print(f"ERROR: workshop check could not finish: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    try:
+        info["kernel_paths"] = kernel_paths()
+    except Exception as exc:  # noqa: BLE001 - numba cannot import: the problems below say why
+        info["kernel_paths"] = {"every kernel": f"unavailable ({type(exc).__name__}: {exc})"}
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

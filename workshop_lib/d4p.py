@@ -41,7 +41,7 @@ import math
 import numba
 import numpy as np
 
-from . import placement
+from . import placement, runtime
 
 __all__ = [
     "daalinit",
@@ -105,9 +105,9 @@ def daalinit(nthreads=None):
     placement.place(_state.mpi())  # each rank's share of the node's cores; nthreads below overrides numba's
     if nthreads is not None:
         limit = numba.config.NUMBA_NUM_THREADS
-        if not isinstance(nthreads, (int, np.integer)) or not 1 <= nthreads <= limit:
+        if isinstance(nthreads, bool) or not isinstance(nthreads, (int, np.integer)) or not 1 <= nthreads <= limit:
             raise ValueError(f"nthreads={nthreads!r} must be an integer between 1 and NUMBA_NUM_THREADS={limit}")
-        numba.set_num_threads(int(nthreads))
+        runtime.set_numba_threads(int(nthreads))
     _state.mpi()
     if not _state.initialized:
         from .comm import guard_job
@@ -783,6 +783,7 @@ class kmeans_init:  # noqa: N801 - daal4py's name
 
     def compute(self, data) -> kmeans_init_result:
         comm = _communicator(self.distributed)
+        runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
         call = (("algorithm", "kmeans_init"), ("nClusters", self.nClusters), ("method", self.method),
                 ("nTrials", self.nTrials), ("oversamplingFactor", self.oversamplingFactor), ("nRounds", self.nRounds),
                 ("engine seed", self.engine.seed), ("fptype", self.fptype))
@@ -850,6 +851,7 @@ class kmeans:  # noqa: N801 - daal4py's name
 
     def compute(self, data, centroids) -> kmeans_result:
         comm = _communicator(self.distributed)
+        runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
         dtype = FPTYPES[self.fptype]
         call = (("algorithm", "kmeans"), ("nClusters", self.nClusters), ("maxIterations", self.maxIterations),
                 ("accuracyThreshold", self.accuracyThreshold), ("fptype", self.fptype))

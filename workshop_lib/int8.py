@@ -29,11 +29,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _validate as check
+from . import runtime
 from .kernels import im2col_nhwc
 
 __all__ = [
     "SEMANTICS",
     "vnni_isa",
+    "fused_isa",
     "saturate_s16",
     "maddubs_pair",
     "gemm_u8s8s32",
@@ -156,6 +158,24 @@ _NV = 4  # vectors of B per micro-tile: _MR * _NV accumulator registers
 _KC = 256  # 4-byte groups of K per cache block
 
 
+# aarch64's peers of vpdpbusd: usdot (i8mm: u8 x s8, VNNI's arithmetic) and sdot (dotprod: s8 x s8, used with a
+# sign fix), each on 128-bit vectors: 4 s32 lanes, 16 bytes
+_ARM_DOT = {"usdot", "sdot"}
+
+
+def _dot_call(builder, instruction, lanes, acc, a_vec, b_vec):
+    """``acc + dot(a, b)`` per 32-bit lane: one vpdpbusd / vpdpwssd (x86) or usdot / sdot (aarch64) call."""
+    vec = ir.VectorType(ir.IntType(32), lanes)
+    if instruction in _ARM_DOT:
+        bytes_ = ir.VectorType(ir.IntType(8), lanes * 4)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, bytes_, bytes_]),
+                                            f"llvm.aarch64.neon.{instruction}.v{lanes}i32.v{lanes * 4}i8")
+        return builder.call(fn, [acc, builder.bitcast(a_vec, bytes_), builder.bitcast(b_vec, bytes_)])
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]),
+                                        f"llvm.x86.avx512.{instruction}.{lanes * 32}")
+    return builder.call(fn, [acc, a_vec, b_vec])
+
+
 @functools.lru_cache(maxsize=None)
 def _tile_intrinsic(instruction: str, lanes: int):
     """An intrinsic computing C[r0:r0+MR, c0:c0+NV*lanes] += A32[r0:, g0:g1] . Bp[panel, g0:g1].
@@ -165,7 +185,6 @@ def _tile_intrinsic(instruction: str, lanes: int):
     The accumulators live in allocas that LLVM promotes to vector registers.
     """
     vec = ir.VectorType(ir.IntType(32), lanes)
-    name = f"llvm.x86.avx512.{instruction}.{lanes * 32}"
     i64 = ir.IntType(64)
 
     @intrinsic
@@ -177,7 +196,6 @@ def _tile_intrinsic(instruction: str, lanes: int):
             a_arr = context.make_array(signature.args[1])(context, builder, args[1])
             b_arr = context.make_array(signature.args[2])(context, builder, args[2])
             row0, col0, g0, g1 = args[3:]
-            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), name)
             c_strides = cgutils.unpack_tuple(builder, c_arr.strides, 2)
             a_strides = cgutils.unpack_tuple(builder, a_arr.strides, 2)
             b_strides = cgutils.unpack_tuple(builder, b_arr.strides, 3)
@@ -202,7 +220,8 @@ def _tile_intrinsic(instruction: str, lanes: int):
                     a_vec = builder.insert_element(ir.Constant(vec, None), a_val, ir.Constant(ir.IntType(32), 0))
                     a_vec = builder.shuffle_vector(a_vec, ir.Constant(vec, None), ir.Constant(vec, [0] * lanes))
                     for v in range(_NV):
-                        builder.store(builder.call(dot, [builder.load(accs[r][v]), a_vec, b_vecs[v]]), accs[r][v])
+                        builder.store(_dot_call(builder, instruction, lanes, builder.load(accs[r][v]), a_vec,
+                                                b_vecs[v]), accs[r][v])
             for r in range(_MR):
                 c_row = builder.add(c_base, builder.mul(builder.add(row0, ir.Constant(i64, r)), c_strides[0]))
                 for v in range(_NV):
@@ -242,20 +261,44 @@ def _fast_gemm(instruction: str, lanes: int):
     return gemm
 
 
-@functools.lru_cache(maxsize=None)
 def vnni_isa():
-    """The VNNI flavour this CPU offers: ``"avx512_vnni"`` (16 lanes), ``"avx_vnni"`` (8 lanes) or None."""
-    from .sysinfo import cpu_features
+    """The VNNI flavour numba compiles for here: ``"avx512_vnni"`` (16 lanes), ``"avx_vnni"`` (8 lanes), on aarch64
+    ``"i8mm"`` (``usdot``) or ``"dotprod"`` (``sdot`` with a sign fix), 4 lanes each, or None.
 
-    features = cpu_features()
-    if features.get("avx512_vnni") and features.get("avx512f"):
+    Chosen from :func:`workshop_lib.sysinfo.target_features` (the compile target, ``NUMBA_CPU_NAME`` and
+    ``NUMBA_CPU_FEATURES`` honoured, checked against the OS), never from /proc/cpuinfo alone: an intrinsic
+    the target lacks aborts the interpreter inside LLVM.
+    """
+    from .sysinfo import target_has
+
+    if target_has("avx512_vnni", "avx512f"):
         return "avx512_vnni"
-    if features.get("avx_vnni"):
+    if target_has("avx_vnni"):
         return "avx_vnni"
+    if target_has("i8mm"):
+        return "i8mm"  # aarch64 usdot: VNNI's arithmetic on 4 lanes
+    if target_has("dotprod"):
+        return "dotprod"  # aarch64 sdot with the sign fix
     return None
 
 
-_ISA_LANES = {"avx512_vnni": 16, "avx_vnni": 8}
+def fused_isa():
+    """The VNNI flavour the fused layers compile for (x86 only: ``"avx512_vnni"``, ``"avx_vnni"``), or None."""
+    isa = vnni_isa()
+    return isa if isa in _X86_ISAS else None
+
+
+def _no_vnni_reason():
+    from .sysinfo import compile_target
+
+    target = compile_target()
+    return (f"numba compiles for {target['cpu_name']!r} ({target['cpu_source']}; features: "
+            f"{target['features_source']}), which has neither avx512_vnni nor avx_vnni")
+
+
+_ISA_LANES = {"avx512_vnni": 16, "avx_vnni": 8, "i8mm": 4, "dotprod": 4}
+_X86_ISAS = ("avx512_vnni", "avx_vnni")
+_U8S8_INSTRUCTION = {"avx512_vnni": "vpdpbusd", "avx_vnni": "vpdpbusd", "i8mm": "usdot", "dotprod": "sdot"}
 
 
 def _lanes(isa):
@@ -275,7 +318,7 @@ class PackedWeights:
             raise TypeError("b is already a PackedWeights; pack the int8 or int16 matrix itself")
         b = _check_matrix(b, "b", (np.int8, np.int16))
         if lanes not in _ISA_LANES.values():
-            raise ValueError(f"lanes={lanes!r} must be 16 (avx512_vnni) or 8 (avx_vnni)")
+            raise ValueError(f"lanes={lanes!r} must be 16 (avx512_vnni), 8 (avx_vnni) or 4 (aarch64 i8mm, dotprod)")
         k_size, n_size = b.shape
         per_group = 4 // b.dtype.itemsize  # 4 s8 or 2 s16 fill one 32-bit lane
         cols = _NV * lanes
@@ -292,7 +335,7 @@ def pack_weights(b, isa=None) -> PackedWeights:
     """Pack an int8 or int16 weight matrix (K, N) for the fast kernel of this CPU."""
     isa = isa or vnni_isa()
     if isa is None:
-        raise RuntimeError("this CPU has no VNNI (avx512_vnni or avx_vnni): use path='portable'")
+        raise RuntimeError(f"no VNNI to pack for: {_no_vnni_reason()}; use path='portable'")
     b = _check_matrix(b, "b", (np.int8, np.int16))
     return PackedWeights(b, _lanes(isa))
 
@@ -312,7 +355,8 @@ def _check_matrix(x, name, dtypes):
         if x.lanes != lanes or x.data.dtype != np.int32 or not x.data.flags.c_contiguous:
             raise ValueError(f"{name} is not a PackedWeights made by pack_weights (its data is "
                              f"{x.data.dtype} {x.data.shape}); pack the matrix again")
-        if _ISA_LANES.get(vnni_isa()) is None or (x.lanes == 16 and vnni_isa() != "avx512_vnni"):
+        isa = vnni_isa()
+        if not (x.lanes == _ISA_LANES.get(isa) or (isa == "avx512_vnni" and x.lanes == 8)):
             raise RuntimeError(f"{name} was packed for {x.lanes}-lane VNNI, which this CPU lacks "
                                f"({vnni_isa() or 'no VNNI'}); pass the {wanted} matrix instead")
         return x
@@ -344,10 +388,21 @@ def _run_fast(a, b_packed, instruction):
         padded = np.zeros((mp, b_packed.data.shape[1] * per_group), dtype=a.dtype)
         padded[:m_size, : a.shape[1]] = a
         a = padded
+    if instruction == "sdot":  # s8 x s8 only: (a - 128) . b + 128 * sum(b) = a . b, exactly, modulo 2**32
+        a = a ^ np.uint8(0x80)
     a32 = np.ascontiguousarray(a).view(np.int32)
     c = np.zeros((mp, b_packed.data.shape[0] * b_packed.data.shape[2]), dtype=np.int32)
     _fast_gemm(instruction, b_packed.lanes)(a32, b_packed.data, c)
+    if instruction == "sdot":
+        c += _sign_fix(b_packed)
     return c[:m_size, : b_packed.shape[1]]
+
+
+def _sign_fix(b_packed):
+    """128 * (column sums of B), as wrapping s32: what sdot's offset activations leave out."""
+    p, g, cols = b_packed.data.shape
+    sums = b_packed.data.view(np.int8).reshape(p, g, cols, 4).sum(axis=(1, 3), dtype=np.int64).reshape(-1)
+    return ((sums * 128) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
 def _resolve_path(path):
@@ -357,7 +412,7 @@ def _resolve_path(path):
     if path == "auto":
         return ("fast", isa) if isa else ("portable", None)
     if path == "fast" and isa is None:
-        raise RuntimeError("path='fast' needs avx512_vnni or avx_vnni, which this CPU lacks; use 'portable'")
+        raise RuntimeError(f"path='fast' needs avx512_vnni or avx_vnni: {_no_vnni_reason()}; use 'portable'")
     return path, isa
 
 
@@ -403,9 +458,10 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
         _gemm_u8s8s32_avx512bw_reference(_pad_k(a, 1, 4), _pad_k(b, 0, 4), c)
         return c
     path, isa = _resolve_path(path)
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
-        return _run_fast(a, packed, "vpdpbusd")
+        return _run_fast(a, packed, _U8S8_INSTRUCTION[isa])
     c = np.empty((a.shape[0], b.shape[1]), dtype=np.int32)
     if path == "portable":
         _gemm_int_portable(np.ascontiguousarray(a), np.ascontiguousarray(b), c)
@@ -423,6 +479,11 @@ def gemm_s16s16s32(a, b, path="auto"):
     if isinstance(b, PackedWeights) and path in ("portable", "reference"):
         raise ValueError("packed weights are for the fast VNNI path only; pass the int16 matrix instead")
     path, isa = _resolve_path(path)
+    if path == "fast" and isa not in _X86_ISAS:  # vpdpwssd has no aarch64 peer
+        if isinstance(b, PackedWeights):
+            raise RuntimeError(f"s16 x s16 has no fast path on {isa}: pass the int16 matrix instead")
+        path = "portable"
+    runtime.yield_blas()
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
         return _run_fast(a, packed, "vpdpwssd")
@@ -545,9 +606,12 @@ def pack_fused_weights(w, isa=None) -> FusedWeights:
     """
     if isa is not None and isa not in ("avx512_vnni", "avx_vnni"):
         raise ValueError(f"isa={isa!r} must be 'avx512_vnni' or 'avx_vnni'")
-    isa = isa or vnni_isa()
-    if isa is None:
-        raise RuntimeError("the fused kernels need avx512_vnni or avx_vnni, which this CPU lacks; use path='portable'")
+    have = fused_isa()
+    if isa is None and have is None:
+        raise RuntimeError(f"the fused kernels need avx512_vnni or avx_vnni: {_no_vnni_reason()}; use path='portable'")
+    if isa is not None and isa != have and not (isa == "avx_vnni" and have == "avx512_vnni"):
+        raise RuntimeError(f"isa={isa!r} cannot be compiled here: numba's target offers {have or 'no VNNI'}")
+    isa = isa or have
     w = np.asarray(w)
     if w.dtype != np.int8 or w.ndim not in (2, 4):
         raise TypeError(f"w must be int8, (K, N) or HWIO (R, S, C, K); got dtype={w.dtype}, shape={w.shape}")
@@ -855,6 +919,7 @@ def conv2d_u8s8u8_fused(x, w, bias, multiplier, zero_point=0, relu=True, pool=1,
     if any(p for pair in pads for p in pair):
         x = np.pad(x, ((0, 0), *pads, (0, 0)), constant_values=pad_value)
     x = np.ascontiguousarray(x)
+    runtime.yield_blas()
     out = np.empty((n_size, out_h // pool + 2 * out_pad, out_w // pool + 2 * out_pad, w.padded_channels), np.uint8)
     _fused_conv_driver(w.nv, w.lanes, pool)(x, w.data, bias_f64, mult_f64, out, r, w.groups_per_segment, out_h,
                                             out_w, out_pad, zp, lo, hi)
@@ -870,6 +935,7 @@ def _fused_gemm(a, w, bias_f64, mult_f64, out_dtype, zp, lo, hi, out_kind):
         padded[:m_size, : a.shape[1]] = a
         a = padded
     out = np.empty((a.shape[0], w.padded_channels), dtype=out_dtype)
+    runtime.yield_blas()
     _fused_gemm_driver(w.nv, w.lanes, out_kind)(a, w.data, bias_f64, mult_f64, out, zp, lo, hi)
     return out[:m_size, : w.out_channels]
 

@@ -23,7 +23,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-from . import _validate
+from . import _validate, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Forward and backward-data
@@ -33,22 +33,15 @@ from . import _validate
 def simd_lanes():
     """float32 lanes of the FMA vectors numba compiles for here: 16 (AVX-512F), 8 (AVX2 + FMA), or None.
 
-    Where numba compiles for another CPU than this one (``NUMBA_CPU_NAME``, as the ``stock`` variant sets
-    it), only what ``NUMBA_CPU_FEATURES`` grants counts, so a vector the target lacks is never emitted.
+    Chosen from :func:`workshop_lib.sysinfo.target_features`: where numba compiles for another CPU than this
+    one (``NUMBA_CPU_NAME``, as the ``stock`` variant sets it), what that target and ``NUMBA_CPU_FEATURES``
+    grant counts, so a vector the target lacks is never emitted.
     """
-    from numba.core import config
+    from .sysinfo import target_has
 
-    from .sysinfo import cpu_features
-
-    if config.CPU_NAME not in (None, "host"):
-        granted = set((config.CPU_FEATURES or "").split(","))
-        if "+avx512f" in granted:
-            return 16
-        return 8 if {"+avx2", "+fma"} <= granted else None
-    features = cpu_features()
-    if features.get("avx512f"):
+    if target_has("avx512f"):
         return 16
-    return 8 if features.get("avx2") and features.get("fma") else None
+    return 8 if target_has("avx2", "fma") else None
 
 
 def _tile_shape(n_vectors, out_w, lanes):
@@ -222,6 +215,7 @@ def conv2d_nhwc_f32(x, w, pads, bias=None, relu=False, lanes=None):
     RuntimeError
         If this CPU has neither AVX-512F nor AVX2 + FMA (callers use im2col then).
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     lanes = _check_lanes(lanes)
     x = _check_f32(x, "x", "(N, H, W, C)")
     w = _check_f32(w, "w", "(R, S, C, K), HWIO")
@@ -254,6 +248,7 @@ def conv2d_backward_data_nhwc_f32(dout, w, input_hw, pads, lanes=None):
     -------
     dx : (N, H, W, C) float32
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     lanes = _check_lanes(lanes)
     dout = _check_f32(dout, "dout", "(N, OH, OW, K)")
     w = _check_f32(w, "w", "(R, S, C, K), HWIO")
@@ -523,6 +518,7 @@ def conv2d_backward_filter_nhwc(x, dy, r, s, pads=((0, 0), (0, 0)), *, _lanes=No
     >>> float(conv2d_backward_filter_nhwc(x, dy, 3, 3, ((1, 1), (1, 1)))[1, 1, 0, 0])  # every pixel, 2 images
     50.0
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     x = _validate.array(x, "x", 4, (np.float32,), "(N, H, W, C)")
     dy = _validate.array(dy, "dy", 4, (np.float32,), "(N, OH, OW, K)")
     r, s = _validate.integer(r, "r", minimum=1), _validate.integer(s, "s", minimum=1)

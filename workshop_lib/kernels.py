@@ -19,16 +19,13 @@ float64 (the gradient checks). Reference versions (``algorithm="direct"``,
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
 from typing import NamedTuple
 
 import numba
 import numpy as np
 
 from . import _validate as check
-from . import jit_conv, placement
+from . import jit_conv, runtime
 
 
 __all__ = [
@@ -47,30 +44,7 @@ __all__ = [
 
 BLOCK = 16  # channels per block in nChw16c: one 512-bit register of float32
 
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed buffers of up to 32 MB for reuse instead of unmapping them.
-
-    A training step allocates the same large temporaries every time (im2col's columns are 31 MB at batch
-    50). By default glibc gives such buffers back to the OS and maps fresh pages for the next step, and
-    every first touch of a page is a page fault plus zeroing by the kernel: about a tenth of a step here.
-    TensorFlow avoids this with its own allocator (BFC); this is the one-call equivalent. It applies to
-    the whole process, on Linux with glibc only; ``WORKSHOP_MALLOC=0`` turns it off. Returns whether it
-    was applied.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED or os.environ.get("WORKSHOP_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
-        return _ALLOCATOR_TUNED
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl, or no glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # 32 MB is the largest mmap threshold glibc accepts on 64-bit; freed memory is trimmed above 1 GB only
-    _ALLOCATOR_TUNED = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-    return _ALLOCATOR_TUNED
+keep_freed_memory = runtime.keep_freed_memory  # the allocator setting is the runtime's
 
 
 def hw_pair(value, name):
@@ -140,6 +114,7 @@ def gemm_reference(a, b):
     ``a`` (M, K) and ``b`` (K, N) are 2-D arrays of integers or float32/float64; raises ``ValueError``
     if the inner dimensions differ.
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     a, b = _check_gemm(a, b)
     c = np.empty((a.shape[0], b.shape[1]), dtype=np.result_type(a, b))
     _gemm_reference(np.ascontiguousarray(a), np.ascontiguousarray(b), c)
@@ -153,7 +128,7 @@ def gemm_forward(a, b, trans_a=False, trans_b=False, algorithm="blas"):
     b = check.array(b, "b", 2, check.REALS)
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
     _check_gemm(opa, opb, "op(a)", "op(b)")
-    c = placement.matmul(opa, opb) if algorithm == "blas" else gemm_reference(opa, opb)
+    c = runtime.matmul(opa, opb) if algorithm == "blas" else gemm_reference(opa, opb)
     return c, (a, b, trans_a, trans_b)
 
 
@@ -163,7 +138,7 @@ def gemm_backward(dc, cache):
     opa, opb = (a.T if trans_a else a), (b.T if trans_b else b)
     dc = check.array(dc, "dc", 2, check.REALS)
     check.shape(dc, "dc", (opa.shape[0], opb.shape[1]), "the shape of the forward output C")
-    d_opa, d_opb = placement.matmul(dc, opb.T), placement.matmul(opa.T, dc)
+    d_opa, d_opb = runtime.matmul(dc, opb.T), runtime.matmul(opa.T, dc)
     return (d_opa.T if trans_a else d_opa), (d_opb.T if trans_b else d_opb)
 
 
@@ -379,6 +354,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     TypeError
         If ``x`` or ``w`` is not float32/float64.
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     _check_format(data_format)
     check.option(algorithm, "algorithm", ("im2col", "direct", "jit"))
     x = _check_image(x, "x", data_format, check.FLOATS)
@@ -404,7 +380,7 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     if algorithm in ("im2col", "jit"):
         cols, _ = im2col_nhwc(np.ascontiguousarray(x_nhwc), (r, s), stride, ((pt, pb), (pl, pr)))
         cache = cache._replace(cols=cols)
-        out = placement.matmul(cols, w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
+        out = runtime.matmul(cols, w.reshape(-1, k)).reshape(n_size, out_h, out_w, k)
         if data_format == "NCHW":
             out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
     else:
@@ -441,9 +417,10 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algori
     with the flipped, transposed filter, by :mod:`jit_conv`'s kernels, where the forward's geometry fits
     them (stride 1, NHWC, float32); otherwise, and with ``"im2col"`` or ``"direct"``, dx is a GEMM + col2im.
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     check.option(gemm, "gemm", ("blas", "reference"))
     check.option(algorithm, "algorithm", ("im2col", "direct", "jit"))
-    matmul = placement.matmul if gemm == "blas" else gemm_reference
+    matmul = runtime.matmul if gemm == "blas" else gemm_reference
     x, w, stride, pads, data_format, cols = cache
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
@@ -627,6 +604,7 @@ def maxpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
     ``ksize`` and ``stride`` are ints or (h, w) pairs (or TF's [1, h, w, 1]), each >= 1; explicit padding
     must be smaller than the window. Raises ``ValueError`` if the output would be empty.
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     x, x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format, check.REALS)
     out = np.empty(shape, dtype=x.dtype)
     # the winners' flat indices into x: int32 where they fit, half the memory traffic of int64 to write and read
@@ -700,6 +678,7 @@ def avgpool_forward(x, ksize=2, stride=2, padding="VALID", data_format="NHWC"):
 
     Arguments as :func:`maxpool_forward`.
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     x, x_nhwc, ksize, stride, (pt, pl), shape = _pool_setup(x, ksize, stride, padding, data_format, check.FLOATS)
     out = np.empty(shape, dtype=x.dtype)
     counts = np.empty(shape[1:3], dtype=np.int64)
@@ -931,6 +910,7 @@ def softmax_xent_forward(logits, labels, reduction="mean"):
     ``reduction="mean"`` returns the mean over the batch (a scalar), ``"none"`` the per-example losses (N,),
     as ``tf.nn.sparse_softmax_cross_entropy_with_logits`` does. The cache serves :func:`softmax_xent_backward`.
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     check.option(reduction, "reduction", ("mean", "none"))
     logits = check.array(logits, "logits", 2, check.FLOATS, "(N, classes)")
     labels = check.array(labels, "labels", 1, check.INTEGERS, "(N,)")

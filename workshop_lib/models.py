@@ -373,7 +373,7 @@ class QuantizedCNN:
 
         if path not in int8.PATHS:
             raise ValueError(f"path={path!r} must be one of {int8.PATHS}")
-        isa = int8.vnni_isa()
+        isa = int8.fused_isa()  # the fused layers are x86 VNNI; elsewhere the int8 GEMMs take their own path
         if path == "fast" and isa is None:
             raise RuntimeError("path='fast' needs avx512_vnni or avx_vnni, which this CPU lacks; use 'portable'")
         self.path = path

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import runtime
+
 __all__ = ["Placement", "THREAD_VARIABLES", "without_thread_settings", "usable_cpus", "plan", "place", "current", "blas_threads", "op_threads", "matmul",
            "format_cpus", "format_plan", "slurm_allocation", "launcher_tasks", "check_launcher_world"]
 
@@ -290,27 +292,10 @@ def check_launcher_world(world_size=None, env=None):
 # Applying it
 
 _current: Placement | None = None
-_blas = None  # threadpoolctl's controller of the BLAS libraries, found once
-
-
-def _blas_libraries():
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas = ThreadpoolController().select(user_api="blas").lib_controllers
-    return _blas
-
-
-def blas_threads() -> int | None:
-    """Threads the BLAS uses now (the largest over the loaded BLAS libraries; None if none is loaded)."""
-    counts = [lib.num_threads for lib in _blas_libraries()]
-    return max(counts) if counts else None
-
-
-def _set_blas_threads(n):
-    for lib in _blas_libraries():
-        lib.set_num_threads(n)
+# the runtime (numba's and the BLAS's threads, the step's sliced GEMM) lives in workshop_lib.runtime; the names
+# below stay importable from here
+blas_threads, _set_blas_threads = runtime.blas_threads, runtime.set_blas_threads
+op_threads, matmul = runtime.op_threads, runtime.matmul
 
 
 def _bind_every_thread(cores):
@@ -325,24 +310,7 @@ def _bind_every_thread(cores):
     os.sched_setaffinity(0, cores)
 
 
-def _numba_workers_sleep_when_idle():
-    """Ask numba's OpenMP workers to sleep, not spin, between parallel loops (before its pool starts).
-
-    GNU OpenMP reads ``OMP_WAIT_POLICY`` once, when numba loads it for its first parallel loop; its
-    default spin takes the cores from the GEMM slices that follow and, on a shared CPU, from the
-    other programs (measured in the README). The user's own setting, or a pool already started, wins.
-    The variable is removed again once the pool has read it: child processes and other OpenMP
-    libraries loaded later (PyTorch's) see the user's environment.
-    """
-    import numba
-
-    if "OMP_WAIT_POLICY" in os.environ or "numba.np.ufunc.omppool" in sys.modules:
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        numba.get_num_threads()  # starts the pool: GNU OpenMP reads its environment as it loads
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
+_numba_workers_sleep_when_idle = runtime.numba_workers_sleep_when_idle
 
 
 def current() -> Placement | None:
@@ -379,8 +347,7 @@ def place(comm=None) -> Placement:
     local.Free()
     if wanted.binding == "workshop" and hasattr(os, "sched_setaffinity"):
         _bind_every_thread(wanted.cores)  # before numba's pool starts, so that its threads inherit it
-    _numba_workers_sleep_when_idle()
-    numba.set_num_threads(wanted.numba_threads)
+    runtime.set_numba_threads(wanted.numba_threads)
     if wanted.blas_threads is not None:
         _set_blas_threads(wanted.blas_threads)
     _current = Placement(rank=wanted.rank, size=wanted.size, local_rank=wanted.local_rank,
@@ -391,88 +358,3 @@ def place(comm=None) -> Placement:
         sys.stderr.write(f"workshop_verbose,placement,{_current.describe()}\n")
         sys.stderr.flush()
     return _current
-
-
-_in_steps = 0  # how many op_threads blocks are open (the BLAS is single-threaded while any is)
-_gemm_pool = None  # the threads that run matmul's slices beside the calling thread
-_PARTITION_MIN_FLOPS = 1 << 21  # below, one slice: a thread hand-off costs more than it saves
-_PARTITION_MIN_ROWS = 32
-
-
-@contextlib.contextmanager
-def op_threads(threads=0):
-    """A step's threads: numba (in this thread) runs ``threads``, the BLAS one, and :func:`matmul` splits
-    each GEMM over ``threads`` threads (0 keeps this thread's numba count, the rank's placement).
-
-    ``Session.run`` wraps its ops in this with ``ConfigProto.intra_op_parallelism_threads``. One owner of
-    the cores: numba's pool and the step's GEMM slices never run at once (ops run one after another on
-    each thread), and the BLAS never starts threads of its own that would spin beside them. The previous
-    counts come back after.
-
-    Raises
-    ------
-    ValueError
-        If ``threads`` is not a non-negative int.
-    """
-    global _in_steps
-    import numba
-
-    if not isinstance(threads, int) or threads < 0:
-        raise ValueError(f"threads={threads!r} must be a non-negative int (0 keeps the current counts)")
-    _numba_workers_sleep_when_idle()
-    numba_before, blas_before = numba.get_num_threads(), blas_threads()
-    if threads:
-        numba.set_num_threads(threads)
-    if blas_before is not None and blas_before != 1:
-        _set_blas_threads(1)
-    _in_steps += 1
-    try:
-        yield
-    finally:
-        _in_steps -= 1
-        numba.set_num_threads(numba_before)
-        if blas_before is not None and blas_before != 1 and not _in_steps:
-            _set_blas_threads(blas_before)
-
-
-def matmul(a, b):
-    """``a @ b`` for 2-D arrays; inside :func:`op_threads`, split into one slice per thread of the step.
-
-    The slices (rows of ``a``, or columns of ``b`` when ``a`` has few rows) are independent BLAS calls
-    on a single-threaded BLAS, joined once: a thread the OS parks for a while (another program on the
-    same cores) delays one slice, where a multi-threaded BLAS GEMM waits for it at every block. Outside
-    a step, the BLAS's own threads do the work.
-
-    Raises
-    ------
-    ValueError
-        If ``a`` and ``b`` are not 2-D arrays whose inner dimensions agree.
-    """
-    import numba
-
-    global _gemm_pool
-    if getattr(a, "ndim", None) != 2 or getattr(b, "ndim", None) != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"a.shape={getattr(a, 'shape', None)} and b.shape={getattr(b, 'shape', None)} "
-                         "must be 2-D with a.shape[1] == b.shape[0]")
-    m, n = a.shape[0], b.shape[1]
-    parts = numba.get_num_threads() if _in_steps else 1
-    by_rows = m >= parts * _PARTITION_MIN_ROWS
-    if parts < 2 or 2 * m * n * a.shape[1] < _PARTITION_MIN_FLOPS or not (by_rows or n >= parts * _PARTITION_MIN_ROWS):
-        return a @ b
-    if _gemm_pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _gemm_pool = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1), "workshop-gemm")
-    out = np.empty((m, n), dtype=np.result_type(a, b))
-    size = m if by_rows else n
-    bounds = [size * i // parts for i in range(parts + 1)]
-    slices = [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
-    if by_rows:
-        jobs = [(a[s], b, out[s]) for s in slices]
-    else:
-        jobs = [(a, b[:, s], out[:, s]) for s in slices]
-    futures = [_gemm_pool.submit(np.matmul, x, y, out=o) for x, y, o in jobs[1:]]
-    np.matmul(*jobs[0][:2], out=jobs[0][2])
-    for future in futures:
-        future.result()
-    return out

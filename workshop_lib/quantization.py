@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from . import _validate as check
+from . import runtime
 
 __all__ = [
     "QuantParams", "qrange", "choose_qparams", "quantize", "dequantize", "requantize",
@@ -187,6 +188,7 @@ def requantize(acc, in_scale, out: QuantParams, bias=None, relu=False):
     [-2**31, 2**31 - 1]; anything else (NaN, infinity, a fraction, an int64 beyond s32) raises ``ValueError``
     naming the first offending element, rather than wrapping. ``out`` is per-tensor (a scalar zero point).
     """
+    runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     out = _check_qparams(out, "out")
     if np.ndim(out.zero_point) != 0:
         raise ValueError(f"out.zero_point.shape={np.shape(out.zero_point)} must be a scalar: requantize writes "

@@ -10,6 +10,7 @@ mixed with the libmpi that mpi4py was built against.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -23,7 +24,12 @@ from pathlib import Path
 __all__ = [
     "FEATURES",
     "cpu_model",
+    "ARM_FEATURES",
     "cpu_features",
+    "os_features",
+    "compile_target",
+    "target_features",
+    "target_has",
     "amx_status",
     "core_counts",
     "numba_info",
@@ -54,6 +60,22 @@ FEATURES = {
     "amx_tile": ("amx_tile", "amx-tile", "AMX_TILE"),
     "amx_int8": ("amx_int8", "amx-int8", "AMX_INT8"),
 }
+
+# The same for aarch64: (name in /proc/cpuinfo "Features", LLVM's name, macOS sysctl hw.optional.arm.NAME).
+# Linux's own answer comes from the auxiliary vector (AT_HWCAP / AT_HWCAP2), which QEMU's user mode emulates
+# while its /proc/cpuinfo still shows the host's x86 flags.
+ARM_FEATURES = {
+    "asimd": ("asimd", "neon", "AdvSIMD"),
+    "dotprod": ("asimddp", "dotprod", "FEAT_DotProd"),
+    "i8mm": ("i8mm", "i8mm", "FEAT_I8MM"),
+    "bf16": ("bf16", "bf16", "FEAT_BF16"),
+    "sve": ("sve", "sve", "FEAT_SVE"),
+    "sme": ("sme", "sme", "FEAT_SME"),
+}
+# Linux's arm64 hwcap bits (arch/arm64/include/uapi/asm/hwcap.h): (AT_HWCAP or AT_HWCAP2, bit)
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM_HWCAP = {"asimd": (_AT_HWCAP, 1), "dotprod": (_AT_HWCAP, 20), "sve": (_AT_HWCAP, 22),
+              "i8mm": (_AT_HWCAP2, 13), "bf16": (_AT_HWCAP2, 14), "sme": (_AT_HWCAP2, 23)}
 
 # Linux's x86-64 arch_prctl: a process must ask for the AMX tile state (XTILEDATA) before its first tile
 # instruction, or the kernel kills it with SIGILL (Linux >= 5.16; see Documentation/arch/x86/xstate.rst)
@@ -100,25 +122,212 @@ def _llvm_features() -> dict:
     return {item[1:]: item[0] == "+" for item in text.split(",") if item}
 
 
-def cpu_features() -> dict:
-    """``{feature: bool}`` for the features in :data:`FEATURES`.
+def _machine() -> str:
+    """The CPU architecture this Python runs on, in LLVM's spelling (``x86_64``, ``aarch64``)."""
+    machine = platform.machine().lower()
+    return {"arm64": "aarch64", "amd64": "x86_64"}.get(machine, machine)
 
-    Read from /proc/cpuinfo on Linux (what the kernel enabled), else from
-    LLVM's view of the host (what numba will compile for), else from sysctl on
-    macOS. A feature is reported only if the source says it is there.
+
+def _feature_table() -> dict:
+    return ARM_FEATURES if _machine() == "aarch64" else FEATURES
+
+
+def _hwcaps():
+    """``(AT_HWCAP, AT_HWCAP2)`` from Linux's auxiliary vector, or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        getauxval = ctypes.CDLL(None).getauxval
+        getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+        return int(getauxval(_AT_HWCAP)), int(getauxval(_AT_HWCAP2))
+    except (OSError, AttributeError):
+        return None
+
+
+def os_features():
+    """``{feature: bool}``: what the operating system says this CPU has and enabled, or None if it does not say.
+
+    x86-64: the ``flags`` of /proc/cpuinfo (Linux), ``machdep.cpu.*features`` (macOS). aarch64: the auxiliary
+    vector's hwcaps (Linux; right under QEMU's user mode too), the ``Features`` of /proc/cpuinfo, or
+    ``hw.optional.*`` (macOS). The keys are :data:`FEATURES` on x86-64 and :data:`ARM_FEATURES` on aarch64.
     """
-    flags = set()
-    match = re.search(r"^flags\s*:\s*(.+)$", _proc_cpuinfo(), re.M)
+    table, text = _feature_table(), _proc_cpuinfo()
+    if table is ARM_FEATURES:
+        if sys.platform == "darwin":
+            answers = {name: _sysctl(("hw.optional." if mac == "AdvSIMD" else "hw.optional.arm.") + mac)
+                       for name, (_, _, mac) in table.items()}
+            if any(answers.values()):
+                return {name: value.strip() == "1" for name, value in answers.items()}
+            return None
+        caps = _hwcaps()
+        if caps and caps[0]:
+            return {name: bool(caps[0 if at == _AT_HWCAP else 1] >> bit & 1) for name, (at, bit) in _ARM_HWCAP.items()}
+        match = re.search(r"^Features\s*:\s*(.+)$", text, re.M)
+        if match:
+            flags = set(match.group(1).split())
+            return {name: cpu in flags for name, (cpu, _, _) in table.items()}
+        return None
+    match = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
     if match:
         flags = set(match.group(1).split())
-        return {name: cpu in flags for name, (cpu, _, _) in FEATURES.items()}
-    llvm = _llvm_features()
-    if llvm:
-        return {name: bool(llvm.get(llvm_name, False)) for name, (_, llvm_name, _) in FEATURES.items()}
+        return {name: cpu in flags for name, (cpu, _, _) in table.items()}
     if sys.platform == "darwin":
-        text = " ".join(_sysctl(k) for k in ("machdep.cpu.features", "machdep.cpu.leaf7_features")).upper()
-        return {name: mac in text.split() for name, (_, _, mac) in FEATURES.items()}
-    return {name: False for name in FEATURES}
+        words = " ".join(_sysctl(k) for k in ("machdep.cpu.features", "machdep.cpu.leaf7_features")).upper().split()
+        if words:
+            return {name: mac in words for name, (_, _, mac) in table.items()}
+    return None
+
+
+def cpu_features() -> dict:
+    """``{feature: bool}`` for the features of this architecture (:data:`FEATURES`, or :data:`ARM_FEATURES`).
+
+    The operating system's view (:func:`os_features`: what the kernel enabled) where it gives one, else
+    LLVM's view of the host. A feature is reported only if the source says it is there. Which kernels run
+    is decided by :func:`target_features` (what numba compiles for), not by this.
+    """
+    table = _feature_table()
+    found = os_features()
+    if found is not None:
+        return found
+    llvm = _llvm_features()
+    return {name: bool(llvm.get(llvm_name, False)) for name, (_, llvm_name, _) in table.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# What numba compiles for. numba builds its target machine from NUMBA_CPU_NAME (else the host's name) and
+# NUMBA_CPU_FEATURES (else the host's features, with every avx* feature turned off where numba's ENABLE_AVX
+# is off, as it is for sandybridge and ivybridge; "" for generic). A feature the string does not name comes
+# from the CPU name's own definition in LLVM. An intrinsic the target lacks does not raise: LLVM aborts the
+# process ("Do not know how to split the result of this operator!"), so a kernel must ask here first.
+
+_SSE42 = {"sse4.2"}
+_AVX = _SSE42 | {"avx"}
+_AVX2 = _AVX | {"avx2", "fma"}
+_AVX512 = _AVX2 | {"avx512f", "avx512bw"}
+_VNNI512 = _AVX512 | {"avx512vnni"}
+_BF16_512 = _VNNI512 | {"avx512bf16"}
+_AVXVNNI = _AVX2 | {"avxvnni"}
+_AMX = _BF16_512 | {"avxvnni", "amx-tile", "amx-int8"}
+_NEON = {"neon"}
+_DOT = _NEON | {"dotprod"}
+_V86 = _DOT | {"i8mm", "bf16"}
+# LLVM's CPU names -> the features above that each defines (X86.td, AArch64Processors.td); a name not here
+# is taken to have none of them (never more than it has), unless NUMBA_CPU_FEATURES grants them.
+_CPU_FEATURES = {
+    **dict.fromkeys(("x86-64-v2", "nehalem", "corei7", "westmere", "silvermont", "slm", "goldmont",
+                     "goldmont-plus", "tremont"), _SSE42),
+    **dict.fromkeys(("sandybridge", "corei7-avx", "ivybridge", "core-avx-i", "btver2"), _AVX),
+    **dict.fromkeys(("x86-64-v3", "haswell", "core-avx2", "broadwell", "skylake", "bdver4", "znver1", "znver2",
+                     "znver3"), _AVX2),
+    **dict.fromkeys(("alderlake", "raptorlake", "meteorlake", "arrowlake", "arrowlake-s", "lunarlake",
+                     "pantherlake", "gracemont", "sierraforest", "grandridge", "clearwaterforest"), _AVXVNNI),
+    **dict.fromkeys(("x86-64-v4", "skylake-avx512", "skx", "cannonlake"), _AVX512),
+    **dict.fromkeys(("knl", "knm"), _AVX2 | {"avx512f"}),
+    **dict.fromkeys(("cascadelake", "icelake-client", "icelake-server", "tigerlake", "rocketlake"), _VNNI512),
+    **dict.fromkeys(("cooperlake", "znver4", "znver5"), _BF16_512),
+    **dict.fromkeys(("sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "diamondrapids"), _AMX),
+    **dict.fromkeys(("cortex-a55", "cortex-a75", "cortex-a76", "cortex-a77", "cortex-a78", "neoverse-n1",
+                     "apple-a13", "apple-m1", "apple-a14"), _DOT),
+    **dict.fromkeys(("neoverse-v1", "neoverse-n2", "neoverse-v2", "neoverse-v3", "cortex-x2", "cortex-a710",
+                     "cortex-a510", "apple-m2", "apple-m3", "apple-a15", "apple-a16", "apple-a17", "grace"), _V86),
+    **dict.fromkeys(("apple-m4", "apple-a18"), _V86 | {"sme"}),
+}
+# a feature is off if one it builds on is turned off (LLVM clears the dependents of a "-feature")
+_REQUIRES = {"avx2": ("avx",), "fma": ("avx",), "avx512f": ("avx2", "fma"), "avx512bw": ("avx512f",),
+             "avx512vnni": ("avx512f",), "avx512bf16": ("avx512bw",), "avxvnni": ("avx2",),
+             "amx-int8": ("amx-tile",), "dotprod": ("neon",), "i8mm": ("neon",), "bf16": ("neon",)}
+_NUMBA_AVX_OFF_CPUS = {"corei7-avx", "core-avx-i", "sandybridge", "ivybridge", "nocona"}  # numba's config.avx_default
+
+
+def _parse_features(text: str) -> dict:
+    return {item[1:]: item[0] == "+" for item in (text or "").split(",") if item[:1] in "+-" and len(item) > 1}
+
+
+def _host_cpu_name() -> str:
+    try:
+        import llvmlite.binding as llvm
+
+        return llvm.get_host_cpu_name()
+    except Exception:  # noqa: BLE001 - llvmlite missing: no name
+        return "unknown"
+
+
+def _numba_config():
+    """numba's (CPU_NAME, CPU_FEATURES, ENABLE_AVX), as numba's codegen reads them now."""
+    try:
+        from numba.core import config
+    except Exception:  # noqa: BLE001 - numba cannot import: nothing will be compiled
+        return None, None, True
+    return config.CPU_NAME, config.CPU_FEATURES, bool(getattr(config, "ENABLE_AVX", True))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve_target(cpu_name, cpu_features_text, enable_avx, avx_env, arch):
+    host = _host_cpu_name()
+    name = host if cpu_name in (None, "host") else cpu_name or "generic"  # LLVM reads "" as generic
+    host_llvm = _llvm_features()
+    if cpu_features_text is None:
+        avx_on = enable_avx if avx_env else enable_avx and name not in _NUMBA_AVX_OFF_CPUS
+        explicit = {k: v and (avx_on or not k.startswith("avx")) for k, v in host_llvm.items()}
+        source = "the host's" + ("" if avx_on else ", every avx* turned off by numba for this CPU name")
+    else:
+        explicit = _parse_features(cpu_features_text)
+        source = f"NUMBA_CPU_FEATURES={cpu_features_text!r}"
+    base = {k for k, v in host_llvm.items() if v} if name == host else set(_CPU_FEATURES.get(name, ()))
+    if arch == "aarch64":
+        base |= _NEON  # Advanced SIMD is part of the aarch64 base architecture
+
+    def on(feature):
+        if not explicit.get(feature, feature in base):
+            return False
+        return all(on(required) for required in _REQUIRES.get(feature, ()))
+
+    table = ARM_FEATURES if arch == "aarch64" else FEATURES
+    return {"cpu_name": name, "cpu_source": "host" if cpu_name in (None, "host") else "NUMBA_CPU_NAME",
+            "features_source": source, "features": {f: on(llvm_name) for f, (_, llvm_name, _) in table.items()}}
+
+
+@functools.lru_cache(maxsize=None)
+def _os_view():
+    return os_features()
+
+
+def compile_target() -> dict:
+    """What numba compiles for in this process, the OS's view beside it, and what kernels may therefore use.
+
+    Returns
+    -------
+    dict
+        ``arch`` (``x86_64``, ``aarch64``), ``cpu_name`` (LLVM's name numba targets), ``cpu_source``
+        (``"host"`` or ``"NUMBA_CPU_NAME"``), ``features_source`` (where the feature string came from),
+        ``target`` ``{feature: bool}`` (what the compiler will emit), ``os`` ``{feature: bool}`` or None (what
+        the OS says the CPU has), ``usable`` ``{feature: bool}`` (both agree: the only view a kernel may choose
+        an ISA-specific path from) and ``disagree`` (features the target has but the OS denies, which would
+        fault at run time).
+    """
+    arch = _machine()
+    name, features, enable_avx = _numba_config()
+    resolved = _resolve_target(name, features, enable_avx, "NUMBA_ENABLE_AVX" in os.environ, arch)
+    target, osv = resolved["features"], _os_view()
+    usable = {f: on and (osv is None or bool(osv.get(f))) for f, on in target.items()}
+    return {"arch": arch, "cpu_name": resolved["cpu_name"], "cpu_source": resolved["cpu_source"],
+            "features_source": resolved["features_source"], "target": dict(target), "os": osv,
+            "usable": usable, "disagree": [f for f, on in target.items() if on and not usable[f]]}
+
+
+def target_features() -> dict:
+    """``{feature: bool}``: the features numba's compile target has and the OS grants (:func:`compile_target`'s
+    ``usable``). Every kernel that emits an ISA-specific intrinsic chooses its path from this."""
+    return compile_target()["usable"]
+
+
+def target_has(*names) -> bool:
+    """Whether numba's compile target has, and the OS grants, every one of ``names`` (keys of :data:`FEATURES`
+    on x86-64, :data:`ARM_FEATURES` on aarch64; a name of the other architecture is simply absent)."""
+    usable = target_features()
+    return all(usable.get(name, False) for name in names)
 
 
 def _request_tile_permission() -> str | None:
@@ -426,6 +635,7 @@ def report(mpi_check: bool = True) -> dict:
         "cpu": cpu_model(),
         "cores": core_counts(),
         "features": cpu_features(),
+        "target": compile_target(),
         "amx": amx_status(),
         "numba": numba_info(),
         "data": data_status(),
@@ -468,7 +678,22 @@ def format_report(info: dict) -> str:
         quota = info["cpu_quota"]
         rows.append(("cgroup CPU quota", "none" if quota is None else f"{quota:g} CPUs"
                      + (" (fewer than the usable cores: give each rank fewer threads)" if quota < cores["usable"] else "")))
-    rows += [(f"  {name}", "yes" if present else "no") for name, present in info["features"].items()]
+    target = info.get("target")
+    if target:
+        rows.append(("numba compiles for", f"{target['cpu_name']} ({target['arch']}; CPU name from "
+                                           f"{target['cpu_source']}, features from {target['features_source']})"))
+    rows.append(("Feature", "OS   numba target   usable" if target else "OS"))
+    for name, present in info["features"].items():
+        cell = "yes" if present else "no"
+        if target:
+            cell = (f"{cell:<5}{'yes' if target['target'].get(name) else 'no':<15}"
+                    f"{'yes' if target['usable'].get(name) else 'no'}")
+        rows.append((f"  {name}", cell))
+    if target and target["disagree"]:
+        rows.append(("  target vs OS", f"the target has {', '.join(target['disagree'])}, which the OS does not "
+                                       "grant: kernels will not use them"))
+    for family, path in info.get("kernel_paths", {}).items():
+        rows.append((f"path: {family}", path))
     if "amx" in info:
         usable, reason = info["amx"]
         rows.append(("AMX usable", f"{'yes' if usable else 'no'} ({reason})"))

@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numba
 import numpy as np
 
-from .. import kernels, placement
+from .. import kernels, runtime
 from . import passes
 from .core import (
     FailedPreconditionError,
@@ -187,7 +187,7 @@ class Session:
         flat, rebuild = _flatten(fetches)
         targets = [self._element(f) for f in flat]
         feeds = self._feeds(feed_dict or {})
-        with placement.op_threads(self.config.intra_op_parallelism_threads):  # numba's and the BLAS's threads
+        with runtime.op_threads(self.config.intra_op_parallelism_threads):  # numba's and the BLAS's threads
             values = self._execute(targets, feeds, Trace())  # WORKSHOP_VERBOSE is read here, once per run
         stored = {id(v) for v in self._variables.values()}
         # a variable's array is updated in place by later runs: hand the caller a copy, as TensorFlow does
@@ -269,7 +269,7 @@ class Session:
         previous = numba.get_num_threads()
         intra = intra if intra != previous else 0  # op_threads set it already: no second call per run
         if intra:
-            numba.set_num_threads(intra)
+            runtime.set_numba_threads(intra)
         try:
             if self.config.inter_op_parallelism_threads > 1 and len(plan) > 2:
                 self._execute_parallel(plan, values, ctx, trace, intra or numba.get_num_threads())
@@ -283,7 +283,7 @@ class Session:
                         values.pop(t, None)
         finally:
             if intra:
-                numba.set_num_threads(previous)
+                runtime.set_numba_threads(previous)
         self.stats["runs"] += 1
         for stat, count in reorders.items():
             self.stats[stat] += count
@@ -309,7 +309,7 @@ class Session:
 
         def job(op):
             if intra:
-                numba.set_num_threads(intra)
+                runtime.set_numba_threads(intra)
             return op, self._run_entry(op, values, ctx, trace)
 
         with ThreadPoolExecutor(self.config.inter_op_parallelism_threads) as pool:
