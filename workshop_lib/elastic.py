@@ -203,6 +203,7 @@ class State:
     def _write(self, directory, values):
         from .tf.train import Saver
 
+        directory.mkdir(parents=True, exist_ok=True)
         values = dict(values)
         values[_COMMIT] = np.int64(self._commits)
         snapshot = _Values(values)
@@ -435,7 +436,7 @@ def _resume(state):
             state._resumed = state._commits
     if hvd.is_initialized():
         pid_dir = directory / "pids"
-        pid_dir.mkdir(exist_ok=True)
+        pid_dir.mkdir(parents=True, exist_ok=True)
         (pid_dir / f"rank-{hvd.rank()}").write_text(f"{os.getpid()}\n")
     return True
 
