@@ -228,6 +228,23 @@ def test_discovery_brings_the_job_back_up_to_max_np(tmp_path):
     assert json.loads(out.read_text())["global_step"] == 2 * 60 + 1
 
 
+@pytest.mark.mpi
+@pytest.mark.timeout(300)
+def test_a_rank_raising_and_a_rank_hanging_are_survived_with_exact_counts(tmp_path):
+    out, folder = tmp_path / "result.json", tmp_path / "elastic"
+    env = dict(_env(), HOROVOD_STALL_SHUTDOWN_TIME_SECONDS="3", HOROVOD_STALL_CHECK_TIME_SECONDS="1")
+    proc = subprocess.run([sys.executable, "-m", "workshop_lib.cli", "launch", "tests/mpi_scripts/elastic_faults.py",
+                           "-n", "3", "--min-np", "1", "--elastic-dir", str(folder), "--", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = _events(folder)
+    assert [e["cause"] for e in events if e["event"] == "ended"] == [
+        "rank 1 raised RuntimeError", "a rank stalled past HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"]
+    assert [(e["commit"], e["size"]) for e in events if e["event"] == "resumed"] == [(2, 2), (4, 1)]
+    # 10 steps on 3 ranks, 10 on 2, 20 on 1: each rank adds 1 a step; the uncommitted tails are not counted twice
+    assert json.loads(out.read_text()) == {"step": 40, "total": 10 * 3 + 10 * 2 + 20 * 1, "size": 1}
+
+
 # ----------------------------------------------------------------------------------------------
 # ZeRO-1
 

@@ -481,8 +481,9 @@ def run(func):
                     size = hvd.size() if hvd.is_initialized() else 1
                     step = state._global_step_value()
                     cause = os.environ.get(ELASTIC_CAUSE, "")
-                    _say(f"restart {restart}: resumed from commit {state._resumed} at global step {step} on {size} "
-                         f"rank(s){f' (after: {cause})' if cause else ''}")
+                    at = f" at global step {step}" if step is not None else ""
+                    _say(f"restart {restart}: resumed from commit {state._resumed}{at} on {size} rank(s)"
+                         f"{f' (after: {cause})' if cause else ''}")
                     log_event(directory, event="resumed", restart=restart, commit=state._resumed, step=step,
                               size=size)
                     state._resumed = None
