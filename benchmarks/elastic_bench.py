@@ -6,7 +6,9 @@ Run:  python benchmarks/elastic_bench.py                      (10 faults, 4 rank
 ``benchmarks/elastic_mnist.py`` runs under the elastic driver (``workshop launch -n N --min-np M --max-np N
 --host-discovery-script``) twice: once without faults, and once while this script breaks it on purpose, cycling
 through a rank SIGKILLed (at a random step), a rank raising an exception, and a rank hanging past the stall
-inspector's shutdown time (``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``, set to ``--stall-shutdown``). Before each fault
+inspector's shutdown time (``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS``, set to ``--stall-shutdown``, default 60 s: it
+must exceed how far the ranks drift apart at a relaunch's first step, when each loads its kernels, or the inspector
+ends healthy relaunches too; a hang's time lost includes it). Before each fault
 the discovery file is set to the next size of ``--sizes``, so the job is relaunched on 2, 3 or 4 ranks.
 
 Reported: every fault and how the driver named it; whether the run finished; its final global step against
@@ -121,7 +123,9 @@ def main():
     parser.add_argument("--sizes", default="3,2,4", help="slots the discovery reports after each fault, in turn")
     parser.add_argument("--commit-every", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--stall-shutdown", type=float, default=5.0)
+    parser.add_argument("--stall-shutdown", type=float, default=60.0,
+                        help="HOROVOD_STALL_SHUTDOWN_TIME_SECONDS: a hang is detected after it; it must exceed the "
+                             "ranks' skew at a relaunch's first step (30 s and more on a loaded machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the figures here")
     args = parser.parse_args()
@@ -141,11 +145,13 @@ def main():
     got, events, injected, wall, rc = run(args, work / "faulted", args.faults)
     resumed = [e for e in events if e["event"] == "resumed"]
     ends = [e for e in events if e["event"] == "ended"]
-    lost = []
+    lost, by_kind = [], {}
     for fault in injected:
         after = [e for e in resumed if fault["t"] is not None and e["t"] > fault["t"]]
         if after:
-            lost.append(after[0]["t"] - fault["t"])
+            fault["lost"] = after[0]["t"] - fault["t"]
+            lost.append(fault["lost"])
+            by_kind.setdefault(fault["kind"], []).append(fault["lost"])
     finished = rc == 0 and got is not None
     summary = {
         "faults": injected, "causes": [e["cause"] for e in ends], "sizes": [e["size"] for e in events
@@ -171,6 +177,10 @@ def main():
         print(f"time lost per failure (fault -> resumed): median {summary['lost_median']:.1f} s, max "
               f"{summary['lost_max']:.1f} s over {len(lost)} ({verdict} the 10 s target); whole run: "
               f"{wall:.0f} s vs {base_wall:.0f} s, {summary['extra_per_failure']:.1f} s extra per failure")
+    for kind, values in by_kind.items():
+        print(f"  {kind}: fault -> resumed median {statistics.median(values):.1f} s, max {max(values):.1f} s "
+              f"({len(values)})" + (f", of which {args.stall_shutdown:g} s is the stall inspector's shutdown time"
+                                    if kind == "hang" else ""))
     print(f"load average {load_before:.1f} before, {_load():.1f} after, on {os.cpu_count()} CPUs; runs in {work}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))

@@ -130,6 +130,21 @@ def test_discovery_output_and_driver_arguments_are_checked(tmp_path):
         launch.ElasticDriver(DOCS, 2, 1, host_discovery_script=tmp_path / "none.sh")
 
 
+def test_relaunch_lines_for_srun_and_the_causes_read_from_the_launchers_words(tmp_path):
+    from workshop_lib import launch
+
+    driver = launch.ElasticDriver(DOCS, 4, 2, scheduler="slurm", cpus_per_node=8, elastic_dir=tmp_path)
+    line = driver.command(3)  # a relaunch on 3 slots inside the Slurm allocation
+    assert line[:4] == ["srun", "--nodes=1", "--ntasks=3", "--ntasks-per-node=3"] and line[-1] == DOCS
+    (tmp_path / "pids").mkdir()
+    (tmp_path / "pids" / "rank-2").write_text("4242\n")
+    mpich = ["=" * 20 + "\n", "=   BAD TERMINATION OF ONE OF YOUR APPLICATION PROCESSES\n", "=   PID 4242 RUNNING AT n01\n",
+             "=   EXIT CODE: 9\n"]
+    assert driver.cause(mpich, 9) == "rank 2 (pid 4242 on n01 ended by signal 9)"
+    assert driver.cause(["[rank 1] uncaught ValueError on rank 1 of 4: aborting\n"], 1) == "rank 1 raised ValueError"
+    assert driver.cause(["nothing known\n"], 3) == "the job ended with status 3"
+
+
 # ----------------------------------------------------------------------------------------------
 # under the driver, with ranks killed
 
