@@ -102,6 +102,13 @@ def log_event(directory, **event):
     """Append ``event`` (with the wall time ``t``) as one JSON line to ``directory``/events.jsonl.
 
     Lines are short and written with one ``write`` in append mode, so the driver's and rank 0's lines never mix.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The elastic folder (``WORKSHOP_ELASTIC_DIR``).
+    **event
+        JSON values: ``event=`` (launch, ended, finished, commit, resumed, ...) and its fields.
     """
     event = {"t": time.time(), **event}
     with open(Path(directory) / EVENTS, "a") as f:

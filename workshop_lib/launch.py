@@ -297,7 +297,17 @@ _CAUSES = (  # what the job's stderr says about why it ended, first match wins (
 
 
 def parse_discovery(text):
-    """``[(host, slots)]`` from a host discovery script's output: ``host:slots`` (or ``host``, 1 slot) per line."""
+    """``[(host, slots)]`` from a host discovery script's output: ``host:slots`` (or ``host``, 1 slot) per line.
+
+    Parameters
+    ----------
+    text : str
+        What the script printed (horovodrun's format; ``#`` comments and blank lines are skipped).
+
+    Returns
+    -------
+    list of (str, int)
+    """
     hosts = []
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
@@ -388,7 +398,19 @@ class ElasticDriver:
                 lines.append(line)
 
     def cause(self, lines, status):
-        """Why a launch ended, from its stderr ``lines`` and exit ``status`` (a pid named as its rank when known)."""
+        """Why a launch ended, from its output ``lines`` and exit ``status`` (a pid named as its rank when known).
+
+        Parameters
+        ----------
+        lines : list of str
+            The launch's output (the launcher's own words on a failure included).
+        status : int
+            Its exit status.
+
+        Returns
+        -------
+        str
+        """
         text = "".join(lines)
         for pattern, template in _CAUSES:
             match = re.search(pattern, text)

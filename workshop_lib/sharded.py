@@ -199,7 +199,18 @@ class ShardedOptimizer:
         return self._names["m"] + self._names["v"] + self._names["powers"]
 
     def state_bytes(self, session):
-        """Bytes of optimizer state this rank holds for ``session``: its slices of m and v, and the two powers."""
+        """Bytes of optimizer state this rank holds for ``session``: its slices of m and v, and the two powers.
+
+        Parameters
+        ----------
+        session : Session
+            The session whose state is counted.
+
+        Returns
+        -------
+        int
+            The ``nbytes`` of the arrays themselves.
+        """
         from . import hvd
 
         shard = self._session_state(session, hvd._require().comm)
@@ -220,7 +231,19 @@ class ShardedOptimizer:
             self._state[session] = {k: np.array(v, copy=True) for k, v in shard.items()}
 
     def gather_state(self, session, root=0):
-        """Collective: the full state at ``root`` as ``{name: array}`` under unsharded Adam's names; None elsewhere."""
+        """Collective: the full state at ``root`` as ``{name: array}`` under unsharded Adam's names; None elsewhere.
+
+        Parameters
+        ----------
+        session : Session
+        root : int
+            The rank that receives the state.
+
+        Returns
+        -------
+        dict or None
+            ``{"<scope>/<var>/Adam_m": array, ..., "<scope>/beta1_power": float32, ...}`` at ``root``.
+        """
         from . import hvd
 
         comm = hvd._require().comm
@@ -246,8 +269,16 @@ class ShardedOptimizer:
         return out
 
     def scatter_state(self, session, values, root=0):
-        """Collective: ``root``'s full state (``{name: array}`` as :meth:`gather_state` returns, from any number of
-        ranks, sharded or not) is cut into this job's slices; every rank keeps its own."""
+        """Collective: ``root``'s full state is cut into this job's slices; every rank keeps its own.
+
+        Parameters
+        ----------
+        session : Session
+        values : dict or None
+            At ``root``: ``{name: array}`` as :meth:`gather_state` returns (from any number of ranks, sharded or not)
+            or as an unsharded Adam's slot variables hold it; ignored elsewhere.
+        root : int
+        """
         from . import hvd
 
         comm = hvd._require().comm
