@@ -88,6 +88,15 @@ def _hvd():
     return hvd
 
 
+def _enter(name):
+    """Enter a collective of the state's (its MPI calls) through the stall inspector, so that a hung peer ends the
+    job instead of leaving the others in a raw MPI call for ever."""
+    hvd = _hvd()
+    wait = getattr(hvd, "_wait_for_peers", None)
+    if hvd.is_initialized() and hvd.size() > 1 and wait is not None:
+        wait(hvd._require(), name)
+
+
 def _directory():
     path = os.environ.get(ELASTIC_DIR, "").strip()
     return Path(path) if path else None
@@ -179,6 +188,7 @@ class State:
         Collective: every rank calls it at the same step. Raises :class:`HostsUpdatedInterrupt` (on every rank,
         after the commit is complete) when the driver has found more slots.
         """
+        _enter("hvd.elastic.commit")
         self._commits += 1
         self.save()
         directory = _directory()
@@ -298,6 +308,7 @@ class ObjectState(State):
     def sync(self):
         hvd = _hvd()
         if hvd.is_initialized() and hvd.size() > 1:
+            _enter("hvd.elastic.sync")
             if self._bcast_object is not None:
                 self._saved_state = self._bcast_object(self._saved_state)
             else:
