@@ -56,7 +56,7 @@ def run(args, folder, faults):
     discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
     discover.chmod(0o755)
     out = folder.parent / f"{folder.name}-result.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1",
                HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=str(args.stall_shutdown), HOROVOD_STALL_CHECK_TIME_SECONDS="2")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     cmd = [sys.executable, "-m", "workshop_lib.cli", "launch", str(PROGRAM), "-n", str(args.n), "--min-np",

@@ -97,7 +97,7 @@ def main():
         out = Path(f"/tmp/zero_bench_{os.getpid()}_{n}.json")
         steps = ["--rounds", str(args.rounds if n == 2 else 1), "--steps", str(args.steps if n == 2 else 1)]
         sysinfo.run_mpi(n, [__file__, "--worker", "--out", str(out), "--batch-size", str(args.batch_size), *steps],
-                        timeout=1800, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                        timeout=1800, env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])))
         got = json.loads(out.read_text())
         out.unlink()
         report[n] = got
