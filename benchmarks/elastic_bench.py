@@ -1,6 +1,6 @@
 """Faults injected into one elastic training run of the labs' CNN, counted: does it finish, exactly, and how fast?
 
-Run:  python benchmarks/elastic_bench.py                      (10 faults, 4 ranks down to 2, 300 steps)
+Run:  python benchmarks/elastic_bench.py                      (10 faults, 4 ranks down to 2, 320 steps)
       python benchmarks/elastic_bench.py --faults 3 --steps 80 --json elastic.json
 
 ``benchmarks/elastic_mnist.py`` runs under the elastic driver (``workshop launch -n N --min-np M --max-np N
@@ -117,7 +117,7 @@ def run(args, folder, faults):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--faults", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=320)
     parser.add_argument("-n", type=int, default=4, help="ranks of the first launch (and --max-np)")
     parser.add_argument("--min-np", type=int, default=2)
     parser.add_argument("--sizes", default="3,2,4", help="slots the discovery reports after each fault, in turn")

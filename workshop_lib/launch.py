@@ -397,8 +397,35 @@ class ElasticDriver:
             if len(lines) < 4000:
                 lines.append(line)
 
-    def cause(self, lines, status):
-        """Why a launch ended, from its output ``lines`` and exit ``status`` (a pid named as its rank when known).
+    def _pids(self):
+        """{pid: rank} of the running launch, from the pids its ranks left in the elastic folder."""
+        folder = self.dir / "pids"
+        found = {}
+        for entry in folder.glob("rank-*") if folder.is_dir() else []:
+            try:
+                found[int(entry.read_text())] = int(entry.name.split("-", 1)[1])
+            except (ValueError, OSError):
+                continue
+        return found
+
+    @staticmethod
+    def _alive(pid):
+        """True while process ``pid`` runs (a zombie, dead but not yet reaped by the launcher, counts as ended)."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return False
+            return True
+
+    def cause(self, lines, status, first_dead=None):
+        """Why a launch ended, from its output ``lines``, exit ``status`` and the rank seen to end first.
+
+        The launcher's words name the process it noticed, which after a SIGKILL need not be the one killed (it
+        kills the others with the same signal); the driver's own watch of the ranks' pids tells which ended first.
 
         Parameters
         ----------
@@ -406,23 +433,28 @@ class ElasticDriver:
             The launch's output (the launcher's own words on a failure included).
         status : int
             Its exit status.
+        first_dead : (int, int), optional
+            (rank, pid) of the rank the driver saw end first.
 
         Returns
         -------
         str
         """
-        text = "".join(lines)
+        text = "".join(line for line in lines if not line.startswith("[elastic"))  # not our own log lines
         for pattern, template in _CAUSES:
             match = re.search(pattern, text)
-            if match:
-                why = template.format(*[g for g in match.groups() if g is not None])
-                ranks = {}
-                for entry in (self.dir / "pids").glob("rank-*") if (self.dir / "pids").is_dir() else []:
-                    ranks[entry.read_text().strip()] = entry.name.split("-", 1)[1]
-                pid = re.match(r"pid (\d+)", why)
-                if pid and pid.group(1) in ranks:
-                    why = f"rank {ranks[pid.group(1)]} ({why})"
-                return why
+            if not match:
+                continue
+            why = template.format(*[g for g in match.groups() if g is not None])
+            pid = re.match(r"pid (\d+) on \S+ ended by signal (\d+)", why)
+            if pid and first_dead is not None:
+                return f"rank {first_dead[0]} (pid {first_dead[1]}) ended first, by signal {pid.group(2)}"
+            ranks = {str(p): r for p, r in self._pids().items()}
+            if pid and pid.group(1) in ranks:
+                why = f"rank {ranks[pid.group(1)]} ({why})"
+            return why
+        if first_dead is not None:
+            return f"rank {first_dead[0]} (pid {first_dead[1]}) ended first; the job ended with status {status}"
         return f"the job ended with status {status}"
 
     def run(self):
@@ -463,8 +495,14 @@ class ElasticDriver:
             for reader in readers:
                 reader.start()
             next_check = time.monotonic() + self.interval
+            first_dead, watched = None, {}
             while proc.poll() is None:
                 time.sleep(0.05)
+                if first_dead is None:  # which rank ends first (the launcher then ends the others)
+                    watched = watched if len(watched) == size else self._pids()
+                    gone = [(rank, pid) for pid, rank in watched.items() if not self._alive(pid)]
+                    if gone and len(watched) == size:
+                        first_dead = min(gone)
                 if self.discovery is not None and size < self.max_np and time.monotonic() > next_check:
                     next_check = time.monotonic() + self.interval
                     more = self.discover()
@@ -481,7 +519,7 @@ class ElasticDriver:
                 self.launches.append((size, 0, "finished"))
                 self.say(f"finished after {restart} restart(s)")
                 return 0
-            cause = "hosts updated" if status == 0 else self.cause(lines, status)
+            cause = "hosts updated" if status == 0 else self.cause(lines, status, first_dead)
             log_event(self.dir, event="ended", restart=restart, size=size, status=status, cause=cause)
             self.launches.append((size, status, cause))
             if status != 0 and found is None:
