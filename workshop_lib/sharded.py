@@ -169,27 +169,31 @@ class ShardedOptimizer:
         comm, adam = state.comm, self._optimizer
         p = comm.size
         n = self._offsets[-1]
-        buf = np.empty(n, np.float32)
+        shard = self._session_state(ctx.session, comm)
+        start, stop = self._slice(p, comm.rank)
+        if "buffers" not in shard:  # reused step to step (fresh pages fault), not optimizer state: one flat buffer
+            shard["buffers"] = (np.empty(n, np.float32), np.empty(stop - start, np.float32))  # and my gradient
+        buf, grad = shard["buffers"]
         for g, a, b in zip(grads, self._offsets, self._offsets[1:]):
             buf[a:b] = np.asarray(g, dtype=np.float32).reshape(-1)
-        start, stop = self._slice(p, comm.rank)
         if p > 1:  # the ring's first half: this rank ends with the sum of its chunk
             comm._ring_phase(comm.comm, buf, np.add, "reduce-scatter", None)
-            if self._op == "average":
-                np.divide(buf[start:stop], p, out=buf[start:stop])
-        shard = self._session_state(ctx.session, comm)
-        weights = np.empty(n, np.float32)
+        if self._op == "average" and p > 1:
+            np.divide(buf[start:stop], p, out=grad)
+        else:
+            grad[:] = buf[start:stop]
+        weights = buf  # the same buffer now carries the weights: the gradient outside my chunk is spent
         for var, a, b in zip(self._vars, self._offsets, self._offsets[1:]):
             weights[a:b] = ctx.read_variable(var).reshape(-1)
         lr_t = kernels.adam_step_size(adam._lr_value(lr), float(shard["b1p"]), float(shard["b2p"]))
-        kernels.adam_update(weights[start:stop], buf[start:stop], shard["m"], shard["v"], lr_t, adam._beta1,
+        kernels.adam_update(weights[start:stop], grad, shard["m"], shard["v"], lr_t, adam._beta1,
                             adam._beta2, adam._epsilon)
         shard["b1p"] = np.float32(shard["b1p"] * adam._beta1)
         shard["b2p"] = np.float32(shard["b2p"] * adam._beta2)
         if p > 1:  # the ring's second half: every rank gets every updated chunk
             comm._ring_phase(comm.comm, weights, np.add, "allgather", None)
-        for var, a, b in zip(self._vars, self._offsets, self._offsets[1:]):
-            ctx.write_variable(var, weights[a:b].reshape(var.shape.as_list()))
+        for var, a, b in zip(self._vars, self._offsets, self._offsets[1:]):  # in place, as ApplyAdam updates
+            np.copyto(ctx.read_variable(var), weights[a:b].reshape(var.shape.as_list()))
 
     # -- state: bytes, in memory, gathered, scattered --------------------------------------------------
     def state_names(self):
@@ -223,7 +227,7 @@ class ShardedOptimizer:
         if self._vars is None:
             return None
         shard = self._session_state(session, hvd._require().comm)
-        return {k: np.array(v, copy=True) for k, v in shard.items()}
+        return {k: np.array(shard[k], copy=True) for k in ("m", "v", "b1p", "b2p")}
 
     def load_shard_state(self, session, shard):
         """Put back a slice saved by :meth:`shard_state` on this rank (same number of ranks)."""
