@@ -208,6 +208,14 @@ def _launch(args) -> int:
             except RuntimeError as exc:
                 print(f"note: {exc}; the line says `mpiexec`", file=sys.stderr)
                 mpiexec = "mpiexec"
+        if args.min_np is not None:  # elastic: relaunched on the slots left when a rank dies (hvd.elastic)
+            driver = launch.ElasticDriver(args.script, args.n, args.min_np, args.max_np, args.host_discovery_script,
+                                          args.reset_limit, args.elastic_dir, args.scheduler, args.mpi, args.args,
+                                          args.cpus_per_node)
+            if args.dry_run:
+                print(launch.format_command(driver.command(args.n)))
+                return 0
+            return driver.run()
         cmd = launch.launch_command(args.script, args.n, nodes=args.nodes, hostfile=args.hostfile,
                                     scheduler=args.scheduler, mpi=args.mpi, args=args.args,
                                     cpus_per_node=args.cpus_per_node, mpiexec=mpiexec, verbose=args.verbose)
@@ -409,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="show each rank's binding (the launcher's report and the library's placement)")
     run.add_argument("--dry-run", action="store_true", help="print the line only")
     run.add_argument("--batch", action="store_true", help="with --scheduler slurm: print a batch script instead")
+    run.add_argument("--min-np", type=int, default=None, help="elastic (hvd.elastic scripts): go on with at least "
+                     "this many ranks, relaunching from the last commit when a rank dies")
+    run.add_argument("--max-np", type=int, default=None, help="elastic: at most this many ranks (default: -n)")
+    run.add_argument("--host-discovery-script", default=None, help="elastic: executable printing `host:slots` lines")
+    run.add_argument("--reset-limit", type=int, default=20, help="elastic: most relaunches (default 20)")
+    run.add_argument("--elastic-dir", default=None, help="elastic: folder for commits and the event log "
+                     "(default: a new temporary folder; one holding commits is resumed from)")
     run.set_defaults(func=_launch, args=[])
 
     wrm = sub.add_parser("warm", help="compile every kernel the labs time into numba's cache, for this CPU")

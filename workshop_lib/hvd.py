@@ -554,14 +554,25 @@ class DistributedOptimizer:
     if ``average_aggregated_gradients``) and reduced and applied on every k-th pass only; the global step
     still advances on every pass, as in Horovod.
 
+    ``sharded=True`` returns a :class:`workshop_lib.sharded.ShardedOptimizer` (ZeRO-1: gradients reduce-scattered,
+    each rank updating its 1/size slice with its slice of Adam's moments, the weights allgathered).
+
     ``device_dense``, ``device_sparse``, ``sparse_as_dense`` and ``use_locking`` change nothing here (no GPUs,
     no sparse gradients) and are accepted; ``gradient_predivide_factor`` other than 1.0 and ``groups`` /
     ``num_groups`` raise NotImplementedError.
     """
 
+    def __new__(cls, optimizer, *args, sharded=False, **kwargs):
+        if sharded:  # ZeRO-1: each rank keeps and updates 1/size of Adam's state (workshop_lib.sharded)
+            from .sharded import ShardedOptimizer
+
+            return ShardedOptimizer(optimizer, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, optimizer, name=None, use_locking=False, device_dense="", device_sparse="",
                  compression=Compression.none, sparse_as_dense=False, backward_passes_per_step=1, op=Average,
-                 gradient_predivide_factor=1.0, average_aggregated_gradients=False, num_groups=0, groups=None):
+                 gradient_predivide_factor=1.0, average_aggregated_gradients=False, num_groups=0, groups=None,
+                 sharded=False):
         if not hasattr(optimizer, "compute_gradients") or not hasattr(optimizer, "apply_gradients"):
             raise TypeError(f"optimizer must be a workshop_lib.tf optimizer, got {type(optimizer).__name__}")
         for arg, value, default in (("gradient_predivide_factor", gradient_predivide_factor, 1.0),
@@ -644,3 +655,6 @@ class DistributedOptimizer:
 
     def minimize(self, loss, global_step=None, var_list=None, name=None):
         return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)
+
+
+from . import elastic  # noqa: E402  hvd.elastic: Horovod's elastic API (workshop_lib.elastic imports hvd lazily)

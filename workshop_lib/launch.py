@@ -438,3 +438,257 @@ def batch_script(script, nodes, ntasks_per_node, cpus_per_task, args=(), time="0
         f'"$PYTHON" {line} "$@"',
         "",
     ])
+
+
+# ----------------------------------------------------------------------------------------------
+# the elastic driver (horovodrun --min-np / --max-np / --host-discovery-script)
+
+
+class ElasticError(RuntimeError):
+    """The elastic job cannot go on: fewer slots than ``min_np``, or more restarts than ``reset_limit``."""
+
+
+_CAUSES = (  # what the job's stderr says about why it ended, first match wins (MPICH's and Open MPI's words)
+    (r"uncaught (\w+) on rank (\d+)", "rank {1} raised {0}"),
+    (r"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "a rank stalled past HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"),
+    (r"rank\(s\) \[([\d, ]+)\] of \d+ ended while", "rank(s) {0} ended during a collective"),
+    (r"sys\.exit\((.*?)\) on rank (\d+)", "rank {1} called sys.exit({0})"),
+    (r"PID (\d+) RUNNING AT (\S+)\s*=\s*(?:EXIT CODE|KILLED BY SIGNAL): (\d+)", "pid {0} on {1} ended by signal {2}"),
+    (r"Process name: \[\[\d+,\d+\],(\d+)\]\s*Exit code:\s*(\d+)", "rank {0} ended with exit code {1}"),
+    (r"Killed \(signal (\d+)\)|signal (\d+) \(\w+\)", "a rank was killed by signal {0}"),
+)
+
+
+def parse_discovery(text):
+    """``[(host, slots)]`` from a host discovery script's output: ``host:slots`` (or ``host``, 1 slot) per line.
+
+    Parameters
+    ----------
+    text : str
+        What the script printed (horovodrun's format; ``#`` comments and blank lines are skipped).
+
+    Returns
+    -------
+    list of (str, int)
+    """
+    hosts = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([^\s:]+)(?::(\d+))?", line)
+        if match is None:
+            raise ValueError(f"host discovery output line {raw!r} is not `host:slots`")
+        hosts.append((match.group(1), int(match.group(2) or 1)))
+    return hosts
+
+
+class ElasticDriver:
+    """Runs an ``hvd.elastic`` script and relaunches it on the slots left when a rank dies (restart-based elasticity).
+
+    Parameters
+    ----------
+    script : str or Path
+        The training script (it wraps its loop in ``hvd.elastic.run``; see :mod:`workshop_lib.elastic`).
+    n : int
+        Ranks of the first launch (horovodrun's ``-np``).
+    min_np : int
+        Fewest ranks to go on with; below it the driver stops with :class:`ElasticError`.
+    max_np : int, optional
+        Most ranks (default ``n``); reached again when the discovery script reports more slots.
+    host_discovery_script : str or Path, optional
+        An executable printing ``host:slots`` lines (horovodrun's format), run before every launch and every
+        ``discovery_interval`` seconds during one. Without it the hosts are fixed: every failure costs one slot.
+    reset_limit : int
+        Most relaunches (horovodrun's ``--reset-limit``).
+    elastic_dir : str or Path, optional
+        Where rank 0 writes the commits and everyone the event log (default: a new temporary folder). A folder
+        holding commits is resumed from.
+    scheduler, mpi, args, cpus_per_node
+        As :func:`launch_command`, which builds every launch's line (``srun`` inside a Slurm allocation).
+
+    Every launch and end is logged (stderr, and ``events.jsonl`` in ``elastic_dir``) with its cause; rank 0 logs the
+    commit and the global step it resumed from.
+    """
+
+    def __init__(self, script, n, min_np, max_np=None, host_discovery_script=None, reset_limit=20, elastic_dir=None,
+                 scheduler="mpiexec", mpi=None, args=(), cpus_per_node=None, discovery_interval=1.0, env=None):
+        import tempfile
+
+        _positive_int("n", n)
+        _positive_int("min_np", min_np)
+        max_np = n if max_np is None else _positive_int("max_np", max_np)
+        if not min_np <= n <= max_np:
+            raise ValueError(f"expected min_np <= n <= max_np, got min_np={min_np}, n={n}, max_np={max_np}")
+        if isinstance(reset_limit, bool) or not isinstance(reset_limit, int) or reset_limit < 0:
+            raise ValueError(f"reset_limit={reset_limit!r} must be an integer >= 0")
+        if host_discovery_script is not None and not os.access(host_discovery_script, os.X_OK):
+            raise ValueError(f"host_discovery_script={os.fspath(host_discovery_script)!r} is not an executable file")
+        self.script, self.n, self.min_np, self.max_np = script, n, min_np, max_np
+        self.discovery, self.reset_limit = host_discovery_script, reset_limit
+        self.dir = Path(elastic_dir) if elastic_dir is not None else Path(tempfile.mkdtemp(prefix="workshop-elastic-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.scheduler, self.mpi, self.args, self.cpus_per_node = scheduler, mpi, list(args), cpus_per_node
+        self.interval, self.env = discovery_interval, dict(os.environ if env is None else env)
+        self.launches = []  # (size, return code, cause) of every launch
+
+    def say(self, text):
+        sys.stderr.write(f"[elastic driver] {text}\n")
+        sys.stderr.flush()
+
+    def discover(self):
+        """Slots the discovery script reports now (None without a script)."""
+        if self.discovery is None:
+            return None
+        proc = subprocess.run([str(self.discovery)], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            raise ElasticError(f"host discovery script {self.discovery} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()[:200]}")
+        return sum(slots for _, slots in parse_discovery(proc.stdout))
+
+    def command(self, size):
+        """The launch line for ``size`` ranks."""
+        return launch_command(self.script, size, scheduler=self.scheduler, mpi=self.mpi, args=self.args,
+                              cpus_per_node=self.cpus_per_node)
+
+    @staticmethod
+    def _watch(pipe, out, lines):
+        """Forward ``pipe`` to ``out`` line by line, keeping the first lines (the launcher's words on a failure)."""
+        for line in pipe:
+            out.write(line)
+            out.flush()
+            if len(lines) < 4000:
+                lines.append(line)
+
+    def _pids(self):
+        """{pid: rank} of the running launch, from the pids its ranks left in the elastic folder."""
+        folder = self.dir / "pids"
+        found = {}
+        for entry in folder.glob("rank-*") if folder.is_dir() else []:
+            try:
+                found[int(entry.read_text())] = int(entry.name.split("-", 1)[1])
+            except (ValueError, OSError):
+                continue
+        return found
+
+    @staticmethod
+    def _alive(pid):
+        """True while process ``pid`` runs (a zombie, dead but not yet reaped by the launcher, counts as ended)."""
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            try:
+                os.kill(pid, 0)
+            except OSError:
+                return False
+            return True
+
+    def cause(self, lines, status, first_dead=None):
+        """Why a launch ended, from its output ``lines``, exit ``status`` and the rank seen to end first.
+
+        The launcher's words name the process it noticed, which after a SIGKILL need not be the one killed (it
+        kills the others with the same signal); the driver's own watch of the ranks' pids tells which ended first.
+
+        Parameters
+        ----------
+        lines : list of str
+            The launch's output (the launcher's own words on a failure included).
+        status : int
+            Its exit status.
+        first_dead : (int, int), optional
+            (rank, pid) of the rank the driver saw end first.
+
+        Returns
+        -------
+        str
+        """
+        text = "".join(line for line in lines if not line.startswith("[elastic"))  # not our own log lines
+        for pattern, template in _CAUSES:
+            match = re.search(pattern, text)
+            if not match:
+                continue
+            why = template.format(*[g for g in match.groups() if g is not None])
+            pid = re.match(r"pid (\d+) on \S+ ended by signal (\d+)", why)
+            if pid and first_dead is not None:
+                return f"rank {first_dead[0]} (pid {first_dead[1]}) ended first, by signal {pid.group(2)}"
+            ranks = {str(p): r for p, r in self._pids().items()}
+            if pid and pid.group(1) in ranks:
+                why = f"rank {ranks[pid.group(1)]} ({why})"
+            return why
+        if first_dead is not None:
+            return f"rank {first_dead[0]} (pid {first_dead[1]}) ended first; the job ended with status {status}"
+        return f"the job ended with status {status}"
+
+    def run(self):
+        """Launch, relaunch after failures, and return 0 once the script has finished.
+
+        Raises
+        ------
+        ElasticError
+            When fewer than ``min_np`` slots remain or the restarts exceed ``reset_limit``.
+        """
+        import threading
+        import time
+
+        from .elastic import ELASTIC_CAUSE, ELASTIC_DIR, ELASTIC_RESTART, HOSTS_UPDATED, INTERRUPTED, log_event
+
+        lost, restart, cause = 0, 0, ""
+        self.say(f"commits and events in {self.dir}")
+        while True:
+            found = self.discover()
+            slots = (self.n - lost) if found is None else found
+            size = min(self.max_np, slots)
+            if size < self.min_np:
+                log_event(self.dir, event="stopped", slots=slots, min_np=self.min_np)
+                raise ElasticError(f"only {slots} slot(s) remain, fewer than --min-np {self.min_np}"
+                                   f"{f' (last failure: {cause})' if cause else ''}; the last commit is in {self.dir}")
+            for name in (HOSTS_UPDATED, INTERRUPTED):
+                (self.dir / name).unlink(missing_ok=True)
+            for entry in (self.dir / "pids").glob("rank-*") if (self.dir / "pids").is_dir() else []:
+                entry.unlink()  # the last launch's pids
+            env = dict(self.env, **{ELASTIC_DIR: str(self.dir), ELASTIC_RESTART: str(restart), ELASTIC_CAUSE: cause})
+            cmd = self.command(size)
+            self.say(f"launch {restart} on {size} rank(s): {format_command(cmd)}")
+            log_event(self.dir, event="launch", restart=restart, size=size, cause=cause)
+            lines = []
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+            readers = [threading.Thread(target=self._watch, args=(pipe, out, lines), daemon=True)
+                       for pipe, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+            for reader in readers:
+                reader.start()
+            next_check = time.monotonic() + self.interval
+            first_dead, watched = None, {}
+            while proc.poll() is None:
+                time.sleep(0.05)
+                if first_dead is None:  # which rank ends first (the launcher then ends the others)
+                    watched = watched if len(watched) == size else self._pids()
+                    gone = [(rank, pid) for pid, rank in watched.items() if not self._alive(pid)]
+                    if gone and len(watched) == size:
+                        first_dead = min(gone)
+                if self.discovery is not None and size < self.max_np and time.monotonic() > next_check:
+                    next_check = time.monotonic() + self.interval
+                    more = self.discover()
+                    if more > size and not (self.dir / HOSTS_UPDATED).exists():
+                        (self.dir / HOSTS_UPDATED).write_text(f"{more}\n")
+                        self.say(f"discovery reports {more} slot(s) (running on {size}): the job stops at its "
+                                 "next commit and is relaunched on more")
+            for reader in readers:
+                reader.join(timeout=5)
+            status = proc.returncode
+            interrupted = (self.dir / INTERRUPTED).exists()
+            if status == 0 and not interrupted:
+                log_event(self.dir, event="finished", restart=restart, size=size)
+                self.launches.append((size, 0, "finished"))
+                self.say(f"finished after {restart} restart(s)")
+                return 0
+            cause = "hosts updated" if status == 0 else self.cause(lines, status, first_dead)
+            log_event(self.dir, event="ended", restart=restart, size=size, status=status, cause=cause)
+            self.launches.append((size, status, cause))
+            if status != 0 and found is None:
+                lost += 1  # fixed hosts: the failed rank's slot is gone
+            restart += 1
+            if restart > self.reset_limit:
+                raise ElasticError(f"{restart - 1} restart(s) reached --reset-limit {self.reset_limit} "
+                                   f"(last: {cause}); the last commit is in {self.dir}")
+            self.say(f"launch {restart - 1} on {size} rank(s) ended ({cause}); relaunching from the last commit")
