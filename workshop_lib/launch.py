@@ -25,7 +25,8 @@ from pathlib import Path
 
 __all__ = ["FLAVOURS", "SCHEDULERS", "THREAD_VARIABLES", "flavour_from_version", "detect_flavour", "find_mpiexec",
            "read_hostfile", "job_layout", "threads_per_rank", "thread_environment", "loopback_environment",
-           "srun_mpi", "launch_command", "batch_script", "format_command", "shm_needed", "shm_problem"]
+           "srun_mpi", "launch_command", "batch_script", "format_command", "shm_needed", "shm_problem",
+           "ElasticError", "ElasticDriver", "parse_discovery"]
 
 FLAVOURS = ("mpich", "openmpi", "intel")
 SCHEDULERS = ("mpiexec", "slurm")
