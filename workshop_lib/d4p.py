@@ -27,9 +27,13 @@ small allgather that validates the chunks, so a rank that passes another
 every rank raise a ValueError naming the parameter and each rank's value,
 instead of a hang or different results per rank.
 
-``daalinit()`` guards the job as ``hvd.init()`` does (:func:`workshop_lib.comm.guard_job`):
+``daalinit()`` guards the job as ``hvd.init()`` does (:func:`workshop_lib.job.guard_job`):
 an uncaught exception or a failing ``sys.exit`` on any rank aborts the whole
-job with its message, so no rank waits for ever in a collective.
+job with its message, so no rank waits for ever in a collective. Every
+distributed call, and ``daalfini()``, is a phase that every rank must enter
+alike: a rank that calls another one (``distributed=False`` while the others
+pass True, then ``daalfini()``) or has ended aborts the job with a message
+naming both ranks' phases, instead of leaving the others waiting for ever.
 ``daalfini()`` ends the distributed session but leaves ``MPI_Finalize`` to
 mpi4py at exit, so a notebook can call ``daalinit()`` again.
 """
@@ -41,7 +45,7 @@ import math
 import numba
 import numpy as np
 
-from . import placement
+from . import job, placement
 
 __all__ = [
     "daalinit",
@@ -101,28 +105,24 @@ def daalinit(nthreads=None):
         Threads each rank uses for its chunk (numba's thread count). Must be at
         most ``NUMBA_NUM_THREADS`` (set it before Python starts to allow more).
     """
+    if not _state.initialized:  # first the guard: from here on a failure on one rank ends the job
+        job.guard_job("d4p", _state.mpi())  # as after hvd.init()
+    _state.initialized = True
     placement.place(_state.mpi())  # each rank's share of the node's cores; nthreads below overrides numba's
     if nthreads is not None:
         limit = numba.config.NUMBA_NUM_THREADS
         if not isinstance(nthreads, (int, np.integer)) or not 1 <= nthreads <= limit:
             raise ValueError(f"nthreads={nthreads!r} must be an integer between 1 and NUMBA_NUM_THREADS={limit}")
         numba.set_num_threads(int(nthreads))
-    _state.mpi()
-    if not _state.initialized:
-        from .comm import guard_job
-
-        guard_job("d4p", _state.comm)  # a failing rank aborts the job, as after hvd.init()
-    _state.initialized = True
 
 
 def daalfini():
     """End the distributed session: wait for every rank (a barrier), then restore the hooks of ``daalinit()``."""
     if _state.comm is not None:
+        _enter("d4p.daalfini")  # a rank still in a distributed call, or ended, aborts the job here
         _state.comm.Barrier()
     if _state.initialized:
-        from .comm import release_job
-
-        release_job("d4p")
+        job.release_job("d4p")
     _state.initialized = False
 
 
@@ -282,8 +282,20 @@ class _Distributed:
         return self.comm.bcast(obj, root=root)
 
 
-def _communicator(distributed):
-    return _Distributed(_state.mpi(), _state.communicator()) if distributed else _Serial()
+def _enter(phase):
+    """Enter ``phase`` on every rank alike (job's stall inspector, strict): a rank elsewhere, or ended, aborts."""
+    guard = job.current_guard()
+    if guard is not None and _state.mpi().Get_size() > 1:
+        guard.wait_for_peers(phase, strict=True)
+
+
+def _communicator(distributed, phase="d4p"):
+    if not distributed:
+        return _Serial()
+    if job.current_guard() is None:  # no daalinit(): creating the Communicator takes the job guard
+        _state.communicator()
+    _enter(phase)  # before anything collective, so that a rank that is elsewhere is named, never waited for
+    return _Distributed(_state.mpi(), _state.communicator())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,7 +784,7 @@ class kmeans_init:  # noqa: N801 - daal4py's name
         self.distributed, self.fptype = bool(distributed), fptype
 
     def compute(self, data) -> kmeans_init_result:
-        comm = _communicator(self.distributed)
+        comm = _communicator(self.distributed, "d4p kmeans_init(distributed=True).compute")
         call = (("algorithm", "kmeans_init"), ("nClusters", self.nClusters), ("method", self.method),
                 ("nTrials", self.nTrials), ("oversamplingFactor", self.oversamplingFactor), ("nRounds", self.nRounds),
                 ("engine seed", self.engine.seed), ("fptype", self.fptype))
@@ -839,7 +851,7 @@ class kmeans:  # noqa: N801 - daal4py's name
         self.distributed, self.fptype = bool(distributed), fptype
 
     def compute(self, data, centroids) -> kmeans_result:
-        comm = _communicator(self.distributed)
+        comm = _communicator(self.distributed, "d4p kmeans(distributed=True).compute")
         dtype = FPTYPES[self.fptype]
         call = (("algorithm", "kmeans"), ("nClusters", self.nClusters), ("maxIterations", self.maxIterations),
                 ("accuracyThreshold", self.accuracyThreshold), ("fptype", self.fptype))

@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+from . import job
 from .data import atomic_write
 
 __all__ = ["ENV", "PHASES", "Timeline", "load", "phase_totals", "draw"]
@@ -87,11 +88,7 @@ class Timeline:
         part = self.path.with_name(f"{self.path.name}.rank{self.rank}")
         _write_json(part, self._document(self.events))
         request = self.comm.Ibarrier()
-        deadline = time.monotonic() + wait_seconds
-        while not request.Test():
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
+        job.wait(request.Test, spin=False, deadline=time.monotonic() + wait_seconds)  # the job's one wait policy
         if self.rank != 0:
             return
         events, missing = [], []
