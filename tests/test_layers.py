@@ -25,7 +25,7 @@ LEVELS = [
     {"job"},
     {"comm"},
     {"timeline"},
-    {"hvd", "d4p", "elastic"},
+    {"hvd", "d4p", "elastic", "compression"},
     {"bench", "scaling", "figures", "board", "launch", "course"},
     {"cli", "__main__"},
 ]

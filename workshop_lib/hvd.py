@@ -48,6 +48,8 @@ import numpy as np
 
 from . import job, placement, tf, timeline
 from .comm import FUSION_THRESHOLD, VARIABLES, Communicator, check_environment
+from .compression import Compression, Compressor, FP16Compressor, NoneCompressor  # noqa: F401 - hvd's names
+from .compression import check_compression as _check_compression
 from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
 
 __all__ = [
@@ -83,6 +85,16 @@ def init(comm=None):
     ``HOROVOD_TIMELINE=/path/timeline.json`` records a per-rank timeline (see :mod:`workshop_lib.timeline`).
     ``HOROVOD_STALL_CHECK_TIME_SECONDS``, ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` and
     ``HOROVOD_STALL_CHECK_DISABLE`` set the stall inspector (see the module's docstring).
+
+    Parameters
+    ----------
+    comm : mpi4py communicator, optional
+        The job's ranks (default ``MPI.COMM_WORLD``).
+
+    Raises
+    ------
+    ValueError
+        On every rank alike, when one of the job's variables cannot be parsed or differs between ranks.
     """
     global _state
     if _state is not None:
@@ -226,67 +238,6 @@ def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compre
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# compression
-
-
-class Compressor:
-    """Interface: ``compress(value) -> (value, ctx)`` before the wire, ``decompress(value, ctx)`` after."""
-
-    wire = None  # the name workshop_lib.comm uses
-
-    @staticmethod
-    def compress(tensor):
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor
-
-
-class NoneCompressor(Compressor):
-    """Send values as they are."""
-
-
-class FP16Compressor(Compressor):
-    """Send float32/float64 values as float16 (half the bytes; about 3 significant digits), cast back after."""
-
-    wire = "fp16"
-
-    @staticmethod
-    def compress(tensor):
-        if isinstance(tensor, (Tensor, Variable)):
-            t = convert_to_tensor(tensor)
-            if t.dtype.is_floating and t.dtype != tf.float16:
-                return tf.cast(t, tf.float16), t.dtype
-            return t, None
-        a = np.asarray(tensor)
-        if a.dtype in (np.float32, np.float64):
-            return a.astype(np.float16), a.dtype
-        return a, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        if ctx is None:
-            return tensor
-        if isinstance(tensor, (Tensor, Variable)):
-            return tf.cast(tensor, ctx)
-        return np.asarray(tensor).astype(ctx)
-
-
-class Compression:
-    """``Compression.none`` or ``Compression.fp16``, as in Horovod."""
-
-    none = NoneCompressor
-    fp16 = FP16Compressor
-
-
-def _check_compression(compression):
-    if not (isinstance(compression, type) and issubclass(compression, Compressor)):
-        raise ValueError(f"compression={compression!r} must be hvd.Compression.none or hvd.Compression.fp16")
-    return compression
-
-
 def _resolve_op(average, op):
     if average is not None and op is not None:
         raise ValueError("pass either average= (deprecated) or op=, not both")
@@ -335,6 +286,25 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
 
     ``tensor`` is a graph tensor (returns a tensor) or a numpy array (returns an array at once).
     The gradient of an allreduce is the same allreduce of the gradient.
+
+    Parameters
+    ----------
+    tensor : tf.Tensor or array_like
+        A graph tensor (the result is a tensor) or an array (the result comes at once).
+    average : bool, optional
+        Horovod's older switch (True: Average, False: Sum); ``op`` wins when both are given.
+    device_dense, device_sparse : str
+        Accepted, changing nothing (no GPUs here).
+    compression : Compression.none or Compression.fp16
+    op : {Average, Sum, Min, Max}
+    name : str, optional
+        The op's name, and what the stall inspector names.
+    prescale_factor, postscale_factor : float
+        Multiply the input before and the result after the reduction.
+
+    Returns
+    -------
+    tf.Tensor or numpy.ndarray
     """
     state = _require()
     op = _resolve_op(average, op)
@@ -367,7 +337,19 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
 
 
 def allgather(tensor, name=None):
-    """Concatenate every rank's ``tensor`` along the first axis (first dimensions may differ between ranks)."""
+    """Concatenate every rank's ``tensor`` along the first axis (first dimensions may differ between ranks).
+
+    Parameters
+    ----------
+    tensor : tf.Tensor or array_like
+        A graph tensor (the result is a tensor) or an array (the result comes at once).
+    name : str, optional
+
+    Returns
+    -------
+    tf.Tensor or numpy.ndarray
+        Every rank's rows, in rank order.
+    """
     state = _require()
     if not _is_graph_value(tensor):
         _wait_for_peers(state, name or "HorovodAllgather")
@@ -392,7 +374,20 @@ def allgather(tensor, name=None):
 
 
 def broadcast(tensor, root_rank, name=None):
-    """Every rank gets ``root_rank``'s value of ``tensor``."""
+    """Every rank gets ``root_rank``'s value of ``tensor``.
+
+    Parameters
+    ----------
+    tensor : tf.Tensor or array_like
+        A graph tensor (the result is a tensor) or an array (the result comes at once).
+    root_rank : int
+    name : str, optional
+
+    Returns
+    -------
+    tf.Tensor or numpy.ndarray
+        ``root_rank``'s value, on every rank.
+    """
     state = _require()
     _check_root(root_rank, state)
     if not _is_graph_value(tensor):
@@ -422,12 +417,31 @@ def broadcast_global_variables(root_rank):
 
     Run it once after the variables are initialised (or restored on the root), so that all ranks start
     from the same weights; :class:`BroadcastGlobalVariablesHook` does that for a MonitoredTrainingSession.
+
+    Parameters
+    ----------
+    root_rank : int
+
+    Returns
+    -------
+    tf.Operation
+        Run it once after the variables are initialised.
     """
     return broadcast_variables(tf.global_variables(), root_rank)
 
 
 def broadcast_variables(variables, root_rank):
-    """An op that sets each of ``variables`` to its value on ``root_rank`` (in the list's order, on every rank)."""
+    """An op that sets each of ``variables`` to its value on ``root_rank`` (in the list's order, on every rank).
+
+    Parameters
+    ----------
+    variables : list of tf.Variable
+    root_rank : int
+
+    Returns
+    -------
+    tf.Operation
+    """
     state = _require()
     _check_root(root_rank, state)
     variables = list(variables)
@@ -451,7 +465,15 @@ def broadcast_variables(variables, root_rank):
 
 
 class BroadcastGlobalVariablesHook(tf.train.SessionRunHook):
-    """Broadcasts the global variables from ``root_rank`` once the session is created (and restored)."""
+    """Broadcasts the global variables from ``root_rank`` once the session is created (and restored).
+
+    Parameters
+    ----------
+    root_rank : int
+        The rank whose initial values every rank takes.
+    device : str
+        Accepted, changing nothing.
+    """
 
     def __init__(self, root_rank, device=""):
         self.root_rank = root_rank
@@ -462,6 +484,14 @@ class BroadcastGlobalVariablesHook(tf.train.SessionRunHook):
             self.bcast_op = broadcast_global_variables(self.root_rank)
 
     def after_create_session(self, session, coord):
+        """Run the broadcast once the session exists (its variables initialised).
+
+        Parameters
+        ----------
+        session : tf.Session
+        coord : object
+            Unused (TensorFlow's coordinator).
+        """
         session.run(self.bcast_op)
 
 
@@ -481,6 +511,24 @@ class DistributedOptimizer:
     ``device_dense``, ``device_sparse``, ``sparse_as_dense`` and ``use_locking`` change nothing here (no GPUs,
     no sparse gradients) and are accepted; ``gradient_predivide_factor`` other than 1.0 and ``groups`` /
     ``num_groups`` raise NotImplementedError.
+
+    Parameters
+    ----------
+    optimizer : tf.train.Optimizer
+        The optimizer to wrap.
+    name : str, optional
+    use_locking, device_dense, device_sparse, sparse_as_dense
+        Accepted, changing nothing.
+    compression : Compression.none or Compression.fp16
+    backward_passes_per_step : int
+        Reduce and apply every this many passes (gradients summed locally between).
+    op : {Average, Sum}
+    gradient_predivide_factor : float
+        Only 1.0.
+    average_aggregated_gradients : bool
+        Average, not sum, the locally aggregated gradients.
+    num_groups, groups
+        Only the defaults.
     """
 
     def __init__(self, optimizer, name=None, use_locking=False, device_dense="", device_sparse="",
@@ -509,7 +557,18 @@ class DistributedOptimizer:
         return getattr(self._optimizer, name)
 
     def compute_gradients(self, *args, **kwargs):
-        """The wrapped optimizer's gradients, allreduced (one fused op over all of them)."""
+        """The wrapped optimizer's gradients, allreduced (one fused op over all of them).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            The wrapped optimizer's ``compute_gradients`` arguments (``loss``, ``var_list``).
+
+        Returns
+        -------
+        list of (tf.Tensor, tf.Variable)
+            The allreduced gradients and their variables.
+        """
         state = _require()
         pairs = self._optimizer.compute_gradients(*args, **kwargs)
         present = [(i, g) for i, (g, _) in enumerate(pairs) if g is not None]
@@ -553,6 +612,16 @@ class DistributedOptimizer:
 
         The gate is the fused allreduce's last output (True on the passes that reduced), given to the wrapped
         optimizer's ``apply_gradients(..., gate=...)``.
+
+        Parameters
+        ----------
+        grads_and_vars : list of (tf.Tensor, tf.Variable)
+        global_step : tf.Variable, optional
+        name : str, optional
+
+        Returns
+        -------
+        tf.Operation
         """
         update = self._optimizer.apply_gradients(grads_and_vars, global_step=global_step, name=name, gate=self._ready)
         line = _state.timeline if _state is not None else None
@@ -567,4 +636,17 @@ class DistributedOptimizer:
         return update
 
     def minimize(self, loss, global_step=None, var_list=None, name=None):
+        """``compute_gradients`` (allreduced) then ``apply_gradients``, as the wrapped optimizer's ``minimize``.
+
+        Parameters
+        ----------
+        loss : tf.Tensor
+        global_step : tf.Variable, optional
+        var_list : list of tf.Variable, optional
+        name : str, optional
+
+        Returns
+        -------
+        tf.Operation
+        """
         return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)

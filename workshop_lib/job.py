@@ -521,9 +521,8 @@ class JobGuard:
             return
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         self.abort(text.rstrip().splitlines() + [
-            f"uncaught {exc_type.__name__} on rank {self.rank} of {self.size}, in or after {self.where()}: "
-            "aborting the whole job (MPI_Abort) so that no rank waits for ever. "
-            f"Where the others are: {self.others()}"])
+            f"uncaught {exc_type.__name__} on rank {self.rank} of {self.size}: aborting the whole job (MPI_Abort) so "
+            f"that no rank waits for ever. It was in or after {self.where()}; where the others are: {self.others()}"])
 
     def _exit_recording_status(self, status=None):
         """sys.exit while held: remembers the status, so that the exit handler knows a failure from a normal end."""
@@ -538,9 +537,9 @@ class JobGuard:
         r, n, status = self.rank, self.size, self.exit_status
         held = bool(self.users) and n > 1
         if held and status not in (None, 0):
-            self.abort([f"sys.exit({status!r}) on rank {r} of {n}, in or after {self.where()}: "
-                        "aborting the whole job (MPI_Abort) so that no rank waits for ever. "
-                        f"Where the others are: {self.others()}"], status if isinstance(status, int) else 1)
+            self.abort([f"sys.exit({status!r}) on rank {r} of {n}: aborting the whole job (MPI_Abort) so that no "
+                        f"rank waits for ever. It was in or after {self.where()}; where the others are: "
+                        f"{self.others()}"], status if isinstance(status, int) else 1)
         self._note(ENDED, "ended")
         if held:
             try:

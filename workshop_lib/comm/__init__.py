@@ -152,6 +152,23 @@ class Communicator(CrossRankCheck):
 
         Point-to-point requests are cancelled then; ``cancel=False`` for a non-blocking collective's (MPI
         forbids cancelling those).
+
+        Parameters
+        ----------
+        requests : list of mpi4py requests
+        deadline : float or None
+            A ``time.monotonic()`` time, or None to wait for ever.
+        what : str
+            Named by the timeout's message.
+        cancel : bool
+            Cancel point-to-point requests on a timeout.
+        statuses : list of MPI.Status, optional
+            Filled in.
+
+        Raises
+        ------
+        CollectiveTimeout
+            When the deadline passes first.
         """
         if deadline is None:
             self.MPI.Request.Waitall(requests, statuses)
@@ -167,7 +184,18 @@ class Communicator(CrossRankCheck):
                                     "crashed, be stuck, or not have called it")
 
     def exchange(self, send, dest, recv, source, deadline, what):
-        """Send ``send`` to ``dest`` while receiving ``recv`` from ``source`` (within the deadline, if any)."""
+        """Send ``send`` to ``dest`` while receiving ``recv`` from ``source`` (within the deadline, if any).
+
+        Parameters
+        ----------
+        send : numpy.ndarray
+        dest : int
+        recv : numpy.ndarray
+        source : int
+        deadline : float or None
+        what : str
+            Named by the timeout's message.
+        """
         if deadline is None:  # one blocking call: the lowest latency (small messages are latency-bound)
             self.comm.Sendrecv(send, dest, 7, recv, source, 7)
             return
@@ -283,33 +311,87 @@ class Communicator(CrossRankCheck):
         return out
 
     def divide(self, values):
-        """The average's last step, in place: the sum divided by the number of ranks (integers: floor division)."""
+        """The average's last step, in place: the sum divided by the number of ranks (integers: floor division).
+
+        Parameters
+        ----------
+        values : numpy.ndarray
+            Divided in place.
+        """
         if values.dtype.kind in "iu":
             np.floor_divide(values, self.size, out=values)
         else:
             np.divide(values, self.size, out=values)
 
     def message_algorithm(self, array):
-        """The message-based algorithm "auto" takes for ``array`` off shared memory: latency- or bandwidth-bound."""
+        """The message-based algorithm "auto" takes for ``array`` off shared memory: latency- or bandwidth-bound.
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+
+        Returns
+        -------
+        str
+            "recursive_doubling", "ring" or "hierarchical".
+        """
         if array.nbytes < self.small_bytes or array.size < self.size:
             return "recursive_doubling"
         return "hierarchical" if self.nodes is not None and self.nodes.hierarchical else "ring"
 
     def scratch(self, dtype, n):
-        """A scratch array of ``n`` elements of ``dtype``, reused from call to call (fresh pages fault: reuse them)."""
+        """A scratch array of ``n`` elements of ``dtype``, reused from call to call (fresh pages fault: reuse them).
+
+        Parameters
+        ----------
+        dtype : numpy.dtype
+        n : int
+
+        Returns
+        -------
+        numpy.ndarray
+            A view of the reused buffer (its contents are undefined).
+        """
         nbytes = n * dtype.itemsize
         if self._scratch_bytes is None or self._scratch_bytes.nbytes < nbytes:
             self._scratch_bytes = np.empty(max(nbytes, 64), dtype=np.uint8)
         return self._scratch_bytes[:nbytes].view(dtype)
 
     def test_any(self, requests):
-        """The index of a completed request among ``requests``, or None."""
+        """The index of a completed request among ``requests``, or None.
+
+        Parameters
+        ----------
+        requests : list of mpi4py requests
+
+        Returns
+        -------
+        int or None
+        """
         index, done = self.MPI.Request.Testany(requests)
         return index if done and index != self.MPI.UNDEFINED else None
 
     # -- other collectives ----------------------------------------------------------------------
     def broadcast(self, array, root=0):
-        """``array`` on every rank becomes root's (in place; MPI's Bcast). Shapes and dtypes must agree."""
+        """``array`` on every rank becomes root's (in place; MPI's Bcast). Shapes and dtypes must agree.
+
+        Parameters
+        ----------
+        array : numpy.ndarray
+            Overwritten in place with root's values on every other rank.
+        root : int
+            The rank whose values everyone gets.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``array`` itself.
+
+        Raises
+        ------
+        ValueError
+            On every rank, when shapes or dtypes differ, or ``root`` is not a rank.
+        """
         if self.guard is not None:  # what the job's messages say this rank was doing
             self.guard.phase = "Communicator.broadcast"
         x = np.asarray(array)
@@ -320,7 +402,23 @@ class Communicator(CrossRankCheck):
         return x
 
     def allgather(self, array):
-        """Concatenate every rank's array along the first axis (their first dimensions may differ: allgatherv)."""
+        """Concatenate every rank's array along the first axis (their first dimensions may differ: allgatherv).
+
+        Parameters
+        ----------
+        array : array_like
+            This rank's rows; trailing dimensions and dtype equal on every rank.
+
+        Returns
+        -------
+        numpy.ndarray
+            Every rank's rows, in rank order.
+
+        Raises
+        ------
+        ValueError
+            On every rank, when trailing dimensions or dtypes differ.
+        """
         if self.guard is not None:  # what the job's messages say this rank was doing
             self.guard.phase = "Communicator.allgather"
         x = np.ascontiguousarray(array)
@@ -341,6 +439,21 @@ class Communicator(CrossRankCheck):
         than that gets a buffer of its own). ``compression="fp16"`` sends float32/float64 as float16.
         ``on_wait`` is the first buffer's allreduce's (see :meth:`allreduce`): once it has passed its check,
         every rank is in the call.
+
+        Parameters
+        ----------
+        arrays : list of array_like
+        op : {"sum", "average", "min", "max"}
+        threshold_bytes : int
+            The largest fusion buffer.
+        compression : {None, "fp16"}
+        on_wait : callable, optional
+            The job's stall inspector, called while the first buffer's check waits.
+
+        Returns
+        -------
+        list of numpy.ndarray
+            The reduced arrays, in order, each with its input's shape and dtype.
         """
         if compression not in (None, "fp16"):
             raise ValueError(f"compression={compression!r} must be None or 'fp16'")
@@ -380,6 +493,16 @@ class Communicator(CrossRankCheck):
         """The parameter-server pattern, for comparison: every worker sends to rank 0, which reduces and sends back.
 
         Rank 0's links carry (p-1) full buffers each way: its time grows with p, the ring's does not.
+
+        Parameters
+        ----------
+        array : array_like
+        op : {"sum", "average", "min", "max"}
+
+        Returns
+        -------
+        numpy.ndarray
+            The reduction, on every rank.
         """
         if self.guard is not None:  # what the job's messages say this rank was doing
             self.guard.phase = "Communicator.parameter_server_allreduce"

@@ -18,6 +18,17 @@ def recursive_doubling(c, buf, reduce, deadline):
 
     Both partners of an exchange compute ``lower rank's value op higher rank's value``, so every rank
     ends with bit-identical results.
+
+    Parameters
+    ----------
+    c : Communicator
+        The communicator whose ``comm``, ``wait``, ``exchange`` and ``scratch`` the algorithm uses.
+    buf : numpy.ndarray
+        Flat values, reduced in place.
+    reduce : numpy ufunc
+        Called as ``reduce(lower rank's, higher rank's, out=...)``.
+    deadline : float or None
+        A ``time.monotonic()`` time, or None to wait for ever.
     """
     p, r = c.size, c.rank
     pof2 = 1 << (p.bit_length() - 1)

@@ -25,7 +25,20 @@ __all__ = ["chunk_bounds", "ring_chunks", "ring_schedule", "simulate_ring", "rin
 
 
 def chunk_bounds(n, p):
-    """The p + 1 boundaries of p contiguous chunks of n elements (sizes differ by at most one), as ints."""
+    """The p + 1 boundaries of p contiguous chunks of n elements (sizes differ by at most one), as ints.
+
+    Parameters
+    ----------
+    n : int
+        Elements of the buffer.
+    p : int
+        Chunks (ranks).
+
+    Returns
+    -------
+    list of int
+        ``p + 1`` boundaries: chunk i is ``[bounds[i], bounds[i + 1])``.
+    """
     return [int(b) for b in np.linspace(0, n, p + 1).astype(np.int64)]
 
 
@@ -34,13 +47,36 @@ def ring_chunks(phase, step, rank, size):
 
     Reduce-scatter: after p-1 steps rank r holds the full reduction of chunk (r + 1) mod p. Allgather: those
     reduced chunks travel once round the ring. The communicator's ring and :func:`simulate_ring` both use this.
+
+    Parameters
+    ----------
+    phase : {"reduce-scatter", "allgather"}
+    step : int
+        0 .. size - 2.
+    rank, size : int
+
+    Returns
+    -------
+    tuple of int
+        (the chunk this rank sends, the chunk it receives).
     """
     shift = 0 if phase == "reduce-scatter" else 1
     return (rank - step + shift) % size, (rank - step - 1 + shift) % size
 
 
 def ring_schedule(size):
-    """The ring allreduce's 2(p-1) steps: ``[(phase, step, [(source, dest, chunk), ...]), ...]``."""
+    """The ring allreduce's 2(p-1) steps: ``[(phase, step, [(source, dest, chunk), ...]), ...]``.
+
+    Parameters
+    ----------
+    size : int
+        Ranks in the ring.
+
+    Returns
+    -------
+    list
+        One ``(phase, step, transfers)`` per step, each transfer ``(source, dest, chunk)``.
+    """
     return [(phase, step, [(r, (r + 1) % size, ring_chunks(phase, step, r, size)[0]) for r in range(size)])
             for phase in ("reduce-scatter", "allgather") for step in range(size - 1)]
 
@@ -51,6 +87,18 @@ def simulate_ring(values):
     Returns ``(states, contributions)``: for each step (and the start), every rank's buffer, and a (p, p) array of
     how many ranks' data is summed into each (rank, chunk). At the end every rank holds the sum, and every count
     is p. Used to draw the algorithm; the real thing is :meth:`Communicator.allreduce`.
+
+    Parameters
+    ----------
+    values : list of array_like
+        One equal-length array per simulated rank.
+
+    Returns
+    -------
+    states : list
+        For the start and each step, every rank's buffer (float64 copies).
+    contributions : list of numpy.ndarray
+        For the start and each step, the (p, p) counts of ranks summed into each (rank, chunk).
     """
     p = len(values)
     buffers = [np.array(v, dtype=np.float64).reshape(-1) for v in values]
@@ -81,6 +129,21 @@ def ring_allreduce(c, src, dst, reduce, deadline, finish=None):
     the first step and reduced into each chunk as it arrives), so no copy of it is made first; ``dst`` may
     be ``src`` itself (then the incoming chunks land in a reused scratch buffer). ``finish`` (the average's
     division) is applied to the one chunk this rank completes, before the allgather sends it on.
+
+    Parameters
+    ----------
+    c : Communicator
+        The communicator whose ``comm``, ``wait``, ``exchange`` and ``scratch`` the algorithm uses.
+    src : numpy.ndarray
+        This rank's flat values (only read).
+    dst : numpy.ndarray
+        Flat output, ``src``'s size and dtype (may be ``src`` itself).
+    reduce : numpy ufunc
+        ``np.add``, ``np.minimum`` or ``np.maximum``, called with ``out=``.
+    deadline : float or None
+        A ``time.monotonic()`` time, or None to wait for ever.
+    finish : callable, optional
+        Applied in place to the chunk this rank completes (the average's division).
     """
     p, r = c.size, c.rank
     right, left = (r + 1) % p, (r - 1) % p
@@ -132,7 +195,21 @@ def ring_allreduce(c, src, dst, reduce, deadline, finish=None):
 
 def ring_phase(c, comm, buf, reduce, phase, deadline):
     """One phase of the ring over ``comm``'s ranks, on ``buf`` in place: "reduce-scatter" (with ``reduce``)
-    leaves chunk (r + 1) mod p of local rank r fully reduced; "allgather" then gives every rank every chunk."""
+    leaves chunk (r + 1) mod p of local rank r fully reduced; "allgather" then gives every rank every chunk.
+
+    Parameters
+    ----------
+    c : Communicator
+        The communicator whose ``comm``, ``wait``, ``exchange`` and ``scratch`` the algorithm uses.
+    comm : mpi4py communicator
+        The ranks of this ring (a node's, or one rank per node).
+    buf : numpy.ndarray
+        Flat values, changed in place.
+    reduce : numpy ufunc or None
+        The reduction of "reduce-scatter" (None for "allgather").
+    phase : {"reduce-scatter", "allgather"}
+    deadline : float or None
+    """
     p, r = comm.Get_size(), comm.Get_rank()
     if p == 1:
         return
@@ -157,6 +234,17 @@ def hierarchical_allreduce(c, buf, reduce, deadline, finish=None):
 
     Only the middle step crosses nodes, and each rank sends 2(n-1)/n of a 1/L chunk over it (n nodes of
     L ranks), so the network carries 1/L of what the flat ring sends through each node's link.
+
+    Parameters
+    ----------
+    c : Communicator
+        The communicator whose ``comm``, ``wait``, ``exchange`` and ``scratch`` the algorithm uses.
+    buf : numpy.ndarray
+        Flat values, reduced in place.
+    reduce : numpy ufunc
+    deadline : float or None
+    finish : callable, optional
+        Applied in place, once per element, by the rank that completes it (the average's division).
     """
     local, cross = c.nodes.local, c.nodes.cross
     ring_phase(c, local, buf, reduce, "reduce-scatter", deadline)

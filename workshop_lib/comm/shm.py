@@ -20,7 +20,15 @@ SHM_OVERSUBSCRIBED_BLOCK_BYTES = 8 << 20  # ... or this, with more ranks than co
 
 
 class SharedWindow:
-    """Two slots of ``block_bytes`` per rank in an MPI-3 shared-memory window, and the allreduce that uses them."""
+    """Two slots of ``block_bytes`` per rank in an MPI-3 shared-memory window, and the allreduce that uses them.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator
+        Its ranks; the window is made only when they all share one node (``ok``).
+    block_bytes : int, optional
+        Bytes per slot (default: cache-sized, or larger with more ranks than cores).
+    """
 
     def __init__(self, comm, block_bytes=None):
         from mpi4py import MPI
@@ -83,6 +91,16 @@ class SharedWindow:
 
         ``first_sync`` (the cross-rank check, a collective) replaces the first barrier; ``finish`` (the
         average's division) is applied in place to each chunk this rank reduces, before the others read it.
+
+        Parameters
+        ----------
+        src, dst : numpy.ndarray
+            Flat input and output (may be the same array).
+        reduce : numpy ufunc
+        first_sync : callable, optional
+            A collective that replaces the first barrier (the cross-rank check).
+        finish : callable, optional
+            Applied in place to each chunk this rank reduces (the average's division).
         """
         per_block = max(self.comm.Get_size(), self.block // src.itemsize)
         for start in range(0, src.size, per_block):

@@ -189,7 +189,13 @@ def row_range(n_rows, rank, size):
 
 
 class engines_mt19937:  # noqa: N801 - daal4py's name
-    """A Mersenne Twister random engine with a seed, as ``daal4py.engines_mt19937(seed=777)``."""
+    """A Mersenne Twister random engine with a seed, as ``daal4py.engines_mt19937(seed=777)``.
+
+    Parameters
+    ----------
+    seed : int
+        A non-negative integer.
+    """
 
     def __init__(self, seed=777):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -204,7 +210,13 @@ class engines_mt19937:  # noqa: N801 - daal4py's name
 
 
 class kmeans_init_result:  # noqa: N801
-    """Result of :class:`kmeans_init`: ``centroids`` (k, d)."""
+    """Result of :class:`kmeans_init`: ``centroids`` (k, d).
+
+    Parameters
+    ----------
+    centroids : numpy.ndarray
+        (nClusters, d), of the call's ``fptype``.
+    """
 
     def __init__(self, centroids):
         self.centroids = centroids
@@ -214,7 +226,19 @@ class kmeans_init_result:  # noqa: N801
 
 
 class kmeans_result:  # noqa: N801
-    """Result of :class:`kmeans`, with daal4py's attribute names and shapes."""
+    """Result of :class:`kmeans`, with daal4py's attribute names and shapes.
+
+    Parameters
+    ----------
+    centroids : numpy.ndarray
+        (nClusters, d).
+    assignments : numpy.ndarray or None
+        (n, 1) int32 labels of this rank's rows, or None when not asked for.
+    objective : float
+        The sum of squared distances to the returned centroids (``objectiveFunction``, (1, 1) float64).
+    n_iterations : int
+        Lloyd iterations run (``nIterations``, (1, 1) int64).
+    """
 
     def __init__(self, centroids, assignments, objective, n_iterations):
         self.centroids = centroids
@@ -323,7 +347,12 @@ def _enter(phase):
         guard.wait_for_peers(phase, strict=True)
 
 
-def _communicator(distributed, phase="d4p"):
+def _communicator(distributed, phase="d4p compute(distributed=True)"):
+    """d4p's communication for one call; entering a distributed call is a phase every rank must enter alike.
+
+    One phase name for kmeans_init and kmeans: a rank that calls the other one still reaches the validating
+    exchange, which raises a ValueError naming each rank's algorithm on every rank (catchable, as before).
+    """
     if not distributed:
         return _Serial()
     if job.current_guard() is None:  # no daalinit(): creating the Communicator takes the job guard
@@ -472,7 +501,18 @@ class kmeans_init:  # noqa: N801 - daal4py's name
         self.distributed, self.fptype = bool(distributed), fptype
 
     def compute(self, data) -> kmeans_init_result:
-        comm = _communicator(self.distributed, "d4p kmeans_init(distributed=True).compute")
+        """Initial centroids from ``data`` (this rank's rows when distributed; collective then).
+
+        Parameters
+        ----------
+        data : array_like
+            (n, d) rows.
+
+        Returns
+        -------
+        kmeans_init_result
+        """
+        comm = _communicator(self.distributed)
         call = (("algorithm", "kmeans_init"), ("nClusters", self.nClusters), ("method", self.method),
                 ("nTrials", self.nTrials), ("oversamplingFactor", self.oversamplingFactor), ("nRounds", self.nRounds),
                 ("engine seed", self.engine.seed), ("fptype", self.fptype))
@@ -539,7 +579,20 @@ class kmeans:  # noqa: N801 - daal4py's name
         self.distributed, self.fptype = bool(distributed), fptype
 
     def compute(self, data, centroids) -> kmeans_result:
-        comm = _communicator(self.distributed, "d4p kmeans(distributed=True).compute")
+        """Lloyd iterations on ``data`` (this rank's rows when distributed; collective then) from ``centroids``.
+
+        Parameters
+        ----------
+        data : array_like
+            (n, d) rows.
+        centroids : array_like
+            (nClusters, d) starting centroids, the same on every rank.
+
+        Returns
+        -------
+        kmeans_result
+        """
+        comm = _communicator(self.distributed)
         dtype = FPTYPES[self.fptype]
         call = (("algorithm", "kmeans"), ("nClusters", self.nClusters), ("maxIterations", self.maxIterations),
                 ("accuracyThreshold", self.accuracyThreshold), ("fptype", self.fptype))
