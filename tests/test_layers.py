@@ -75,6 +75,23 @@ def _modules():
     return sorted(p for p in LIB.rglob("*.py") if "__pycache__" not in p.parts)
 
 
+def test_every_relative_import_of_the_library_names_a_module_that_exists():
+    """A lazy ``from .comm import ...`` inside a function only fails when it runs: find it here."""
+    broken = []
+    for path in _modules():
+        package = list(path.relative_to(LIB).parent.parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
+                if node.level > len(package) + 1:
+                    broken.append(f"{path.relative_to(LIB.parent)}:{node.lineno}: beyond the package")
+                    continue
+                base = package[: len(package) - (node.level - 1)]
+                target = LIB.joinpath(*base, *node.module.split("."))
+                if not (target.with_suffix(".py").exists() or (target / "__init__.py").exists()):
+                    broken.append(f"{path.relative_to(LIB.parent)}:{node.lineno}: {'.' * node.level}{node.module}")
+    assert not broken, "\n".join(broken)
+
+
 def test_every_module_has_a_place_in_the_layers():
     unplaced = sorted({_unit(p) for p in _modules()} - set(LEVEL))
     assert not unplaced, f"place these in DESIGN's layers (and in LEVELS here): {unplaced}"

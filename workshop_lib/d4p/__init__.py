@@ -94,7 +94,7 @@ class _State:
     def communicator(self):
         """The course's collectives (ring / shared memory / recursive doubling); creating it is collective."""
         if self.collectives is None:
-            from .comm import Communicator
+            from ..comm import Communicator
 
             self.collectives = Communicator(self.mpi())
         return self.collectives
