@@ -264,7 +264,7 @@ class JobGuard:
         self.reached = np.zeros(self.size, dtype=np.int64)  # the last note of every rank
         self.highest = np.zeros(self.size, dtype=np.int64)  # the highest collective every rank has reached (its
         # note ENDED does not undo that: a peer may complete a collective and end before this rank sees it complete)
-        self.names = [""] * self.size  # the name of every rank's last phase
+        self.names = [b""] * self.size  # the name of every rank's last phase, as its note's bytes (see name_of)
         self.seen = [{} for _ in range(self.size)]  # every peer's phases by number, while this rank may need them
         self.number, self.phase = 0, "start-up"  # this rank's last phase
         self.users = set()
@@ -274,6 +274,7 @@ class JobGuard:
         self.environment = {}  # the job's variables, read and compared across ranks by guard_job
         self.at_end = []  # called at exit once every rank has ended normally (hvd's timeline merge)
         self._inbox = np.zeros((self.size, _NOTE_WORDS), dtype=np.int64)
+        self._templates = {}  # a phase's name -> its note, encoded
         self._recvs = {peer: self._listen(peer) for peer in range(self.size) if peer != self.rank}
         self._sends = []
         self._ended = False
@@ -284,15 +285,20 @@ class JobGuard:
         return self.comm.Irecv(self._inbox[peer], source=peer, tag=_NOTE_TAG)
 
     def _note(self, value, name):
-        note = np.zeros(_NOTE_WORDS, dtype=np.int64)
+        template = self._templates.get(name)
+        if template is None:  # a name's bytes are encoded once (a step's collectives repeat their names)
+            if len(self._templates) > 1024:
+                self._templates.clear()
+            template = self._templates[name] = np.zeros(_NOTE_WORDS, dtype=np.int64)
+            text = name.encode("utf-8", "replace")[: 8 * (_NOTE_WORDS - 1)]
+            template[1:].view(np.uint8)[: len(text)] = np.frombuffer(text, dtype=np.uint8)
+        note = template.copy()
         note[0] = value
-        text = name.encode("utf-8", "replace")[: 8 * (_NOTE_WORDS - 1)]
-        note[1:].view(np.uint8)[: len(text)] = np.frombuffer(text, dtype=np.uint8)
         for peer in self._recvs:
             self._sends.append((note, self.comm.Isend(note, dest=peer, tag=_NOTE_TAG)))
         self.reached[self.rank] = value
         self.highest[self.rank] = max(self.highest[self.rank], value)
-        self.names[self.rank] = name
+        self.names[self.rank] = template[1:].tobytes()
 
     def enter(self, name):
         """Tell every peer that this rank has entered the next collective or phase, ``name``; returns its number.
@@ -309,6 +315,8 @@ class JobGuard:
         """
         self.number += 1
         self.phase = name
+        if self.number % 256 == 0:  # forget the peers' phases this rank has passed
+            self.seen = [{k: v for k, v in seen.items() if k >= self.number} for seen in self.seen]
         self._note(self.number, name)
         return self.number
 
@@ -333,9 +341,8 @@ class JobGuard:
         for peer in list(self._recvs):
             while self._recvs[peer].Test():  # notes from one peer arrive in order (MPI's non-overtaking rule)
                 note = self.reached[peer] = self._inbox[peer, 0]
-                name = self._inbox[peer, 1:].tobytes().rstrip(b"\0").decode("utf-8", "replace")
-                if note != ENDED:
-                    self.names[peer] = name
+                if note != ENDED:  # names stay bytes until a message needs them (this runs at every collective)
+                    name = self.names[peer] = self._inbox[peer, 1:].tobytes()
                     if note >= self.number:
                         self.seen[peer][int(note)] = name
                 self.highest[peer] = max(self.highest[peer], note)
@@ -361,8 +368,21 @@ class JobGuard:
             elif self.reached[p] == 0:
                 parts.append(f"rank {p}: has entered no collective yet")
             else:
-                parts.append(f"rank {p}: last entered #{self.reached[p]} {self.names[p]!r}")
+                parts.append(f"rank {p}: last entered #{self.reached[p]} {self.name_of(p)!r}")
         return "; ".join(parts)
+
+    def name_of(self, rank):
+        """The name of ``rank``'s last collective or phase, from its note.
+
+        Parameters
+        ----------
+        rank : int
+
+        Returns
+        -------
+        str
+        """
+        return self.names[rank].rstrip(b"\0").decode("utf-8", "replace")
 
     def where(self):
         """This rank's last collective or phase, for messages: ``"#3 'grads'"`` or ``"'hvd.init()'"``.
@@ -431,6 +451,8 @@ class JobGuard:
         if self.size == 1:
             return None
         self.poll()
+        if not strict and min(self.highest.tolist()) >= number:  # the common case: every peer is here already
+            return None
         inspect = self._inspector(name, number, strict)
         if inspect():  # the common case: every peer is here already
             return None
@@ -449,14 +471,16 @@ class JobGuard:
             if strict:
                 for p in range(n):
                     other = self.seen[p].get(number)
-                    if p != r and other is not None and other != name:
+                    if p != r and other is not None and other != self.names[r]:
+                        other = other.rstrip(b"\0").decode("utf-8", "replace")
                         self.abort([f"rank {r} entered #{number} {name!r} while rank {p} entered #{number} "
                                     f"{other!r}: the ranks run different collectives (e.g. distributed=True on some "
                                     "ranks and False on others), which would wait for ever; aborting the whole job "
                                     f"(MPI_Abort). Where the others are: {self.others()}"])
             if min(self.highest.tolist()) >= number:  # a peer may have been here, done it and ended since
                 for p in range(n):  # what this rank no longer needs to remember
-                    self.seen[p] = {k: v for k, v in self.seen[p].items() if k > number}
+                    if self.seen[p]:
+                        self.seen[p] = {k: v for k, v in self.seen[p].items() if k > number}
                 return True
             missing = [int(p) for p in np.flatnonzero(self.highest < number)]
             ended = [p for p in missing if reached[p] == ENDED]
@@ -467,7 +491,7 @@ class JobGuard:
             waited = time.monotonic() - start
             if not ((shutdown and waited >= shutdown) or (check and waited >= next_warning[0])):
                 return False
-            listing = "; ".join(f"{p}: [{name}] (" + (f"it last reached collective #{reached[p]} {self.names[p]!r})"
+            listing = "; ".join(f"{p}: [{name}] (" + (f"it last reached collective #{reached[p]} {self.name_of(p)!r})"
                                                        if reached[p] else "it has reached no collective yet)")
                                 for p in missing)
             if shutdown and waited >= shutdown:
