@@ -203,6 +203,8 @@ def test_session_functions_outside_mpiexec():
     d4p.daalfini()
     with pytest.raises(ValueError, match="nthreads=0"):
         d4p.daalinit(0)
+    # the guard was taken first, so that this error on one rank would have ended the job: daalfini lets go
+    d4p.daalfini()
 
 
 def test_row_range_covers_every_row_once_in_bands_that_differ_by_at_most_one():
@@ -257,11 +259,11 @@ def test_large_magnitudes_below_the_limit_give_the_exactly_scaled_result():
 def test_daalinit_and_hvd_init_hold_one_shared_job_guard_and_the_last_release_restores_the_hooks():
     import sys
 
-    from workshop_lib import comm, hvd
+    from workshop_lib import hvd, job
 
     before = (sys.excepthook, sys.exit)
     d4p.daalinit()
-    guard = comm._guard
+    guard = job.current_guard()
     assert sys.excepthook == guard._abort_on_uncaught_exception and sys.exit == guard._exit_recording_status
     hvd.init()
     try:

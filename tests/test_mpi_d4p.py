@@ -147,3 +147,11 @@ def test_quantize_script_runs_as_documented_and_matches_one_rank(mpirun, root, t
     assert len(np.unique(a.reshape(-1, 3), axis=0)) <= 16
     # same seed, same k-means++ centroids; Lloyd sums differ only in rounding between 1 and 2 ranks
     assert (a == b).all(axis=2).mean() > 0.999
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_d4p_moves_numbers_through_buffers_and_never_pickles_them(mpirun, n):
+    """d4p's communicator refuses every pickling call but the validating allgather of metadata (no arrays)."""
+    proc = mpirun(n, ["tests/mpi_scripts/d4p_buffers.py"], timeout=240)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("rank 0:")]
+    assert len(lines) == 1 and lines[0].startswith("rank 0: buffers only ("), proc.stdout + proc.stderr

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from workshop_lib import scaling
-from workshop_lib.comm import _chunk_bounds, ring_schedule
+from workshop_lib.comm import chunk_bounds as _chunk_bounds, ring_schedule
 
 LINK = scaling.Link(alpha=5e-6, beta=1 / 10e9, gamma=1 / 20e9)
 

@@ -20,7 +20,7 @@ whole job (``MPI_Abort``); a rank that ends normally waits at exit until every
 rank has ended, and aborts the job if they have not within
 ``WORKSHOP_HVD_EXIT_TIMEOUT`` seconds (default 300), since they may be waiting
 for it. (A rank killed by a signal ends the job through ``mpiexec`` itself.)
-These hooks are :func:`workshop_lib.comm.guard_job`'s, shared with ``d4p.daalinit()``.
+These hooks are :func:`workshop_lib.job.guard_job`'s, shared with ``d4p.daalinit()``.
 
 Horovod's stall inspector, with Horovod's variables: every collective first waits
 until every rank has entered it (each rank sends its peers a note with the
@@ -30,7 +30,9 @@ ranks that have not arrived and the tensor, again every as many seconds; after
 ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (Horovod's default is never, 0; ours
 300, since a class cannot wait for ever) it aborts the job. A peer that has
 already ended is noticed at once and the job aborted, within seconds.
-``HOROVOD_STALL_CHECK_DISABLE=1`` turns the inspector off.
+``HOROVOD_STALL_CHECK_DISABLE=1`` (or true/yes/on, any case) turns the inspector off; ``0``/false/no/off keep
+it on. The inspector itself lives in :mod:`workshop_lib.job`, as Horovod's in ``stall_inspector.cc``. A value
+that cannot be parsed, or that differs between ranks, is the same clear error on every rank at ``init()``.
 
 Collective ops in a graph run in the same order on every rank (the session
 chains them), as Horovod's coordinator guarantees.
@@ -38,15 +40,16 @@ chains them), as Horovod's coordinator guarantees.
 
 from __future__ import annotations
 
-import atexit
 import os
 import time
 import weakref
 
 import numpy as np
 
-from . import placement, tf, timeline
-from .comm import ENDED, FUSION_THRESHOLD, Communicator, guard_job, release_job
+from . import job, placement, tf, timeline
+from .comm import FUSION_THRESHOLD, VARIABLES, Communicator, check_environment
+from .compression import Compression, Compressor, FP16Compressor, NoneCompressor  # noqa: F401 - hvd's names
+from .compression import check_compression as _check_compression
 from .tf.core import Tensor, Variable, convert_to_tensor, get_default_graph, make_op
 
 __all__ = [
@@ -61,20 +64,13 @@ Average, Sum, Min, Max = "average", "sum", "min", "max"
 
 
 class _State:
-    def __init__(self, comm):
-        from mpi4py import MPI
-
-        world = comm.comm
-        local = world.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+    def __init__(self, comm, guard):
+        nodes = comm.nodes  # placement's node groups: the ones the algorithms use, WORKSHOP_SIMULATE_NODES included
         self.comm = comm
-        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
-        cross = world.Split(self.local_rank, key=comm.rank)  # the ranks with my local rank, one per node
-        self.cross_rank, self.cross_size = cross.Get_rank(), cross.Get_size()
-        local.Free()
-        cross.Free()
-        self.guard = None  # workshop_lib.comm's JobGuard: the abort hooks, and the notes the stall inspector reads
-        self.stall = _stall_settings()  # (check, shutdown) seconds, or None when disabled
-        self.collectives = 0  # collectives this rank has entered (the stall inspector's counter)
+        self.local_rank, self.local_size = (nodes.local_rank, nodes.local_size) if nodes else (0, 1)
+        self.cross_rank, self.cross_size = (nodes.cross_rank, nodes.cross_size) if nodes else (0, 1)
+        self.guard = guard  # workshop_lib.job's JobGuard: the abort hooks, and the stall inspector
+        self.stall = guard.stall  # (check, shutdown) seconds, or None when disabled
         self.timeline = None  # a timeline.Timeline when HOROVOD_TIMELINE is set
 
 
@@ -89,20 +85,35 @@ def init(comm=None):
     ``HOROVOD_TIMELINE=/path/timeline.json`` records a per-rank timeline (see :mod:`workshop_lib.timeline`).
     ``HOROVOD_STALL_CHECK_TIME_SECONDS``, ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` and
     ``HOROVOD_STALL_CHECK_DISABLE`` set the stall inspector (see the module's docstring).
+
+    Parameters
+    ----------
+    comm : mpi4py communicator, optional
+        The job's ranks (default ``MPI.COMM_WORLD``).
+
+    Raises
+    ------
+    ValueError
+        On every rank alike, when one of the job's variables cannot be parsed or differs between ranks.
     """
     global _state
     if _state is not None:
         return
     placement.check_launcher_world()  # srun/mpirun started N tasks but MPI sees 1: stop, say why
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD if comm is None else comm
+    # first the job guard: from here on a failure on one rank ends the job; the variables are checked on every rank
+    guard = job.guard_job("hvd", world, VARIABLES + ("HOROVOD_FUSION_THRESHOLD",),
+                          lambda env: (check_environment(env, world.Get_size()), _fusion_threshold(env)))
     placement.place(comm)  # Horovod: pin each process to its share of the node's cores and threads
-    _state = _State(Communicator(comm))
+    _state = _State(Communicator(comm), guard)
     path = os.environ.get(timeline.ENV, "").strip()
     if path:  # every rank has the same environment (mpiexec passes it on), so the Dup is collective
         timeline.check_path(path, _state.comm.comm)  # collective: a path any rank cannot write fails on every rank
         _state.timeline = timeline.Timeline(path, _state.comm.rank, _state.comm.size, _state.comm.comm.Dup())
-        # registered before the guard's exit hooks, so it runs after them: once every rank has ended normally
-        atexit.register(_close_timeline)
-    _state.guard = guard_job("hvd", _state.comm.comm)
+        # run by the guard's exit hook after its wait: once every rank has ended normally
+        guard.at_end.append(_close_timeline)
 
 
 def shutdown():
@@ -110,9 +121,10 @@ def shutdown():
     global _state
     if _state is None:
         return
-    release_job("hvd")
+    job.release_job("hvd")
     _close_timeline()
-    atexit.unregister(_close_timeline)
+    if _close_timeline in _state.guard.at_end:
+        _state.guard.at_end.remove(_close_timeline)
     _state = None
 
 
@@ -170,97 +182,23 @@ def mpi_threads_supported():
 
 
 # ----------------------------------------------------------------------------------------------
-# the stall inspector (Horovod's horovod/common/stall_inspector.cc, with its variables)
-
-
-def _env_seconds(name, default):
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return float(default)
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise ValueError(f"{name}={value!r} must be a number of seconds >= 0")
-    return seconds
+# the stall inspector: workshop_lib.job's (Horovod's horovod/common/stall_inspector.cc, with its variables)
 
 
 def _stall_settings():
     """(warn after, abort after) in seconds from Horovod's variables (0: never), or None if the inspector is off."""
-    if os.environ.get("HOROVOD_STALL_CHECK_DISABLE", "0") not in ("", "0"):
-        return None
-    return (_env_seconds("HOROVOD_STALL_CHECK_TIME_SECONDS", 60),
-            _env_seconds("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", 300))
+    return job.stall_settings()
 
 
 def _wait_for_peers(state, name, in_check=False):
-    """Enter collective ``name``: tell every peer, and wait until every rank has entered it (the stall inspector).
+    """Enter collective ``name``: :meth:`workshop_lib.job.JobGuard.wait_for_peers` (the stall inspector), when on.
 
-    While waiting: a peer that has ended aborts the job at once (it will never come); after
-    ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (and again every as many seconds) a warning names the ranks that have
-    not arrived and the tensor; after ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` the job is aborted. Then the
-    collective itself runs with every rank present.
-
-    ``in_check=True`` (an allreduce, whose cross-rank check is the first thing it does and waits for every
-    rank): no separate wait; returns the inspector for the allreduce to call while its check waits (its
-    ``on_wait``), or None when every peer has already arrived. That saves one round of messages per call.
+    ``in_check=True`` (an allreduce, whose cross-rank check waits for every rank): returns the inspector for the
+    allreduce to call while its check waits (its ``on_wait``), or None when every peer has already arrived.
     """
     if state.stall is None or state.comm.size == 1:
         return None
-    guard = state.guard
-    state.collectives += 1
-    number = state.collectives
-    guard.arrive(number)
-    guard.poll()
-    if min(guard.highest.tolist()) >= number:  # the common case: every peer is here already
-        return None
-    inspect = _inspector(state, name, number)
-    if in_check:
-        return inspect
-    spins, patience = 0, 0 if state.comm.oversubscribed else 1000
-    while not inspect():
-        spins += 1
-        if spins > patience:  # spin about a millisecond first (a sleep, even of 0 s, gives the core away), unless
-            time.sleep(0 if spins < patience + 2000 else 0.001)  # ranks outnumber cores; then stop stealing them
-    return None
-
-
-def _inspector(state, name, number):
-    """The stall inspector of collective ``number`` (``name``): a call that returns True once every rank has entered
-    it, and otherwise aborts the job if a missing peer has ended or the shutdown time has passed, and warns
-    every ``HOROVOD_STALL_CHECK_TIME_SECONDS``."""
-    guard, (check, shutdown) = state.guard, state.stall
-    start, next_warning = time.monotonic(), [check]
-
-    def inspect():
-        reached = guard.poll()
-        if min(guard.highest.tolist()) >= number:  # a peer may have been here, done it and ended since
-            return True
-        missing = [int(p) for p in np.flatnonzero(guard.highest < number)]
-        r, n = state.comm.rank, state.comm.size
-        ended = [p for p in missing if reached[p] == ENDED]
-        if ended:
-            guard.abort([f"rank(s) {ended} of {n} ended while rank {r} waits for them in collective #{number} "
-                         f"{name!r}: they will never join it, so the whole job is aborted (MPI_Abort)"])
-        waited = time.monotonic() - start
-        if not ((shutdown and waited >= shutdown) or (check and waited >= next_warning[0])):
-            return False
-        listing = "; ".join(f"{p}: [{name}] (" + (f"it last reached collective #{reached[p]})" if reached[p] else
-                                                   "it has reached no collective yet)") for p in missing)
-        if shutdown and waited >= shutdown:
-            guard.abort([f"collective #{number} {name!r} has waited {waited:.1f} s for ranks {missing}, longer than "
-                         f"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS={shutdown:g}: aborting the whole job (MPI_Abort).",
-                         f"Missing ranks: {listing}"])
-        guard.say([f"One or more tensors were submitted to be reduced, gathered or broadcasted by a subset of "
-                   f"ranks and are waiting for the remainder of ranks for more than {check:g} seconds. This may "
-                   "indicate that different ranks are trying to submit different tensors or that only a subset "
-                   "of ranks is submitting tensors, which will cause deadlock.",
-                   f"Missing ranks: {listing}"])
-        next_warning[0] += check
-        return False
-
-    return inspect
+    return state.guard.wait_for_peers(name, in_check=in_check, spin=not state.comm.oversubscribed)
 
 
 def _close_timeline():
@@ -302,67 +240,6 @@ def _fused_allreduce(state, values, op, threshold_bytes=FUSION_THRESHOLD, compre
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# compression
-
-
-class Compressor:
-    """Interface: ``compress(value) -> (value, ctx)`` before the wire, ``decompress(value, ctx)`` after."""
-
-    wire = None  # the name workshop_lib.comm uses
-
-    @staticmethod
-    def compress(tensor):
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor
-
-
-class NoneCompressor(Compressor):
-    """Send values as they are."""
-
-
-class FP16Compressor(Compressor):
-    """Send float32/float64 values as float16 (half the bytes; about 3 significant digits), cast back after."""
-
-    wire = "fp16"
-
-    @staticmethod
-    def compress(tensor):
-        if isinstance(tensor, (Tensor, Variable)):
-            t = convert_to_tensor(tensor)
-            if t.dtype.is_floating and t.dtype != tf.float16:
-                return tf.cast(t, tf.float16), t.dtype
-            return t, None
-        a = np.asarray(tensor)
-        if a.dtype in (np.float32, np.float64):
-            return a.astype(np.float16), a.dtype
-        return a, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        if ctx is None:
-            return tensor
-        if isinstance(tensor, (Tensor, Variable)):
-            return tf.cast(tensor, ctx)
-        return np.asarray(tensor).astype(ctx)
-
-
-class Compression:
-    """``Compression.none`` or ``Compression.fp16``, as in Horovod."""
-
-    none = NoneCompressor
-    fp16 = FP16Compressor
-
-
-def _check_compression(compression):
-    if not (isinstance(compression, type) and issubclass(compression, Compressor)):
-        raise ValueError(f"compression={compression!r} must be hvd.Compression.none or hvd.Compression.fp16")
-    return compression
-
-
 def _resolve_op(average, op):
     if average is not None and op is not None:
         raise ValueError("pass either average= (deprecated) or op=, not both")
@@ -373,8 +250,8 @@ def _resolve_op(average, op):
     return op
 
 
-def _fusion_threshold():
-    value = os.environ.get("HOROVOD_FUSION_THRESHOLD")
+def _fusion_threshold(env=None):
+    value = (os.environ if env is None else env).get("HOROVOD_FUSION_THRESHOLD")
     if value is None:
         return FUSION_THRESHOLD
     try:
@@ -411,6 +288,25 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
 
     ``tensor`` is a graph tensor (returns a tensor) or a numpy array (returns an array at once).
     The gradient of an allreduce is the same allreduce of the gradient.
+
+    Parameters
+    ----------
+    tensor : tf.Tensor or array_like
+        A graph tensor (the result is a tensor) or an array (the result comes at once).
+    average : bool, optional
+        Horovod's older switch (True: Average, False: Sum); ``op`` wins when both are given.
+    device_dense, device_sparse : str
+        Accepted, changing nothing (no GPUs here).
+    compression : Compression.none or Compression.fp16
+    op : {Average, Sum, Min, Max}
+    name : str, optional
+        The op's name, and what the stall inspector names.
+    prescale_factor, postscale_factor : float
+        Multiply the input before and the result after the reduction.
+
+    Returns
+    -------
+    tf.Tensor or numpy.ndarray
     """
     state = _require()
     op = _resolve_op(average, op)
@@ -443,7 +339,19 @@ def allreduce(tensor, average=None, device_dense="", device_sparse="", compressi
 
 
 def allgather(tensor, name=None):
-    """Concatenate every rank's ``tensor`` along the first axis (first dimensions may differ between ranks)."""
+    """Concatenate every rank's ``tensor`` along the first axis (first dimensions may differ between ranks).
+
+    Parameters
+    ----------
+    tensor : tf.Tensor or array_like
+        A graph tensor (the result is a tensor) or an array (the result comes at once).
+    name : str, optional
+
+    Returns
+    -------
+    tf.Tensor or numpy.ndarray
+        Every rank's rows, in rank order.
+    """
     state = _require()
     if not _is_graph_value(tensor):
         _wait_for_peers(state, name or "HorovodAllgather")
@@ -468,7 +376,20 @@ def allgather(tensor, name=None):
 
 
 def broadcast(tensor, root_rank, name=None):
-    """Every rank gets ``root_rank``'s value of ``tensor``."""
+    """Every rank gets ``root_rank``'s value of ``tensor``.
+
+    Parameters
+    ----------
+    tensor : tf.Tensor or array_like
+        A graph tensor (the result is a tensor) or an array (the result comes at once).
+    root_rank : int
+    name : str, optional
+
+    Returns
+    -------
+    tf.Tensor or numpy.ndarray
+        ``root_rank``'s value, on every rank.
+    """
     state = _require()
     _check_root(root_rank, state)
     if not _is_graph_value(tensor):
@@ -498,12 +419,31 @@ def broadcast_global_variables(root_rank):
 
     Run it once after the variables are initialised (or restored on the root), so that all ranks start
     from the same weights; :class:`BroadcastGlobalVariablesHook` does that for a MonitoredTrainingSession.
+
+    Parameters
+    ----------
+    root_rank : int
+
+    Returns
+    -------
+    tf.Operation
+        Run it once after the variables are initialised.
     """
     return broadcast_variables(tf.global_variables(), root_rank)
 
 
 def broadcast_variables(variables, root_rank):
-    """An op that sets each of ``variables`` to its value on ``root_rank`` (in the list's order, on every rank)."""
+    """An op that sets each of ``variables`` to its value on ``root_rank`` (in the list's order, on every rank).
+
+    Parameters
+    ----------
+    variables : list of tf.Variable
+    root_rank : int
+
+    Returns
+    -------
+    tf.Operation
+    """
     state = _require()
     _check_root(root_rank, state)
     variables = list(variables)
@@ -527,7 +467,15 @@ def broadcast_variables(variables, root_rank):
 
 
 class BroadcastGlobalVariablesHook(tf.train.SessionRunHook):
-    """Broadcasts the global variables from ``root_rank`` once the session is created (and restored)."""
+    """Broadcasts the global variables from ``root_rank`` once the session is created (and restored).
+
+    Parameters
+    ----------
+    root_rank : int
+        The rank whose initial values every rank takes.
+    device : str
+        Accepted, changing nothing.
+    """
 
     def __init__(self, root_rank, device=""):
         self.root_rank = root_rank
@@ -538,6 +486,14 @@ class BroadcastGlobalVariablesHook(tf.train.SessionRunHook):
             self.bcast_op = broadcast_global_variables(self.root_rank)
 
     def after_create_session(self, session, coord):
+        """Run the broadcast once the session exists (its variables initialised).
+
+        Parameters
+        ----------
+        session : tf.Session
+        coord : object
+            Unused (TensorFlow's coordinator).
+        """
         session.run(self.bcast_op)
 
 
@@ -560,6 +516,24 @@ class DistributedOptimizer:
     ``device_dense``, ``device_sparse``, ``sparse_as_dense`` and ``use_locking`` change nothing here (no GPUs,
     no sparse gradients) and are accepted; ``gradient_predivide_factor`` other than 1.0 and ``groups`` /
     ``num_groups`` raise NotImplementedError.
+
+    Parameters
+    ----------
+    optimizer : tf.train.Optimizer
+        The optimizer to wrap.
+    name : str, optional
+    use_locking, device_dense, device_sparse, sparse_as_dense
+        Accepted, changing nothing.
+    compression : Compression.none or Compression.fp16
+    backward_passes_per_step : int
+        Reduce and apply every this many passes (gradients summed locally between).
+    op : {Average, Sum}
+    gradient_predivide_factor : float
+        Only 1.0.
+    average_aggregated_gradients : bool
+        Average, not sum, the locally aggregated gradients.
+    num_groups, groups
+        Only the defaults.
     """
 
     def __new__(cls, optimizer, *args, sharded=False, **kwargs):
@@ -596,7 +570,18 @@ class DistributedOptimizer:
         return getattr(self._optimizer, name)
 
     def compute_gradients(self, *args, **kwargs):
-        """The wrapped optimizer's gradients, allreduced (one fused op over all of them)."""
+        """The wrapped optimizer's gradients, allreduced (one fused op over all of them).
+
+        Parameters
+        ----------
+        *args, **kwargs
+            The wrapped optimizer's ``compute_gradients`` arguments (``loss``, ``var_list``).
+
+        Returns
+        -------
+        list of (tf.Tensor, tf.Variable)
+            The allreduced gradients and their variables.
+        """
         state = _require()
         pairs = self._optimizer.compute_gradients(*args, **kwargs)
         present = [(i, g) for i, (g, _) in enumerate(pairs) if g is not None]
@@ -640,6 +625,16 @@ class DistributedOptimizer:
 
         The gate is the fused allreduce's last output (True on the passes that reduced), given to the wrapped
         optimizer's ``apply_gradients(..., gate=...)``.
+
+        Parameters
+        ----------
+        grads_and_vars : list of (tf.Tensor, tf.Variable)
+        global_step : tf.Variable, optional
+        name : str, optional
+
+        Returns
+        -------
+        tf.Operation
         """
         update = self._optimizer.apply_gradients(grads_and_vars, global_step=global_step, name=name, gate=self._ready)
         line = _state.timeline if _state is not None else None
@@ -654,6 +649,19 @@ class DistributedOptimizer:
         return update
 
     def minimize(self, loss, global_step=None, var_list=None, name=None):
+        """``compute_gradients`` (allreduced) then ``apply_gradients``, as the wrapped optimizer's ``minimize``.
+
+        Parameters
+        ----------
+        loss : tf.Tensor
+        global_step : tf.Variable, optional
+        var_list : list of tf.Variable, optional
+        name : str, optional
+
+        Returns
+        -------
+        tf.Operation
+        """
         return self.apply_gradients(self.compute_gradients(loss, var_list), global_step=global_step, name=name)
 
 

@@ -796,6 +796,22 @@ def _channel_axis(ndim, data_format):
     return 1 if (data_format == "NCHW" and ndim == 4) else ndim - 1
 
 
+def channel_axis(ndim, data_format):
+    """The channel axis of ``ndim``-dimensional data in ``data_format`` (axis 1 of 4-D NCHW, else the last).
+
+    Parameters
+    ----------
+    ndim : int
+        The data's number of dimensions.
+    data_format : {"NHWC", "NCHW"}
+
+    Returns
+    -------
+    int
+    """
+    return _channel_axis(ndim, data_format)
+
+
 def bias_add_forward(x, b, data_format="NHWC"):
     """x + b along the channel axis (the last one, or axis 1 of 4-D NCHW data); b is (C,)."""
     _check_format(data_format)

@@ -32,7 +32,8 @@ import numpy as np
 from . import runtime
 
 __all__ = ["Placement", "THREAD_VARIABLES", "without_thread_settings", "usable_cpus", "plan", "place", "current", "blas_threads", "op_threads", "matmul",
-           "format_cpus", "format_plan", "slurm_allocation", "launcher_tasks", "check_launcher_world"]
+           "format_cpus", "format_plan", "slurm_allocation", "launcher_tasks", "check_launcher_world",
+           "NodeGroups", "node_groups", "simulated_nodes", "hierarchical_switch"]
 
 # the variables a user sets to choose thread counts; numba reads NUMBA_NUM_THREADS itself, the BLAS
 # libraries read theirs (and OMP_NUM_THREADS) when they load, so a set variable means "leave it alone"
@@ -339,12 +340,11 @@ def place(comm=None) -> Placement:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD if comm is None else comm
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    local = node_groups(comm).machine  # the ranks that really share this machine's cores
     cpus = usable_cpus()
     shared = all(c == cpus for c in local.allgather(cpus))
     wanted = plan(cpus, local.Get_size(), local.Get_rank(), numba_limit=numba.config.NUMBA_NUM_THREADS,
                   shared_affinity=shared, rank=comm.Get_rank(), size=comm.Get_size())
-    local.Free()
     if wanted.binding == "workshop" and hasattr(os, "sched_setaffinity"):
         _bind_every_thread(wanted.cores)  # before numba's pool starts, so that its threads inherit it
     runtime.set_numba_threads(wanted.numba_threads)
@@ -358,3 +358,123 @@ def place(comm=None) -> Placement:
         sys.stderr.write(f"workshop_verbose,placement,{_current.describe()}\n")
         sys.stderr.flush()
     return _current
+
+
+# ----------------------------------------------------------------------------------------------
+# Node groups: which ranks share a node, worked out once per communicator (Horovod's MPICommunicators)
+
+SIMULATE_NODES_ENV = "WORKSHOP_SIMULATE_NODES"
+HIERARCHICAL_ENV = "HOROVOD_HIERARCHICAL_ALLREDUCE"
+_node_groups = {}  # (communicator handle) -> NodeGroups
+
+
+def simulated_nodes(size, env=None):
+    """The node count ``WORKSHOP_SIMULATE_NODES`` asks for, validated against ``size`` ranks.
+
+    Parameters
+    ----------
+    size : int
+        The ranks of the communicator.
+    env : mapping, optional
+        Where to read the variable (default ``os.environ``).
+
+    Returns
+    -------
+    int or None
+        None when unset.
+    """
+    value = (os.environ if env is None else env).get(SIMULATE_NODES_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= size:
+        raise ValueError(f"{SIMULATE_NODES_ENV}={value!r} must be a number of nodes from 1 to the {size} ranks")
+    return int(value)
+
+
+def hierarchical_switch(env=None):
+    """``HOROVOD_HIERARCHICAL_ALLREDUCE``: True (always), False (never), None (unset or "auto": when ranks span nodes).
+
+    Parameters
+    ----------
+    env : mapping, optional
+        Where to read the variable (default ``os.environ``). Booleans as Horovod's users write them
+        (``1/0/true/false/yes/no/on/off``, any case).
+
+    Returns
+    -------
+    bool or None
+    """
+    value = (os.environ if env is None else env).get(HIERARCHICAL_ENV, "").strip()
+    if value.lower() in ("", "auto"):
+        return None
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{HIERARCHICAL_ENV}={value!r} must be 1 (always hierarchical) or 0 (never), or a boolean "
+                     "(true/false, yes/no, on/off)")
+
+
+class NodeGroups:
+    """Which ranks of ``comm`` share a node: ``local`` (my node's ranks) and ``cross`` (my local rank on every node).
+
+    Nodes are found with ``MPI.COMM_TYPE_SHARED`` (``machine``: the ranks that really share this machine's
+    memory, whatever is simulated), or faked by ``WORKSHOP_SIMULATE_NODES=k`` (k contiguous blocks of ranks;
+    then ``simulated`` is True and shared memory is not used across them). Creating it is collective; use
+    :func:`node_groups`, which builds it once per communicator. ``uniform`` says whether every node has the
+    same number of ranks, which the hierarchical allreduce's ring among same-local-rank peers needs.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator
+    """
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        size, rank = comm.Get_size(), comm.Get_rank()
+        nodes = simulated_nodes(size)
+        self.simulated = nodes is not None
+        self.machine = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        self.machine_size = self.machine.Get_size()
+        self.local = comm.Split(rank * nodes // size, key=rank) if self.simulated else self.machine
+        self.local_rank, self.local_size = self.local.Get_rank(), self.local.Get_size()
+        self.cross = comm.Split(self.local_rank, key=rank)
+        self.cross_rank, self.cross_size = self.cross.Get_rank(), self.cross.Get_size()
+        self.sizes = sizes = comm.allgather(self.local_size)  # the ranks of each rank's node
+        self.uniform = len(set(sizes)) == 1
+        self.nodes = round(sum(1 / k for k in sizes))  # the ranks of a node of k ranks count 1/k each
+        self.spans_nodes = self.local_size < size
+        self.switch = hierarchical_switch()
+        if self.switch and not self.uniform:
+            raise ValueError(f"{HIERARCHICAL_ENV}=1, but the nodes hold different numbers of ranks ({sizes}); "
+                             "the hierarchical allreduce needs the same number on every node")
+
+    @property
+    def hierarchical(self):
+        """True when "auto" takes the hierarchical algorithm for bandwidth-bound messages."""
+        if self.switch is not None:
+            return self.switch
+        return self.spans_nodes and self.uniform
+
+
+def node_groups(comm):
+    """The :class:`NodeGroups` of ``comm``, built on the first call for it (collective then), reused after.
+
+    ``hvd.local_rank()``, the communicator's choice of algorithm, its shared-memory window and :func:`place`
+    all read this one object, so they agree, simulated nodes included.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator
+
+    Returns
+    -------
+    NodeGroups
+    """
+    key = comm.py2f()
+    groups = _node_groups.get(key)
+    if groups is None or groups.comm is not comm:
+        groups = _node_groups[key] = NodeGroups(comm)
+        groups.comm = comm
+    return groups

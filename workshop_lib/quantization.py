@@ -33,7 +33,17 @@ _RANGES = {np.dtype(np.int8): (-128, 127), np.dtype(np.uint8): (0, 255), np.dtyp
 
 
 def qrange(dtype):
-    """(qmin, qmax) of an integer dtype."""
+    """(qmin, qmax) of an integer dtype.
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+        int8, uint8, int16 or int32.
+
+    Returns
+    -------
+    tuple of int
+    """
     dtype = np.dtype(dtype)
     if dtype not in _RANGES:
         raise ValueError(f"dtype={dtype} must be one of int8, uint8, int16, int32")
@@ -116,6 +126,21 @@ def choose_qparams(min_val, max_val, dtype=np.int8, symmetric=True, axis=None) -
     exact, which zero padding needs) and mapped onto [qmin, qmax]. A range of
     zero (a constant-zero tensor) gets scale 1, so it quantizes exactly to the zero point.
     Raises ``ValueError`` if a bound is not finite or ``min_val`` exceeds ``max_val``.
+
+    Parameters
+    ----------
+    min_val, max_val : float or array_like
+        The range to cover (arrays: one per channel along ``axis``).
+    dtype : numpy dtype
+        int8, uint8, int16 or int32.
+    symmetric : bool
+        Zero point 0 (else the range is mapped onto the dtype's full range).
+    axis : int, optional
+        The channel axis of per-channel parameters.
+
+    Returns
+    -------
+    QuantParams
     """
     qmin, qmax = qrange(dtype)
     min_val = _check_finite(check.array(min_val, "min_val", dtypes=check.REALS), "min_val")
@@ -148,7 +173,20 @@ def choose_qparams(min_val, max_val, dtype=np.int8, symmetric=True, axis=None) -
 
 
 def quantize(x, qp: QuantParams):
-    """q = saturate(rint(x / scale) + zero_point), rounding half to even."""
+    """q = saturate(rint(x / scale) + zero_point), rounding half to even.
+
+    Parameters
+    ----------
+    x : array_like
+        Finite real values.
+    qp : QuantParams
+        Scale(s) and zero point(s), per tensor or per channel.
+
+    Returns
+    -------
+    numpy.ndarray
+        Integers of ``qp``'s dtype.
+    """
     qp = _check_qparams(qp, "qp")
     x = _check_finite(x, "x")
     scale, zp = qp._shape_for(x)
@@ -157,7 +195,20 @@ def quantize(x, qp: QuantParams):
 
 
 def dequantize(q, qp: QuantParams):
-    """x ~= scale * (q - zero_point), as float32; ``q`` holds integers (from :func:`quantize`)."""
+    """x ~= scale * (q - zero_point), as float32; ``q`` holds integers (from :func:`quantize`).
+
+    Parameters
+    ----------
+    q : array_like
+        Integers.
+    qp : QuantParams
+        Scale(s) and zero point(s), per tensor or per channel.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32.
+    """
     qp = _check_qparams(qp, "qp")
     q = check.array(q, "q", dtypes=check.INTEGERS)
     scale, zp = qp._shape_for(q)
@@ -187,6 +238,24 @@ def requantize(acc, in_scale, out: QuantParams, bias=None, relu=False):
     ``acc`` and ``bias`` hold s32 values: any integer dtype (or floats holding whole numbers) whose values lie in
     [-2**31, 2**31 - 1]; anything else (NaN, infinity, a fraction, an int64 beyond s32) raises ``ValueError``
     naming the first offending element, rather than wrapping. ``out`` is per-tensor (a scalar zero point).
+
+    Parameters
+    ----------
+    acc : array_like
+        int32 accumulators.
+    in_scale : float or array_like
+        The accumulators' scale (one per output channel along the last axis, or a scalar).
+    out : QuantParams
+        The next layer's parameters.
+    bias : array_like, optional
+        int32, already at ``in_scale``.
+    relu : bool
+        Clamp at the zero point.
+
+    Returns
+    -------
+    numpy.ndarray
+        Integers of ``out``'s dtype.
     """
     runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     out = _check_qparams(out, "out")
@@ -248,6 +317,19 @@ def entropy_threshold(hist, bin_width, levels=128):
     with the clipped tail added to its last bin, Q is the cut histogram merged
     into ``levels`` quantization levels and spread back evenly over P's
     non-empty bins; the threshold with the smallest KL divergence wins.
+
+    Parameters
+    ----------
+    hist : array_like
+        Counts of |x| in bins from 0.
+    bin_width : float
+    levels : int
+        Quantization levels of the positive half (128 for int8).
+
+    Returns
+    -------
+    float
+        The clip threshold.
     """
     hist = check.finite(check.array(hist, "hist", 1, check.REALS), "hist")
     _first_bad(hist, hist < 0, "hist", "must be a count (>= 0)")
@@ -287,6 +369,14 @@ class Calibrator:
     ``percentile`` of |x|), or ``"entropy"`` (KL-divergence threshold over a
     ``bins``-bin histogram). Values are kept in memory: meant for calibration
     sets of hundreds of images, as in the labs.
+
+    Parameters
+    ----------
+    method : {"minmax", "percentile", "entropy"}
+    percentile : float
+        For "percentile", in (0, 100].
+    bins : int
+        Histogram bins for "entropy".
     """
 
     METHODS = ("minmax", "percentile", "entropy")
@@ -300,6 +390,13 @@ class Calibrator:
         self._chunks = []
 
     def update(self, x):
+        """Add a batch of the tensor's values.
+
+        Parameters
+        ----------
+        x : array_like
+            Finite values, not empty.
+        """
         x = _check_finite(x, "calibration data")
         if x.size == 0:
             raise ValueError(f"calibration data of shape {x.shape} is empty")
@@ -325,5 +422,17 @@ class Calibrator:
         return max(lo, -threshold), min(hi, threshold)
 
     def qparams(self, dtype=np.uint8, symmetric=True):
+        """The quantization parameters of the chosen range (:func:`choose_qparams`).
+
+        Parameters
+        ----------
+        dtype : numpy dtype
+            int8, uint8, int16 or int32.
+        symmetric : bool
+
+        Returns
+        -------
+        QuantParams
+        """
         lo, hi = self.range()
         return choose_qparams(lo, hi, dtype, symmetric)

@@ -28,6 +28,7 @@ import weakref
 import numpy as np
 
 from . import kernels
+from .comm import ring
 
 __all__ = ["ShardedOptimizer", "sharded_optimizers", "COLLECTION"]
 
@@ -177,7 +178,7 @@ class ShardedOptimizer:
         for g, a, b in zip(grads, self._offsets, self._offsets[1:]):
             buf[a:b] = np.asarray(g, dtype=np.float32).reshape(-1)
         if p > 1:  # the ring's first half: this rank ends with the sum of its chunk
-            comm._ring_phase(comm.comm, buf, np.add, "reduce-scatter", None)
+            ring.ring_phase(comm, comm.comm, buf, np.add, "reduce-scatter", None)
         if self._op == "average" and p > 1:
             np.divide(buf[start:stop], p, out=grad)
         else:
@@ -191,7 +192,7 @@ class ShardedOptimizer:
         shard["b1p"] = np.float32(shard["b1p"] * adam._beta1)
         shard["b2p"] = np.float32(shard["b2p"] * adam._beta2)
         if p > 1:  # the ring's second half: every rank gets every updated chunk
-            comm._ring_phase(comm.comm, weights, np.add, "allgather", None)
+            ring.ring_phase(comm, comm.comm, weights, None, "allgather", None)
         for var, a, b in zip(self._vars, self._offsets, self._offsets[1:]):  # in place, as ApplyAdam updates
             np.copyto(ctx.read_variable(var), weights[a:b].reshape(var.shape.as_list()))
 

@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+from . import job
 from .data import atomic_write, check_output_path
 
 __all__ = ["ENV", "PHASES", "Timeline", "check_path", "load", "phase_totals", "draw"]
@@ -106,11 +107,7 @@ class Timeline:
         part = self.path.with_name(f"{self.path.name}.rank{self.rank}")
         _write_json(part, self._document(self.events))
         request = self.comm.Ibarrier()
-        deadline = time.monotonic() + wait_seconds
-        while not request.Test():
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
+        job.wait(request.Test, spin=False, deadline=time.monotonic() + wait_seconds)  # the job's one wait policy
         if self.rank != 0:
             return
         events, missing = [], []

@@ -146,7 +146,7 @@ def bias_add(value, bias, data_format="NHWC", name=None):
 
     def grad(op, g):
         db = make_op("BiasAddGrad", [g], lambda ctx, gv: (kernels.bias_add_backward(
-            gv, (kernels._channel_axis(gv.ndim, data_format), gv.ndim))[1],), [b.dtype], [b.shape],
+            gv, (kernels.channel_axis(gv.ndim, data_format), gv.ndim))[1],), [b.dtype], [b.shape],
             attrs={"data_format": data_format}).outputs[0]
         return [g, db]
 

@@ -27,11 +27,22 @@ small allgather that validates the chunks, so a rank that passes another
 every rank raise a ValueError naming the parameter and each rank's value,
 instead of a hang or different results per rank.
 
-``daalinit()`` guards the job as ``hvd.init()`` does (:func:`workshop_lib.comm.guard_job`):
+``daalinit()`` guards the job as ``hvd.init()`` does (:func:`workshop_lib.job.guard_job`):
 an uncaught exception or a failing ``sys.exit`` on any rank aborts the whole
-job with its message, so no rank waits for ever in a collective.
+job with its message, so no rank waits for ever in a collective. Every
+distributed call, and ``daalfini()``, is a phase that every rank must enter
+alike: a rank that calls another one (``distributed=False`` while the others
+pass True, then ``daalfini()``) or has ended aborts the job with a message
+naming both ranks' phases, instead of leaving the others waiting for ever.
 ``daalfini()`` ends the distributed session but leaves ``MPI_Finalize`` to
 mpi4py at exit, so a notebook can call ``daalinit()`` again.
+
+The package follows scikit-learn's split of ``_kmeans.py``: this file holds
+daal4py's names, the process state, the communication (numbers through
+buffers: ``Bcast``, ``Allgather(v)``, ``Allreduce``; only the validating
+exchange's metadata is a small Python object) and the validation at the public
+boundary; ``init.py`` the initialisations over every rank's rows; ``kernels.py``
+the numba kernels, which trust their callers.
 """
 
 from __future__ import annotations
@@ -41,7 +52,9 @@ import math
 import numba
 import numpy as np
 
-from . import placement, runtime
+from .. import job, placement, runtime
+from .init import _n_chunks, _parallel_plus_plus, _plus_plus, _row
+from .kernels import _dist_to_assigned, _lloyd_pass, _panels
 
 __all__ = [
     "daalinit",
@@ -59,8 +72,6 @@ __all__ = [
 
 INIT_METHODS = ("defaultDense", "randomDense", "plusPlusDense", "parallelPlusDense")
 FPTYPES = {"double": np.float64, "float": np.float32}
-_BLOCK = 256  # points per cache block in the Lloyd kernel
-_WEIGHT_RANGE = 2.0**62  # integer D^2 weights of all points sum to less than this
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +94,7 @@ class _State:
     def communicator(self):
         """The course's collectives (ring / shared memory / recursive doubling); creating it is collective."""
         if self.collectives is None:
-            from .comm import Communicator
+            from ..comm import Communicator
 
             self.collectives = Communicator(self.mpi())
         return self.collectives
@@ -102,28 +113,24 @@ def daalinit(nthreads=None):
         most ``NUMBA_NUM_THREADS`` (set it before Python starts to allow more).
     """
     placement.check_launcher_world()  # srun/mpirun started N tasks but MPI sees 1: stop, say why
+    if not _state.initialized:  # first the guard: from here on a failure on one rank ends the job
+        job.guard_job("d4p", _state.mpi())  # as after hvd.init()
+    _state.initialized = True
     placement.place(_state.mpi())  # each rank's share of the node's cores; nthreads below overrides numba's
     if nthreads is not None:
         limit = numba.config.NUMBA_NUM_THREADS
         if isinstance(nthreads, bool) or not isinstance(nthreads, (int, np.integer)) or not 1 <= nthreads <= limit:
             raise ValueError(f"nthreads={nthreads!r} must be an integer between 1 and NUMBA_NUM_THREADS={limit}")
         runtime.set_numba_threads(int(nthreads))
-    _state.mpi()
-    if not _state.initialized:
-        from .comm import guard_job
-
-        guard_job("d4p", _state.comm)  # a failing rank aborts the job, as after hvd.init()
-    _state.initialized = True
 
 
 def daalfini():
     """End the distributed session: wait for every rank (a barrier), then restore the hooks of ``daalinit()``."""
     if _state.comm is not None:
+        _enter("d4p.daalfini")  # a rank still in a distributed call, or ended, aborts the job here
         _state.comm.Barrier()
     if _state.initialized:
-        from .comm import release_job
-
-        release_job("d4p")
+        job.release_job("d4p")
     _state.initialized = False
 
 
@@ -183,7 +190,13 @@ def row_range(n_rows, rank, size):
 
 
 class engines_mt19937:  # noqa: N801 - daal4py's name
-    """A Mersenne Twister random engine with a seed, as ``daal4py.engines_mt19937(seed=777)``."""
+    """A Mersenne Twister random engine with a seed, as ``daal4py.engines_mt19937(seed=777)``.
+
+    Parameters
+    ----------
+    seed : int
+        A non-negative integer.
+    """
 
     def __init__(self, seed=777):
         if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -198,7 +211,13 @@ class engines_mt19937:  # noqa: N801 - daal4py's name
 
 
 class kmeans_init_result:  # noqa: N801
-    """Result of :class:`kmeans_init`: ``centroids`` (k, d)."""
+    """Result of :class:`kmeans_init`: ``centroids`` (k, d).
+
+    Parameters
+    ----------
+    centroids : numpy.ndarray
+        (nClusters, d), of the call's ``fptype``.
+    """
 
     def __init__(self, centroids):
         self.centroids = centroids
@@ -208,7 +227,19 @@ class kmeans_init_result:  # noqa: N801
 
 
 class kmeans_result:  # noqa: N801
-    """Result of :class:`kmeans`, with daal4py's attribute names and shapes."""
+    """Result of :class:`kmeans`, with daal4py's attribute names and shapes.
+
+    Parameters
+    ----------
+    centroids : numpy.ndarray
+        (nClusters, d).
+    assignments : numpy.ndarray or None
+        (n, 1) int32 labels of this rank's rows, or None when not asked for.
+    objective : float
+        The sum of squared distances to the returned centroids (``objectiveFunction``, (1, 1) float64).
+    n_iterations : int
+        Lloyd iterations run (``nIterations``, (1, 1) int64).
+    """
 
     def __init__(self, centroids, assignments, objective, n_iterations):
         self.centroids = centroids
@@ -251,12 +282,19 @@ class _Serial:
     def allreduce_max(self, value):
         return value
 
-    def bcast(self, obj, root):
-        return obj
+    def bcast_row(self, row, root, d, dtype):
+        return row
+
+    def allgather_ints(self, value):
+        return np.array([value], dtype=np.int64)
+
+    def allgatherv(self, array):
+        return np.ascontiguousarray(array)
 
 
 class _Distributed:
-    """Small Python objects through mpi4py; the numeric reductions through workshop_lib.comm, lab 03's allreduce."""
+    """Numbers through buffers (``Bcast``, ``Allgather(v)``, ``Allreduce``; the sums through workshop_lib.comm, lab
+    03's allreduce); only the validating exchange's metadata (parameters, shapes, messages) is a small Python object."""
 
     def __init__(self, comm, collectives):
         self.comm, self.rank, self.size = comm, comm.Get_rank(), comm.Get_size()
@@ -277,14 +315,51 @@ class _Distributed:
     def allreduce_max(self, value):
         from mpi4py import MPI
 
-        return self.comm.allreduce(value, op=MPI.MAX)
+        out = np.empty(1, dtype=np.float64)
+        self.comm.Allreduce(np.array([value], dtype=np.float64), out, op=MPI.MAX)
+        return float(out[0])
 
-    def bcast(self, obj, root):
-        return self.comm.bcast(obj, root=root)
+    def bcast_row(self, row, root, d, dtype):
+        """Root's row (``d`` values of ``dtype``) on every rank, through one ``Bcast``."""
+        buf = np.ascontiguousarray(row, dtype=dtype) if self.rank == root else np.empty(d, dtype=dtype)
+        self.comm.Bcast(buf, root=root)
+        return buf
+
+    def allgather_ints(self, value):
+        """Every rank's integer ``value``, in rank order (int64, one ``Allgather``)."""
+        out = np.empty(self.size, dtype=np.int64)
+        self.comm.Allgather(np.array([value], dtype=np.int64), out)
+        return out
+
+    def allgatherv(self, array):
+        """Every rank's rows of ``array`` concatenated in rank order (first dimensions may differ; ``Allgatherv``)."""
+        x = np.ascontiguousarray(array)
+        rows = self.allgather_ints(x.shape[0] if x.ndim else 1)
+        width = int(np.prod(x.shape[1:], dtype=np.int64))
+        out = np.empty((int(rows.sum()), *x.shape[1:]), dtype=x.dtype)
+        self.comm.Allgatherv(x.reshape(-1), [out.reshape(-1), rows * width])
+        return out
 
 
-def _communicator(distributed):
-    return _Distributed(_state.mpi(), _state.communicator()) if distributed else _Serial()
+def _enter(phase):
+    """Enter ``phase`` on every rank alike (job's stall inspector, strict): a rank elsewhere, or ended, aborts."""
+    guard = job.current_guard()
+    if guard is not None and _state.mpi().Get_size() > 1:
+        guard.wait_for_peers(phase, strict=True)
+
+
+def _communicator(distributed, phase="d4p compute(distributed=True)"):
+    """d4p's communication for one call; entering a distributed call is a phase every rank must enter alike.
+
+    One phase name for kmeans_init and kmeans: a rank that calls the other one still reaches the validating
+    exchange, which raises a ValueError naming each rank's algorithm on every rank (catchable, as before).
+    """
+    if not distributed:
+        return _Serial()
+    if job.current_guard() is None:  # no daalinit(): creating the Communicator takes the job guard
+        _state.communicator()
+    _enter(phase)  # before anything collective, so that a rank that is elsewhere is named, never waited for
+    return _Distributed(_state.mpi(), _state.communicator())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,352 +463,6 @@ def _prepare(comm, data, nClusters, dtype, call):
     return arr, n_total, sum(counts[: comm.rank]), counts
 
 
-# ----------------------------------------------------------------------------------------------
-# Kernels. Each takes its output buffers (# OUT) and does no checking.
-
-
-@numba.njit(cache=True, inline="always")
-def _weight(d2, scale):
-    return np.int64(math.floor(d2 * scale))
-
-
-@numba.njit(parallel=True, cache=True)
-def _d2_to_point(x, c, d2):  # IN x (n, d), c (d,); OUT d2 (n,); returns max
-    n, d = x.shape
-    for i in numba.prange(n):
-        s = 0.0
-        for q in range(d):
-            diff = np.float64(x[i, q]) - np.float64(c[q])
-            s += diff * diff
-        d2[i] = s
-    m = 0.0
-    for i in range(n):
-        if d2[i] > m:
-            m = d2[i]
-    return m
-
-
-@numba.njit(parallel=True, cache=True)
-def _update_d2_and_weigh(x, new_centroids, d2, scale, chunk_sums):  # OUT d2, chunk_sums; returns max d2
-    """d2 = min(d2, |x - c|^2 over the new centroids); integer weights floor(d2 * scale) summed per chunk."""
-    n, d = x.shape
-    n_new = new_centroids.shape[0]
-    n_chunks = chunk_sums.shape[0]
-    size = (n + n_chunks - 1) // n_chunks
-    maxima = np.zeros(n_chunks)
-    for t in numba.prange(n_chunks):
-        total = np.int64(0)
-        m = 0.0
-        for i in range(t * size, min(n, (t + 1) * size)):
-            v = d2[i]
-            for j in range(n_new):
-                s = 0.0
-                for q in range(d):
-                    diff = np.float64(x[i, q]) - np.float64(new_centroids[j, q])
-                    s += diff * diff
-                if s < v:
-                    v = s
-            d2[i] = v
-            total += _weight(v, scale)
-            if v > m:
-                m = v
-        chunk_sums[t] = total
-        maxima[t] = m
-    return maxima.max()
-
-
-@numba.njit(cache=True)
-def _find_weighted(d2, scale, chunk_sums, target):
-    """Index of the first row whose cumulative integer weight exceeds ``target``."""
-    n = d2.shape[0]
-    n_chunks = chunk_sums.shape[0]
-    size = (n + n_chunks - 1) // n_chunks
-    acc = np.int64(0)
-    for t in range(n_chunks):
-        if acc + chunk_sums[t] > target:
-            for i in range(t * size, min(n, (t + 1) * size)):
-                acc += _weight(d2[i], scale)
-                if acc > target:
-                    return i
-        acc += chunk_sums[t]
-    return -1
-
-
-@numba.njit(parallel=True, cache=True)
-def _trial_potentials(x, candidates, d2, scale, out):  # OUT out (n_trials,): sum of weights if candidate is added
-    n, d = x.shape
-    n_trials = candidates.shape[0]
-    for t in range(n_trials):
-        total = np.int64(0)
-        for i in numba.prange(n):
-            s = 0.0
-            for q in range(d):
-                diff = np.float64(x[i, q]) - np.float64(candidates[t, q])
-                s += diff * diff
-            total += _weight(min(s, d2[i]), scale)
-        out[t] = total
-
-
-_PANEL = 4  # features are processed four at a time: xt is padded with zero rows to a multiple of 4
-_LANES = 4  # independent accumulators, so runs of equal labels do not serialise on one memory cell
-
-
-def _panels(x):
-    """The chunk transposed to (4 * ceil(d / 4), n), zero-padded: inner loops run over contiguous points."""
-    n, d = x.shape
-    xt = np.zeros((-(-d // _PANEL) * _PANEL, n), dtype=x.dtype)
-    xt[:d] = x.T
-    return xt
-
-
-@numba.njit(parallel=True, cache=True)
-def _lloyd_pass(xt, centroids, labels, sums, counts, objective):
-    """Assign each point to its nearest centroid; accumulate per-chunk sums, counts and objective.
-
-    IN  xt (4P, n) from :func:`_panels`; centroids (k, d).
-    OUT labels (n,), sums (n_chunks, k, d), counts (n_chunks, k), objective (n_chunks,).
-    Distances are |x|^2 - 2 x.c + |c|^2; only the last two terms decide the nearest centroid,
-    computed for a block of points at a time so the loops over points vectorise.
-    """
-    n = xt.shape[1]
-    k, d = centroids.shape
-    n_panels = xt.shape[0] // _PANEL
-    n_chunks = counts.shape[0]
-    size = (n + n_chunks - 1) // n_chunks
-    cm2 = np.zeros((k, xt.shape[0]), dtype=xt.dtype)  # -2 c, zero-padded like xt
-    c_norm = np.zeros(k, dtype=xt.dtype)
-    for j in range(k):
-        for q in range(d):
-            cm2[j, q] = -2 * centroids[j, q]
-            c_norm[j] += centroids[j, q] * centroids[j, q]
-    flat = xt.reshape(-1)  # 1-D slices of a contiguous array stay contiguous for the vectoriser
-    for t in numba.prange(n_chunks):
-        best = np.empty(_BLOCK, dtype=xt.dtype)
-        dist = np.empty(_BLOCK, dtype=xt.dtype)
-        arg = np.empty(_BLOCK, dtype=np.int32)
-        local_sums = np.zeros((_LANES, k, d))
-        local_counts = np.zeros((_LANES, k))
-        obj = np.zeros(_LANES)
-        start = t * size
-        stop = min(n, start + size)
-        for b0 in range(start, stop, _BLOCK):
-            m = min(_BLOCK, stop - b0)
-            for i in range(m):
-                best[i] = np.inf
-                arg[i] = 0
-            if n_panels == 1:  # d <= 4 (RGB pixels): the distance never leaves a register
-                a0 = flat[b0 : b0 + m]
-                a1 = flat[n + b0 : n + b0 + m]
-                a2 = flat[2 * n + b0 : 2 * n + b0 + m]
-                a3 = flat[3 * n + b0 : 3 * n + b0 + m]
-                for j in range(k):
-                    cj = c_norm[j]
-                    c0, c1, c2, c3 = cm2[j, 0], cm2[j, 1], cm2[j, 2], cm2[j, 3]
-                    for i in range(m):
-                        s = cj + c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i]
-                        better = s < best[i]
-                        best[i] = s if better else best[i]
-                        arg[i] = j if better else arg[i]
-            for j in range(k if n_panels > 1 else 0):
-                cj = c_norm[j]
-                for i in range(m):
-                    dist[i] = cj
-                for p in range(n_panels):
-                    q = p * _PANEL
-                    a0 = flat[q * n + b0 : q * n + b0 + m]
-                    a1 = flat[(q + 1) * n + b0 : (q + 1) * n + b0 + m]
-                    a2 = flat[(q + 2) * n + b0 : (q + 2) * n + b0 + m]
-                    a3 = flat[(q + 3) * n + b0 : (q + 3) * n + b0 + m]
-                    c0, c1, c2, c3 = cm2[j, q], cm2[j, q + 1], cm2[j, q + 2], cm2[j, q + 3]
-                    for i in range(m):
-                        dist[i] = dist[i] + c0 * a0[i] + c1 * a1[i] + c2 * a2[i] + c3 * a3[i]
-                for i in range(m):
-                    better = dist[i] < best[i]
-                    best[i] = dist[i] if better else best[i]
-                    arg[i] = j if better else arg[i]
-            for i in range(m):
-                lab = arg[i]
-                labels[b0 + i] = lab
-                lane = i & (_LANES - 1)
-                xx = 0.0
-                for q in range(d):
-                    v = np.float64(xt[q, b0 + i])
-                    xx += v * v
-                    local_sums[lane, lab, q] += v
-                local_counts[lane, lab] += 1.0
-                obj[lane] += max(np.float64(best[i]) + xx, 0.0)
-        for j in range(k):
-            counts[t, j] = local_counts[:, j].sum()
-            for q in range(d):
-                sums[t, j, q] = local_sums[:, j, q].sum()
-        objective[t] = obj.sum()
-
-
-@numba.njit(parallel=True, cache=True)
-def _dist_to_assigned(x, centroids, labels, out):  # OUT out (n,)
-    n, d = x.shape
-    for i in numba.prange(n):
-        s = 0.0
-        for q in range(d):
-            diff = np.float64(x[i, q]) - np.float64(centroids[labels[i], q])
-            s += diff * diff
-        out[i] = s
-
-
-@numba.njit(cache=True)
-def _mix64(z):
-    """SplitMix64 finaliser: a counter-based uniform in [0, 1) keyed by (round seed, global row index)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@numba.njit(parallel=True, cache=True)
-def _oversample(d2, scale, total, ell, seed, offset, chosen):  # OUT chosen (n,) bool
-    n = d2.shape[0]
-    for i in numba.prange(n):
-        w = _weight(d2[i], scale)
-        key = np.uint64(seed) + np.uint64(offset + i) * np.uint64(0x9E3779B97F4A7C15)
-        chosen[i] = w > 0 and _mix64(key) * total < ell * w
-
-
-# ----------------------------------------------------------------------------------------------
-# Initialisation
-
-
-def _n_chunks(n):
-    return max(1, min(4 * numba.get_num_threads(), n // 4096 or 1))
-
-
-def _row(comm, x, counts, global_index):
-    """Row ``global_index`` of the union of the chunks (in rank order), on every rank."""
-    bounds = np.cumsum([0] + list(counts))
-    owner = int(np.searchsorted(bounds, global_index, side="right") - 1)
-    row = x[global_index - bounds[owner]].copy() if comm.rank == owner else None
-    return comm.bcast(row, owner)
-
-
-class _PlusPlusSampler:
-    """D^2 sampling over the union of all chunks, with exact integer weights.
-
-    Every d2 is at most the global maximum of the previous step (d2 only
-    shrinks), so weights floor(d2 * 2^62 / (n_total * that maximum)) sum below
-    2^62; integer sums do not depend on how the rows are split over ranks.
-    """
-
-    def __init__(self, comm, x, counts, first):
-        self.comm, self.x, self.n_total = comm, x, sum(counts)
-        self.d2 = np.empty(x.shape[0], dtype=np.float64)
-        self.chunk_sums = np.zeros(_n_chunks(x.shape[0]), dtype=np.int64)
-        self.global_max = comm.allreduce_max(_d2_to_point(x, first, self.d2) if x.shape[0] else 0.0)
-        self.add(np.empty((0, x.shape[1]), dtype=x.dtype))
-
-    def add(self, new_centroids):
-        """Account for new centroids (m, d): shrink d2, re-weigh, agree on the totals."""
-        self.scale = _WEIGHT_RANGE / (self.n_total * self.global_max) if self.global_max > 0 else 0.0
-        local_max = 0.0
-        if self.x.shape[0]:
-            local_max = _update_d2_and_weigh(self.x, new_centroids, self.d2, self.scale, self.chunk_sums)
-        parts = self.comm.allgather((int(self.chunk_sums.sum()), float(local_max)))
-        self.rank_totals = np.array([p[0] for p in parts], dtype=np.int64)
-        self.total = int(self.rank_totals.sum())
-        self.global_max = max(p[1] for p in parts)
-
-    def draw(self, target):
-        """The row whose cumulative weight first exceeds ``target`` (0 <= target < total), on every rank."""
-        prefix = np.concatenate([[0], np.cumsum(self.rank_totals)])
-        owner = int(np.searchsorted(prefix, target, side="right") - 1)
-        row = None
-        if self.comm.rank == owner:
-            i = _find_weighted(self.d2, self.scale, self.chunk_sums, np.int64(target - prefix[owner]))
-            row = self.x[i].copy()
-        return self.comm.bcast(row, owner)
-
-    def potentials(self, candidates):
-        """For each candidate, the total weight if it were added (greedy k-means++)."""
-        out = np.zeros(candidates.shape[0], dtype=np.int64)
-        if self.x.shape[0]:
-            _trial_potentials(self.x, candidates, self.d2, self.scale, out)
-        return self.comm.allreduce_sum(out)
-
-
-def _plus_plus(comm, x, counts, k, n_trials, rng):
-    n_total = sum(counts)
-    centroids = np.empty((k, x.shape[1]), dtype=x.dtype)
-    centroids[0] = _row(comm, x, counts, int(rng.integers(n_total)))
-    sampler = _PlusPlusSampler(comm, x, counts, centroids[0])
-    for j in range(1, k):
-        if sampler.total == 0:  # every point coincides with a centroid: take any remaining row
-            centroids[j] = _row(comm, x, counts, int(rng.integers(n_total)))
-            continue
-        targets = [int(rng.integers(sampler.total)) for _ in range(n_trials)]
-        candidates = np.array([sampler.draw(t) for t in targets])
-        best = 0
-        if n_trials > 1:  # greedy k-means++: keep the candidate that lowers the potential most
-            best = int(np.argmin(sampler.potentials(candidates)))
-        centroids[j] = candidates[best]
-        sampler.add(centroids[j : j + 1])
-    return centroids
-
-
-def _weighted_plus_plus_lloyd(points, weights, k, rng, iterations=20):
-    """Serial weighted k-means++ then weighted Lloyd on a small candidate set (k-means|| recluster)."""
-    points = points.astype(np.float64)
-    centroids = np.empty((k, points.shape[1]))
-    probs = weights / weights.sum()
-    centroids[0] = points[rng.choice(len(points), p=probs)]
-    d2 = ((points - centroids[0]) ** 2).sum(1)
-    for j in range(1, k):
-        w = weights * d2
-        idx = rng.choice(len(points), p=w / w.sum()) if w.sum() > 0 else int(rng.integers(len(points)))
-        centroids[j] = points[idx]
-        d2 = np.minimum(d2, ((points - centroids[j]) ** 2).sum(1))
-    for _ in range(iterations):
-        labels = ((points[:, None, :] - centroids[None]) ** 2).sum(2).argmin(1)
-        new = centroids.copy()
-        for j in range(k):
-            mask = labels == j
-            if weights[mask].sum() > 0:
-                new[j] = (weights[mask, None] * points[mask]).sum(0) / weights[mask].sum()
-        if np.array_equal(new, centroids):
-            break
-        centroids = new
-    return centroids
-
-
-def _parallel_plus_plus(comm, x, counts, k, oversampling, n_rounds, rng, offset):
-    n_total = sum(counts)
-    first = _row(comm, x, counts, int(rng.integers(n_total)))
-    candidates = [first]
-    sampler = _PlusPlusSampler(comm, x, counts, first)
-    ell = oversampling * k
-    chosen = np.zeros(x.shape[0], dtype=np.bool_)
-    for _ in range(n_rounds):
-        if sampler.total == 0:
-            break
-        seed = int(rng.integers(2**63))
-        if x.shape[0]:
-            _oversample(sampler.d2, sampler.scale, float(sampler.total), ell, seed, offset, chosen)
-        new_rows = np.concatenate(comm.allgather(x[chosen]), axis=0)
-        candidates.extend(new_rows)
-        sampler.add(new_rows)
-    cand = np.array(candidates)
-    # Weight of a candidate: how many points are nearest to it (an exact integer count).
-    labels = np.empty(x.shape[0], dtype=np.int32)
-    n_chunks = _n_chunks(x.shape[0])
-    sums = np.zeros((n_chunks, len(cand), x.shape[1]))
-    cnt = np.zeros((n_chunks, len(cand)))
-    obj = np.zeros(n_chunks)
-    if x.shape[0]:
-        _lloyd_pass(_panels(x), cand.astype(x.dtype), labels, sums, cnt, obj)
-    weights = comm.allreduce_sum(cnt.sum(0))
-    if len(cand) <= k:
-        extra = [_row(comm, x, counts, int(i)) for i in rng.choice(n_total, k, replace=False)]
-        return np.array((list(cand) + extra)[:k], dtype=x.dtype)
-    return _weighted_plus_plus_lloyd(cand, weights, k, rng).astype(x.dtype)
-
-
 class kmeans_init:  # noqa: N801 - daal4py's name
     """Initial centroids for K-Means, as ``daal4py.kmeans_init``.
 
@@ -782,6 +511,17 @@ class kmeans_init:  # noqa: N801 - daal4py's name
         self.distributed, self.fptype = bool(distributed), fptype
 
     def compute(self, data) -> kmeans_init_result:
+        """Initial centroids from ``data`` (this rank's rows when distributed; collective then).
+
+        Parameters
+        ----------
+        data : array_like
+            (n, d) rows.
+
+        Returns
+        -------
+        kmeans_init_result
+        """
         comm = _communicator(self.distributed)
         runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
         call = (("algorithm", "kmeans_init"), ("nClusters", self.nClusters), ("method", self.method),
@@ -850,6 +590,19 @@ class kmeans:  # noqa: N801 - daal4py's name
         self.distributed, self.fptype = bool(distributed), fptype
 
     def compute(self, data, centroids) -> kmeans_result:
+        """Lloyd iterations on ``data`` (this rank's rows when distributed; collective then) from ``centroids``.
+
+        Parameters
+        ----------
+        data : array_like
+            (n, d) rows.
+        centroids : array_like
+            (nClusters, d) starting centroids, the same on every rank.
+
+        Returns
+        -------
+        kmeans_result
+        """
         comm = _communicator(self.distributed)
         runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
         dtype = FPTYPES[self.fptype]
@@ -912,6 +665,6 @@ class kmeans:  # noqa: N801 - daal4py's name
             threshold = np.partition(dist, dist.size - m_local)[dist.size - m_local]
             candidates = np.flatnonzero(dist >= threshold)
             top = candidates[np.lexsort((candidates, -dist[candidates]))][:m_local]
-        local = [(-float(dist[i]), offset + int(i), x[i].copy()) for i in top]
-        everyone = sorted((item for part in comm.allgather(local) for item in part), key=lambda t: (t[0], t[1]))
-        return np.array([row for _, _, row in everyone[:m]], dtype=x.dtype)
+        dists, indices, rows = (comm.allgatherv(a) for a in (dist[top], offset + top.astype(np.int64), x[top]))
+        order = np.lexsort((indices, -dists))[:m]  # farthest first, ties to the lowest global index
+        return np.ascontiguousarray(rows[order], dtype=x.dtype)
