@@ -20,7 +20,7 @@ def kernel_paths() -> dict:
                 "the BLAS numpy was built with")
     lanes = jit_conv.simd_lanes()
     isa = int8.vnni_isa()
-    vnni = f"{int8._U8S8_INSTRUCTION[isa]} ({isa}, {int8._ISA_LANES[isa]} lanes)" if isa else None
+    vnni = int8.describe_isa(isa)
     return {
         "fp32 GEMM": f"numpy {np.__version__} matmul ({blas})",
         "fp32 conv": (f"jit direct convolution, {lanes}-lane FMA vectors" if lanes

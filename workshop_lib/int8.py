@@ -35,6 +35,7 @@ from .kernels import im2col_nhwc
 __all__ = [
     "SEMANTICS",
     "vnni_isa",
+    "describe_isa",
     "fused_isa",
     "saturate_s16",
     "maddubs_pair",
@@ -303,6 +304,24 @@ _U8S8_INSTRUCTION = {"avx512_vnni": "vpdpbusd", "avx_vnni": "vpdpbusd", "i8mm": 
 
 def _lanes(isa):
     return _ISA_LANES[check.option(isa, "isa", tuple(_ISA_LANES))]
+
+
+def describe_isa(isa):
+    """How the int8 kernels run on ``isa`` (a :func:`vnni_isa` answer), in words: instruction, ISA and lanes.
+
+    Parameters
+    ----------
+    isa : str or None
+        ``"avx512_vnni"``, ``"avx_vnni"``, ``"i8mm"``, ``"dotprod"``, or None (the portable path).
+
+    Returns
+    -------
+    str or None
+        E.g. ``"vpdpbusd (avx512_vnni, 16 lanes)"``; None for the portable path.
+    """
+    if isa is None:
+        return None
+    return f"{_U8S8_INSTRUCTION[isa]} ({isa}, {_lanes(isa)} lanes)"
 
 
 class PackedWeights:

@@ -43,9 +43,7 @@ def sharded_optimizers(graph=None):
 
 
 def _chunks(n, p):
-    from .comm import _chunk_bounds  # the ring's own chunking: the chunk a rank owns after the reduce-scatter
-
-    return _chunk_bounds(n, p)
+    return ring.chunk_bounds(n, p)  # the ring's own chunking: the chunk a rank owns after the reduce-scatter
 
 
 class ShardedOptimizer:
