@@ -16,10 +16,17 @@ def _check(args) -> int:
     except Exception as exc:  # noqa: BLE001 - a diagnosis tool reports what broke, never a traceback
         print(f"ERROR: workshop check could not finish: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    try:
+        from .bf16 import describe_path
+
+        info["bf16"] = describe_path()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        info["bf16"] = f"unavailable ({type(exc).__name__}: {exc})"
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(sysinfo.format_report(info))
+        print(f"bf16 kernels: {info['bf16']}")
         try:
             print(placement.format_plan(args.ranks))
         except Exception as exc:  # noqa: BLE001 - e.g. numba refuses NUMBA_NUM_THREADS=0: the problems below say why
