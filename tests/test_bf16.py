@@ -191,3 +191,54 @@ def test_bad_arguments_are_named():
         bf16.gemm_bf16(np.ones((2, 3), np.float32), np.ones((2, 2), np.float32))
     with pytest.raises(ValueError, match="path='gpu'"):
         bf16.gemm_bf16(np.ones((2, 2), np.float32), np.ones((2, 2), np.float32), path="gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# convolution
+
+
+def conv_f64(x, w, pads):
+    """float64 NHWC x HWIO, stride 1, by shifted sums (independent of im2col)."""
+    (pt, pb), (pl, pr) = pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    r, s, _, k = w.shape
+    oh, ow = xp.shape[1] - r + 1, xp.shape[2] - s + 1
+    out = np.zeros((x.shape[0], oh, ow, k))
+    for i in range(r):
+        for j in range(s):
+            out += xp[:, i : i + oh, j : j + ow, :] @ w[i, j].astype(np.float64)
+    return out
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_forward_backward_match_bf16_rounded_float64(path):
+    x = RNG.standard_normal((2, 9, 8, 5)).astype(np.float32)
+    w = RNG.standard_normal((3, 3, 5, 7)).astype(np.float32)
+    bias = RNG.standard_normal(7).astype(np.float32)
+    pads = ((1, 1), (1, 1))
+    xr, wr = bf16.round_bf16(x), bf16.round_bf16(w)
+    y = bf16.conv2d_bf16(x, w, 1, "SAME", bias=bias, relu=True, path=path)
+    expected = np.maximum(conv_f64(xr, wr, pads) + bias, 0)
+    k = 3 * 3 * 5
+    scale = conv_f64(np.abs(xr), np.abs(wr), pads)
+    assert np.all(np.abs(y - expected) <= k * 2.0**-24 * scale + 2.0**-24 * np.abs(expected))
+    # bit for bit: the forward is the reference GEMM of the columns
+    from workshop_lib import kernels
+    cols, _ = kernels.im2col_nhwc(bf16.to_bf16(x), (3, 3), 1, pads)
+    ref = bf16.gemm_reference(cols, bf16.to_bf16(w).reshape(-1, 7)).reshape(y.shape)
+    assert same_bits(y, np.maximum(ref + bias, 0))
+    # gradients: d(sum(conv * g))/dx and /dw by float64 on the bf16-rounded operands
+    g = RNG.standard_normal((2, 9, 8, 7)).astype(np.float32)
+    dx, dw = bf16.conv2d_backward_bf16(g, x, w, 1, "SAME", path=path)
+    gr = bf16.round_bf16(g).astype(np.float64)
+    dw_exp = np.zeros(w.shape)
+    xp = np.pad(xr.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for i in range(3):
+        for j in range(3):
+            dw_exp[i, j] = np.einsum("nhwc,nhwk->ck", xp[:, i : i + 9, j : j + 8], gr)
+    assert np.allclose(dw, dw_exp, rtol=1e-5, atol=1e-4)
+    dx_exp = np.zeros((2, 11, 10, 5))
+    for i in range(3):
+        for j in range(3):
+            dx_exp[:, i : i + 9, j : j + 8] += gr @ wr[i, j].astype(np.float64).T
+    assert np.allclose(dx, dx_exp[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-4)

@@ -34,7 +34,7 @@ from . import _validate as check
 
 __all__ = ["PATHS", "TYPE_TABLE", "to_bf16", "from_bf16", "round_bf16", "dpbf16ps", "gemm_reference",
            "compile_target_features", "bf16_isa", "instructions", "bf16_path", "describe_path", "PackedBF16", "pack_bf16", "gemm_bf16",
-           "gemm_f32"]
+           "gemm_f32", "conv2d_bf16", "conv2d_backward_bf16"]
 
 PATHS = ("auto", "fast", "emulated", "reference", "amx")
 
@@ -611,3 +611,109 @@ def gemm_f32(a, b):
     c = np.empty((mp, np_), dtype=np.float32)
     _fast_gemm("f32")(ap, packed, c)
     return c[:m_size, :n_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution: bf16 operands, fp32 accumulation, fp32 epilogue
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding):
+    from . import kernels
+
+    stride = kernels.hw_pair(stride, "stride")
+    n_size, h, wd, c = x_shape
+    r, s, c_w, k = w_shape
+    if c_w != c:
+        raise ValueError(f"w.shape[2]={c_w} must equal x.shape[3]={c} (the input channels)")
+    pads = kernels._conv_padding(padding, h, wd, r, s, stride)
+    out_h, out_w = kernels._output_hw(h, wd, r, s, stride, pads)
+    kernels._check_output(out_h, out_w, f"the {r}x{s} kernel w", padding, stride, h, wd)
+    return stride, pads, out_h, out_w
+
+
+def _nhwc(x, name, layout):
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name}={x!r} must be a 4-D float32 array {layout}")
+    x = np.asarray(x)
+    if x.ndim != 4 or x.dtype not in (np.float32, np.uint16):
+        raise TypeError(f"{name} must be a 4-D float32 (or uint16 bf16 bits) array {layout}; got {x.dtype} "
+                        f"shape={x.shape}")
+    if 0 in x.shape:
+        raise ValueError(f"{name}.shape={x.shape} must have no empty axis")
+    return x if x.dtype == np.uint16 else _convert(x)
+
+
+def conv2d_bf16(x, w, stride=1, padding="SAME", bias=None, relu=False, path="auto"):
+    """NHWC x HWIO convolution with bf16 operands and fp32 accumulation; fp32 bias and ReLU epilogue.
+
+    The receptive fields of the bf16 input (im2col, 2 bytes an element) times the bf16 filter on
+    :func:`gemm_bf16`: every output is one vdpbf16ps chain over (r, s, c) in order, then ``+ bias`` and
+    ``max(0, .)`` in float32.
+
+    Parameters
+    ----------
+    x : (N, H, W, C) float32 (rounded to bf16 here) or uint16 bf16 bits
+    w : (R, S, C, K) float32 or bf16 bits, HWIO
+    stride : int or (sh, sw)
+    padding : "SAME", "VALID", int or ((top, bottom), (left, right))
+    bias : (K,) float32 or None
+    relu : bool
+    path : as for :func:`gemm_bf16`
+
+    Returns
+    -------
+    out : (N, OH, OW, K) float32. Error bound against float64 of the float32 inputs: that of
+    :func:`gemm_bf16` with K = R*S*C.
+    """
+    from . import kernels
+
+    xb, wb = _nhwc(x, "x", "(N, H, W, C)"), _nhwc(w, "w", "(R, S, C, K), HWIO")
+    stride, pads, out_h, out_w = _conv_geometry(xb.shape, wb.shape, stride, padding)
+    r, s, c, k = wb.shape
+    if bias is not None:
+        bias = check.array(bias, "bias", 1, (np.float32,), f"({k},)")
+        check.shape(bias, "bias", (k,), "one value per output channel")
+    cols, _ = kernels.im2col_nhwc(xb, (r, s), stride, pads)
+    out = gemm_bf16(cols, wb.reshape(r * s * c, k), path).reshape(xb.shape[0], out_h, out_w, k)
+    if bias is not None:
+        out += bias
+    if relu:
+        np.maximum(out, 0, out=out)
+    return np.ascontiguousarray(out)
+
+
+def conv2d_backward_bf16(dy, x, w, stride=1, padding="SAME", need_dx=True, need_dw=True, path="auto"):
+    """(dx, dw) of :func:`conv2d_bf16` (before its bias and ReLU): both products on bf16 operands, fp32 sums.
+
+    ``dw = cols(x)^T @ dy`` (backward-weights) and ``dx = col2im(dy @ w^T)`` (backward-data; the
+    columns' gradient is fp32 and folded back onto the pixels in fp32).
+
+    Parameters
+    ----------
+    dy : (N, OH, OW, K) float32, the gradient of the convolution's output
+    x, w, stride, padding : the forward's
+    need_dx, need_dw : bool; a skipped gradient is returned as None
+    path : as for :func:`gemm_bf16`
+
+    Returns
+    -------
+    (dx (N, H, W, C) float32 or None, dw (R, S, C, K) float32 or None)
+    """
+    from . import kernels
+
+    xb, wb = _nhwc(x, "x", "(N, H, W, C)"), _nhwc(w, "w", "(R, S, C, K), HWIO")
+    stride, pads, out_h, out_w = _conv_geometry(xb.shape, wb.shape, stride, padding)
+    n_size, h, wd, c = xb.shape
+    r, s, _, k = wb.shape
+    dyb = _nhwc(dy, "dy", "(N, OH, OW, K)")
+    check.shape(dyb, "dy", (n_size, out_h, out_w, k), "the shape of the forward output")
+    d2 = dyb.reshape(-1, k)
+    dw = dx = None
+    if need_dw:
+        cols, _ = kernels.im2col_nhwc(xb, (r, s), stride, pads)
+        dw = gemm_bf16(np.ascontiguousarray(cols.T), d2, path).reshape(r, s, c, k)
+    if need_dx:
+        dcols = gemm_bf16(d2, np.ascontiguousarray(wb.reshape(-1, k).T), path)
+        dx = np.zeros((n_size, h, wd, c), dtype=np.float32)
+        kernels._col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx)
+    return dx, dw
