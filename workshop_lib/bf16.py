@@ -294,12 +294,32 @@ class PackedBF16:
     def __init__(self, b):
         bits = _as_bits(b, "b")
         k_size, n_size = bits.shape
-        kp, np_ = k_size + k_size % 2, -(-n_size // _COLS) * _COLS
-        padded = np.zeros((kp, np_), dtype=np.uint16)
-        padded[:k_size, :n_size] = bits
-        blocked = padded.reshape(kp // 2, 2, np_ // _COLS, _COLS).transpose(2, 0, 3, 1)
-        self.data = np.ascontiguousarray(blocked).view(np.int32).reshape(np_ // _COLS, kp // 2, _COLS)
+        groups, panels = (k_size + 1) // 2, -(-n_size // _COLS)
+        data = np.empty((panels, groups, _COLS, 2), dtype=np.uint16)
+        _pack_b_pairs(bits, data)  # any strides: B may be a transposed view
+        self.data = data.view(np.int32).reshape(panels, groups, _COLS)
         self.shape = (k_size, n_size)
+
+
+@numba.njit(parallel=True, cache=True)
+def _pack_b_pairs(b, out):  # IN b (K, N) uint16, any strides; OUT out (P, G, 64, 2): pairs of K, zero-padded
+    k_size, n_size = b.shape
+    n_panels, n_groups, cols = out.shape[0], out.shape[1], out.shape[2]
+    for job in numba.prange(n_panels * n_groups):
+        p, g = job // n_groups, job % n_groups
+        for h in range(2):
+            k = 2 * g + h
+            for j in range(cols):
+                n = p * cols + j
+                out[p, g, j, h] = b[k, n] if k < k_size and n < n_size else np.uint16(0)
+
+
+@numba.njit(parallel=True, cache=True)
+def _pack_a_pairs(a, out):  # IN a (M, K) uint16, any strides; OUT out (Mp, 2G): a zero-padded copy
+    m_size, k_size = a.shape
+    for i in numba.prange(out.shape[0]):
+        for k in range(out.shape[1]):
+            out[i, k] = a[i, k] if i < m_size and k < k_size else np.uint16(0)
 
 
 def pack_bf16(b):
@@ -525,11 +545,11 @@ def _a_rows(bits, groups):
     """A's bf16 bits padded to rows % 6 == 0 and K = 2*groups, viewed as int32 pairs (Mp, groups)."""
     m_size, k_size = bits.shape
     mp = -(-m_size // _MR) * _MR
-    if mp != m_size or k_size != 2 * groups:
-        padded = np.zeros((mp, 2 * groups), dtype=np.uint16)
-        padded[:m_size, :k_size] = bits
-        bits = padded
-    return np.ascontiguousarray(bits).view(np.int32)
+    if mp == m_size and k_size == 2 * groups and bits.flags.c_contiguous:
+        return bits.view(np.int32)
+    padded = np.empty((mp, 2 * groups), dtype=np.uint16)
+    _pack_a_pairs(bits, padded)  # any strides: A may be a transposed view
+    return padded.view(np.int32)
 
 
 def gemm_bf16(a, b, path="auto"):
@@ -643,7 +663,7 @@ def _nhwc(x, name, layout):
     return x if x.dtype == np.uint16 else _convert(x)
 
 
-def conv2d_bf16(x, w, stride=1, padding="SAME", bias=None, relu=False, path="auto"):
+def conv2d_bf16(x, w, stride=1, padding="SAME", bias=None, relu=False, path="auto", return_cols=False):
     """NHWC x HWIO convolution with bf16 operands and fp32 accumulation; fp32 bias and ReLU epilogue.
 
     The receptive fields of the bf16 input (im2col, 2 bytes an element) times the bf16 filter on
@@ -659,11 +679,13 @@ def conv2d_bf16(x, w, stride=1, padding="SAME", bias=None, relu=False, path="aut
     bias : (K,) float32 or None
     relu : bool
     path : as for :func:`gemm_bf16`
+    return_cols : bool
+        Also return the bf16 receptive fields (the workspace :func:`conv2d_backward_bf16` reuses).
 
     Returns
     -------
     out : (N, OH, OW, K) float32. Error bound against float64 of the float32 inputs: that of
-    :func:`gemm_bf16` with K = R*S*C.
+    :func:`gemm_bf16` with K = R*S*C. With ``return_cols``: (out, cols (N*OH*OW, R*S*C) uint16).
     """
     from . import kernels
 
@@ -679,10 +701,11 @@ def conv2d_bf16(x, w, stride=1, padding="SAME", bias=None, relu=False, path="aut
         out += bias
     if relu:
         np.maximum(out, 0, out=out)
-    return np.ascontiguousarray(out)
+    out = np.ascontiguousarray(out)
+    return (out, cols) if return_cols else out
 
 
-def conv2d_backward_bf16(dy, x, w, stride=1, padding="SAME", need_dx=True, need_dw=True, path="auto"):
+def conv2d_backward_bf16(dy, x, w, stride=1, padding="SAME", need_dx=True, need_dw=True, path="auto", cols=None):
     """(dx, dw) of :func:`conv2d_bf16` (before its bias and ReLU): both products on bf16 operands, fp32 sums.
 
     ``dw = cols(x)^T @ dy`` (backward-weights) and ``dx = col2im(dy @ w^T)`` (backward-data; the
@@ -694,6 +717,7 @@ def conv2d_backward_bf16(dy, x, w, stride=1, padding="SAME", need_dx=True, need_
     x, w, stride, padding : the forward's
     need_dx, need_dw : bool; a skipped gradient is returned as None
     path : as for :func:`gemm_bf16`
+    cols : the forward's receptive fields (``conv2d_bf16(..., return_cols=True)``), or None to rebuild them
 
     Returns
     -------
@@ -710,10 +734,12 @@ def conv2d_backward_bf16(dy, x, w, stride=1, padding="SAME", need_dx=True, need_
     d2 = dyb.reshape(-1, k)
     dw = dx = None
     if need_dw:
-        cols, _ = kernels.im2col_nhwc(xb, (r, s), stride, pads)
-        dw = gemm_bf16(np.ascontiguousarray(cols.T), d2, path).reshape(r, s, c, k)
+        if cols is None or cols.dtype != np.uint16 or cols.shape != (d2.shape[0], r * s * c):
+            cols, _ = kernels.im2col_nhwc(xb, (r, s), stride, pads)
+        # dw^T = dy^T @ cols: the columns are B, packed along their contiguous rows; dy^T is the small side
+        dw = np.ascontiguousarray(gemm_bf16(d2.T, cols, path).T).reshape(r, s, c, k)
     if need_dx:
-        dcols = gemm_bf16(d2, np.ascontiguousarray(wb.reshape(-1, k).T), path)
+        dcols = gemm_bf16(d2, wb.reshape(-1, k).T, path)
         dx = np.zeros((n_size, h, wd, c), dtype=np.float32)
         kernels._col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx)
     return dx, dw
