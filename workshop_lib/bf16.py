@@ -133,12 +133,14 @@ def dpbf16ps(acc, a, b):
     return _add_product(out, products[..., 0::2])
 
 
-def gemm_reference(a, b):
+def gemm_reference(a, b, first="odd"):
     """C = A @ B with vdpbf16ps's arithmetic, K walked in pairs from the start, one accumulator per element.
 
     ``a`` (M, K) and ``b`` (K, N) are float32 (rounded with :func:`to_bf16` first) or uint16 bf16 bits; K is
     padded with a zero to an even length. Every element of C is the chain of roundings one lane of the
-    fast kernel performs, so the fast and emulated paths must agree with this bit for bit.
+    fast kernel performs, so the fast and emulated paths must agree with this bit for bit. ``first``:
+    which product of a pair is added first, ``"odd"`` (vdpbf16ps) or ``"even"`` (the order of the SDM's
+    pseudo-code for AMX's tdpbf16ps, :mod:`workshop_lib.amx`).
 
     Returns
     -------
@@ -146,13 +148,16 @@ def gemm_reference(a, b):
     """
     a_bits, b_bits = _as_bits(a, "a"), _as_bits(b, "b")
     _check_inner(a_bits, b_bits)
-    a_bits, b_bits = _pad_axis(a_bits, 1, 2), _pad_axis(b_bits, 0, 2)
+    from .int8 import _pad_k
+
+    a_bits, b_bits = _pad_k(a_bits, 1, 2), _pad_k(b_bits, 0, 2)
     with np.errstate(invalid="ignore"):
         af, bf = _daz(from_bf16(a_bits)).astype(np.float64), _daz(from_bf16(b_bits)).astype(np.float64)
         acc = np.zeros((a_bits.shape[0], b_bits.shape[1]), dtype=np.float32)
+        order = {"odd": (1, 0), "even": (0, 1)}[check.option(first, "first", ("odd", "even"))]
         for k in range(0, a_bits.shape[1], 2):
-            acc = _add_product(acc, af[:, k + 1, None] * bf[None, k + 1, :])
-            acc = _add_product(acc, af[:, k, None] * bf[None, k, :])
+            for h in order:
+                acc = _add_product(acc, af[:, k + h, None] * bf[None, k + h, :])
     return acc
 
 
@@ -267,15 +272,6 @@ def _check_inner(a, b):
         raise ValueError(f"a.shape[1]={a.shape[1]} must equal b.shape[0]={b.shape[0]}")
     if 0 in a.shape or 0 in b.shape:
         raise ValueError(f"a.shape={a.shape} and b.shape={b.shape} must have no empty axis")
-
-
-def _pad_axis(x, axis, multiple):
-    extra = -x.shape[axis] % multiple
-    if not extra:
-        return np.ascontiguousarray(x)
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (0, extra)
-    return np.pad(x, pad)
 
 
 _MR = 6  # rows of A per micro-tile

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 SEMANTICS = ("vnni", "avx512bw")
-PATHS = ("auto", "fast", "portable", "reference")
+PATHS = ("auto", "fast", "portable", "reference", "amx")  # "amx": tdpbusd tiles (workshop_lib.amx), u8 x s8 only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,9 +343,17 @@ def _run_fast(a, b_packed, instruction):
     return c[:m_size, : b_packed.shape[1]]
 
 
-def _resolve_path(path):
+def _resolve_path(path, amx_ok=False):
     if path not in PATHS:
         raise ValueError(f"path={path!r} must be one of {PATHS}")
+    if path == "amx" and not amx_ok:
+        raise ValueError("path='amx' is for u8 x s8 (tdpbusd) with b an int8 matrix (not PackedWeights): "
+                         "gemm_u8s8s32 and conv2d_u8s8s32")
+    if amx_ok and path in ("auto", "amx"):
+        from .amx import amx_int8_status
+
+        if path == "amx" or amx_int8_status()[0]:  # "amx" itself raises where the tiles are unusable
+            return "amx", None
     isa = vnni_isa()
     if path == "auto":
         return ("fast", isa) if isa else ("portable", None)
@@ -366,9 +374,11 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
         32-bit accumulator that wraps on overflow. ``"avx512bw"``: the pre-VNNI
         sequence, in which each adjacent pair of products is summed with signed
         16-bit saturation first. K is zero-padded to a multiple of 4 (zeros change neither).
-    path : {"auto", "fast", "portable", "reference"}
+    path : {"auto", "fast", "portable", "reference", "amx"}
         Which kernel computes ``"vnni"``: the real VNNI instruction (``"fast"``,
         the default where the CPU has it), plain numba loops, or the reference.
+        ``"amx"``: AMX tiles (``tdpbusd``, :mod:`workshop_lib.amx`), what ``"auto"`` picks where the CPU has
+        AMX-INT8 and Linux grants the tile state; ``RuntimeError`` elsewhere.
         All give identical bits. ``"avx512bw"`` always uses its reference kernel.
 
     Returns
@@ -395,7 +405,11 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
         c = np.empty((a.shape[0], b.shape[1]), dtype=np.int32)
         _gemm_u8s8s32_avx512bw_reference(_pad_k(a, 1, 4), _pad_k(b, 0, 4), c)
         return c
-    path, isa = _resolve_path(path)
+    path, isa = _resolve_path(path, amx_ok=not isinstance(b, PackedWeights))
+    if path == "amx":
+        from .amx import gemm_u8s8s32_amx
+
+        return gemm_u8s8s32_amx(np.ascontiguousarray(a), np.ascontiguousarray(b))
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
         return _run_fast(a, packed, "vpdpbusd")
