@@ -3,6 +3,7 @@ every GEMM path bit for bit equal to the model."""
 
 import numpy as np
 import pytest
+from test_jit_conv import conv_reference  # float64 NHWC convolution, one einsum per tap
 
 from workshop_lib import bf16
 
@@ -197,19 +198,6 @@ def test_bad_arguments_are_named():
 # convolution
 
 
-def conv_f64(x, w, pads):
-    """float64 NHWC x HWIO, stride 1, by shifted sums (independent of im2col)."""
-    (pt, pb), (pl, pr) = pads
-    xp = np.pad(x.astype(np.float64), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    r, s, _, k = w.shape
-    oh, ow = xp.shape[1] - r + 1, xp.shape[2] - s + 1
-    out = np.zeros((x.shape[0], oh, ow, k))
-    for i in range(r):
-        for j in range(s):
-            out += xp[:, i : i + oh, j : j + ow, :] @ w[i, j].astype(np.float64)
-    return out
-
-
 @pytest.mark.parametrize("path", PATHS)
 def test_conv_forward_backward_match_bf16_rounded_float64(path):
     x = RNG.standard_normal((2, 9, 8, 5)).astype(np.float32)
@@ -218,9 +206,9 @@ def test_conv_forward_backward_match_bf16_rounded_float64(path):
     pads = ((1, 1), (1, 1))
     xr, wr = bf16.round_bf16(x), bf16.round_bf16(w)
     y = bf16.conv2d_bf16(x, w, 1, "SAME", bias=bias, relu=True, path=path)
-    expected = np.maximum(conv_f64(xr, wr, pads) + bias, 0)
+    expected = np.maximum(conv_reference(xr, wr, pads) + bias, 0)
     k = 3 * 3 * 5
-    scale = conv_f64(np.abs(xr), np.abs(wr), pads)
+    scale = conv_reference(np.abs(xr), np.abs(wr), pads)
     assert np.all(np.abs(y - expected) <= k * 2.0**-24 * scale + 2.0**-24 * np.abs(expected))
     # bit for bit: the forward is the reference GEMM of the columns
     from workshop_lib import kernels
