@@ -230,3 +230,11 @@ def test_conv_forward_backward_match_bf16_rounded_float64(path):
         for j in range(3):
             dx_exp[:, i : i + 9, j : j + 8] += gr @ wr[i, j].astype(np.float64).T
     assert np.allclose(dx, dx_exp[:, 1:-1, 1:-1], rtol=1e-5, atol=1e-4)
+
+
+def test_workshop_check_names_the_bf16_path(capsys):
+    from workshop_lib import cli
+
+    cli.main(["check", "--no-mpi"])
+    out = capsys.readouterr().out
+    assert f"bf16 kernels: {bf16.bf16_path('auto')} (" in out
