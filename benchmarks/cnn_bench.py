@@ -5,6 +5,7 @@ Run:  python benchmarks/cnn_bench.py                      (training, batch 50, 2
       python benchmarks/cnn_bench.py --num-batches 10 --json out.json
       python benchmarks/cnn_bench.py --background-load 2   (2 busy processes share the CPU meanwhile)
       python benchmarks/cnn_bench.py --rounds 6 --num-batches 10 --variants optimized
+      python benchmarks/cnn_bench.py --bf16 --variants optimized --rounds 3   (bf16 mixed precision vs fp32)
                                     (6 interleaved rounds: each ratio's median over rounds, on a noisy machine)
 
 The variants are ``tf.GraphOptions(kernels=NAME)``, the slides' split of CPU optimizations:
@@ -49,10 +50,32 @@ def _wanted(mode):
     train = mode == "train"
     return [("optimized", "stock", " (target >= 5x)" if train else ""), ("optimized", "reference", ""),
             ("reference", "stock", " (the compiler used your ISA)"),
-            ("optimized", "pytorch", " (target >= 1.3x)" if train else ""), ("optimized", "tensorflow", "")]
+            ("optimized", "pytorch", " (target >= 1.3x)" if train else ""), ("optimized", "tensorflow", ""),
+            ("bf16", "optimized", " (bf16 mixed precision over fp32; target >= 1.6x)" if train else ""),
+            ("bf16", "pytorch_bf16", " (target >= 1.3x)" if train else "")]
 
 
-NAMES = {"pytorch": "PyTorch", "tensorflow": "TensorFlow"}
+NAMES = {"pytorch": "PyTorch", "tensorflow": "TensorFlow", "pytorch_bf16": "PyTorch autocast bf16"}
+
+
+def measure_bf16_cnn(mode="train", batch_size=50, num_batches=20, num_warmup=3, threads=2, images=None, labels=None):
+    """The optimized variant with mixed precision: ``GraphOptions(precision="bf16")`` (bf16 conv/matmul, fp32 rest)."""
+    import workshop_lib.tf as tf
+    from workshop_lib import models
+
+    model = models.TrainingGraph(seed=0)
+    config = tf.ConfigProto(intra_op_parallelism_threads=threads, graph_options=tf.GraphOptions(precision="bf16"))
+    with model.session(config) as sess:
+        return bench._time_steps(sess, model, mode, batch_size, num_batches, num_warmup, images, labels, False,
+                                 f"bf16, {mode}, {threads} thread(s)")
+
+
+def measure_torch_autocast_cnn(**common):
+    """PyTorch's CPU mixed precision: the same model under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return bench.measure_torch_cnn(**common)
 
 
 def ratio_lines(results, mode):
@@ -104,6 +127,9 @@ def _runs(args, common):
     """(name, title, measure) for every variant and every installed peer, in the order they are measured."""
     runs = [(name, f"workshop_lib.tf, {name}", functools.partial(bench.measure_cnn, name, **common))
             for name in args.variants]
+    if args.bf16:
+        runs.append(("bf16", "workshop_lib.tf, optimized + bf16 mixed precision",
+                     functools.partial(measure_bf16_cnn, **common)))
     for flag, module, name, title, measure in (
             (args.no_tensorflow, "tensorflow", "tensorflow", "TensorFlow {}, tf.compat.v1 (same graph)",
              _quiet_tensorflow_cnn),
@@ -115,6 +141,9 @@ def _runs(args, common):
             print(f"\n({title.split()[0]} is not installed: no {title.split()[0]} comparison)")
         else:
             runs.append((name, title.format(version), functools.partial(measure, **common)))
+            if name == "pytorch" and args.bf16:
+                runs.append(("pytorch_bf16", f"PyTorch {version}, autocast bf16 (same model)",
+                             functools.partial(measure_torch_autocast_cnn, **common)))
     return runs
 
 
@@ -127,6 +156,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
     parser.add_argument("--display-every", type=int, default=10)
     parser.add_argument("--variants", nargs="+", default=list(bench.VARIANTS), choices=list(bench.VARIANTS))
+    parser.add_argument("--bf16", action="store_true",
+                        help="also measure bf16 mixed precision (GraphOptions(precision='bf16')) and, when PyTorch is "
+                             "installed, its CPU autocast bf16")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch even when installed")
     parser.add_argument("--no-tensorflow", action="store_true", help="skip TensorFlow even when installed")
     parser.add_argument("--background-load", type=int, default=0, metavar="N",

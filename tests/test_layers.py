@@ -17,7 +17,7 @@ LIB = Path(__file__).resolve().parent.parent / "workshop_lib"
 # DESIGN's order, bottom first; a unit may import units of lower levels, and of its own level
 LEVELS = [
     {"__init__", "data", "sysinfo", "_validate", "runtime"},
-    {"kernels", "jit_conv", "int8", "int8_layers", "bf16"},
+    {"kernels", "jit_conv", "int8", "int8_layers", "bf16", "amx"},
     {"quantization", "roofline"},
     {"placement"},
     {"tf"},
@@ -37,7 +37,7 @@ FAMILY = {"elastic": "hvd", "sharded": "hvd", "compression": "hvd"}
 NEVER = {
     "comm": {"tf", "hvd", "d4p", "models"},
     **{unit: {"placement", "job", "comm", "hvd", "d4p"}  # kernels know no MPI
-       for unit in ("kernels", "jit_conv", "int8", "int8_layers", "bf16", "quantization", "runtime")},
+       for unit in ("kernels", "jit_conv", "int8", "int8_layers", "bf16", "amx", "quantization", "runtime")},
 }
 # known exceptions (none: kernels' sliced GEMM now lives in runtime)
 ALLOWED = set()

@@ -41,7 +41,7 @@ def test_amx_is_usable_only_with_the_cpu_flags_and_the_kernels_permission():
     if not has_flags:
         assert not usable and reason.startswith("the CPU has no amx_"), reason
     # asking the kernel directly: granted exactly where the CPU has the tiles (Linux x86-64 >= 5.16)
-    refused = sysinfo._request_tile_permission()
+    refused = sysinfo.request_tile_permission()
     if has_flags:
         assert usable == (refused is None), (usable, refused)
     else:

@@ -43,10 +43,17 @@ def _check(args) -> int:
         info["kernel_paths"] = kernel_paths()
     except Exception as exc:  # noqa: BLE001 - numba cannot import: the problems below say why
         info["kernel_paths"] = {"every kernel": f"unavailable ({type(exc).__name__}: {exc})"}
+    try:
+        from .bf16 import describe_path
+
+        info["bf16"] = describe_path()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        info["bf16"] = f"unavailable ({type(exc).__name__}: {exc})"
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
         print(sysinfo.format_report(info))
+        print(f"bf16 kernels: {info['bf16']}")
         try:
             print(placement.format_plan(args.ranks))
         except Exception as exc:  # noqa: BLE001 - e.g. numba refuses NUMBA_NUM_THREADS=0: the problems below say why
@@ -151,10 +158,18 @@ def _train(args) -> int:
     if problem is not None:
         print(f"ERROR: {problem}", file=sys.stderr)
         return 2
-    train = models.train_mnist_cnn_tf if args.engine == "tf" else models.train_mnist_cnn
-    params, history = train(args.steps, args.batch_size, args.lr, seed=args.seed, data=data, progress=not args.quiet)
+    engine, extra = args.engine, {}
+    if args.precision == "bf16":  # mixed precision is a pass of the graph engine
+        if engine == "kernels":
+            print("note: --precision bf16 trains on the graph engine (--engine tf), whose pass it is", file=sys.stderr)
+        import workshop_lib.tf as tf
+
+        engine, extra = "tf", {"config": tf.ConfigProto(graph_options=tf.GraphOptions(precision="bf16"))}
+    train = models.train_mnist_cnn_tf if engine == "tf" else models.train_mnist_cnn
+    params, history = train(args.steps, args.batch_size, args.lr, seed=args.seed, data=data, progress=not args.quiet,
+                            **extra)
     meta = models.training_metadata(history, params, data, args.seed, args.steps, args.batch_size, args.lr)
-    meta["engine"] = args.engine
+    meta["engine"], meta["precision"] = engine, args.precision
     models.save_model(out, params, meta)
     print(f"held-out accuracy {meta['accuracy']:.4f} after {args.steps} steps ({meta['train_seconds']} s); wrote {out}")
     return 0
@@ -389,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--engine", choices=["kernels", "tf"], default="kernels",
                        help="train with the kernels directly or with the workshop_lib.tf graph engine")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                       help="bf16: mixed precision (bf16 convolutions and matmuls, fp32 weights, loss and update) "
+                            "on the graph engine")
     train.set_defaults(func=_train)
 
     names = bench_names()

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 SEMANTICS = ("vnni", "avx512bw")
-PATHS = ("auto", "fast", "portable", "reference")
+PATHS = ("auto", "fast", "portable", "reference", "amx")  # "amx": tdpbusd tiles (workshop_lib.amx), u8 x s8 only
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def _check_matrix(x, name, dtypes):
     return x
 
 
-def _pad_k(x, axis, multiple):
+def pad_k(x, axis, multiple):
     extra = -x.shape[axis] % multiple
     if not extra:
         return np.ascontiguousarray(x)
@@ -401,7 +401,7 @@ def _pad_k(x, axis, multiple):
 def _run_fast(a, b_packed, instruction):
     m_size, k_size = a.shape
     per_group = 4 // a.dtype.itemsize
-    a = _pad_k(a, 1, per_group)
+    a = pad_k(a, 1, per_group)
     mp = -(-m_size // _MR) * _MR
     if mp != m_size or a.shape[1] != b_packed.data.shape[1] * per_group:
         padded = np.zeros((mp, b_packed.data.shape[1] * per_group), dtype=a.dtype)
@@ -424,9 +424,16 @@ def _sign_fix(b_packed):
     return ((sums * 128) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
 
 
-def _resolve_path(path):
+def _resolve_path(path, amx_ok=False):
     if path not in PATHS:
         raise ValueError(f"path={path!r} must be one of {PATHS}")
+    if path == "amx" and not amx_ok:
+        raise ValueError("path='amx' is for u8 x s8 (tdpbusd) with b an int8 matrix (not PackedWeights): "
+                         "gemm_u8s8s32 and conv2d_u8s8s32")
+    if amx_ok and path == "amx":  # raises, with the reason, where the tiles are unusable
+        return "amx", None
+    # "auto" does not pick AMX yet: the tile path is tested against its numpy model and compiled for
+    # sapphirerapids, but it has not run on an AMX CPU; until it has, auto stays on VNNI (path="amx" asks for it)
     isa = vnni_isa()
     if path == "auto":
         return ("fast", isa) if isa else ("portable", None)
@@ -447,9 +454,11 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
         32-bit accumulator that wraps on overflow. ``"avx512bw"``: the pre-VNNI
         sequence, in which each adjacent pair of products is summed with signed
         16-bit saturation first. K is zero-padded to a multiple of 4 (zeros change neither).
-    path : {"auto", "fast", "portable", "reference"}
+    path : {"auto", "fast", "portable", "reference", "amx"}
         Which kernel computes ``"vnni"``: the real VNNI instruction (``"fast"``,
         the default where the CPU has it), plain numba loops, or the reference.
+        ``"amx"``: AMX tiles (``tdpbusd``, :mod:`workshop_lib.amx`) where the CPU has AMX-INT8 and Linux grants
+        the tile state, ``RuntimeError`` elsewhere; ``"auto"`` does not pick it yet (not run on AMX hardware).
         All give identical bits. ``"avx512bw"`` always uses its reference kernel.
 
     Returns
@@ -474,9 +483,13 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
         raise ValueError("packed weights are for the fast VNNI path only; pass the int8 matrix instead")
     if semantics == "avx512bw":
         c = np.empty((a.shape[0], b.shape[1]), dtype=np.int32)
-        _gemm_u8s8s32_avx512bw_reference(_pad_k(a, 1, 4), _pad_k(b, 0, 4), c)
+        _gemm_u8s8s32_avx512bw_reference(pad_k(a, 1, 4), pad_k(b, 0, 4), c)
         return c
-    path, isa = _resolve_path(path)
+    path, isa = _resolve_path(path, amx_ok=not isinstance(b, PackedWeights))
+    if path == "amx":
+        from .amx import gemm_u8s8s32_amx
+
+        return gemm_u8s8s32_amx(np.ascontiguousarray(a), np.ascontiguousarray(b))
     runtime.yield_blas()  # the BLAS's idle workers give the cores to numba's
     if path == "fast":
         packed = b if isinstance(b, PackedWeights) else PackedWeights(b, _lanes(isa))
@@ -485,7 +498,7 @@ def gemm_u8s8s32(a, b, semantics="vnni", path="auto"):
     if path == "portable":
         _gemm_int_portable(np.ascontiguousarray(a), np.ascontiguousarray(b), c)
     else:
-        _gemm_u8s8s32_vnni_reference(_pad_k(a, 1, 4), _pad_k(b, 0, 4), c)
+        _gemm_u8s8s32_vnni_reference(pad_k(a, 1, 4), pad_k(b, 0, 4), c)
     return c
 
 
@@ -510,7 +523,7 @@ def gemm_s16s16s32(a, b, path="auto"):
     if path == "portable":
         _gemm_int_portable(np.ascontiguousarray(a), np.ascontiguousarray(b), c)
     else:
-        _gemm_s16s16s32_reference(_pad_k(a, 1, 2), _pad_k(b, 0, 2), c)
+        _gemm_s16s16s32_reference(pad_k(a, 1, 2), pad_k(b, 0, 2), c)
     return c
 
 

@@ -70,13 +70,13 @@ def _check_image(x, name, data_format, dtypes):
     return x
 
 
-def _output_hw(h, w, r, s, stride, pads):
-    """(OH, OW) for resolved pads ((top, bottom), (left, right)): may be < 1, see :func:`_check_output`."""
+def output_hw(h, w, r, s, stride, pads):
+    """(OH, OW) for resolved pads ((top, bottom), (left, right)): may be < 1, see :func:`check_output`."""
     (pt, pb), (pl, pr) = pads
     return (h + pt + pb - r) // stride[0] + 1, (w + pl + pr - s) // stride[1] + 1
 
 
-def _check_output(out_h, out_w, window, padding, stride, h, w):
+def check_output(out_h, out_w, window, padding, stride, h, w):
     """An empty output is an error: no path may return an empty array (TF raises the same)."""
     if out_h < 1 or out_w < 1:
         raise ValueError(f"{window} with padding={padding!r} and stride={stride} does not fit the {h}x{w} input: "
@@ -145,7 +145,7 @@ def gemm_backward(dc, cache):
 # ----------------------------------------------------------------------------------------------
 # Convolution
 
-def _conv_padding(padding, h, w, r, s, stride):
+def conv_padding(padding, h, w, r, s, stride):
     """((top, bottom), (left, right)) for "SAME", "VALID", an int, or explicit pairs."""
     if isinstance(padding, str):
         if padding.upper() == "VALID":
@@ -199,9 +199,9 @@ def im2col_nhwc(x, ksize, stride=(1, 1), padding="VALID", pad_value=0):
     x = _check_image(x, "x", "NHWC", check.REALS)
     (r, s), stride = hw_pair(ksize, "ksize"), hw_pair(stride, "stride")
     n_size, h, w, c = x.shape
-    (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)
-    out_h, out_w = _output_hw(h, w, r, s, stride, ((pt, pb), (pl, pr)))
-    _check_output(out_h, out_w, f"ksize={(r, s)}", padding, stride, h, w)
+    (pt, pb), (pl, pr) = conv_padding(padding, h, w, r, s, stride)
+    out_h, out_w = output_hw(h, w, r, s, stride, ((pt, pb), (pl, pr)))
+    check_output(out_h, out_w, f"ksize={(r, s)}", padding, stride, h, w)
     cols = np.empty((n_size * out_h * out_w, r * s * c), dtype=x.dtype)
     _im2col_nhwc(np.ascontiguousarray(x), r, s, stride[0], stride[1], pt, pl, out_h, out_w,
                  _pad_value(pad_value, x.dtype), cols)
@@ -220,8 +220,8 @@ def conv2d_output_size(h, w, r, s, stride, padding):
     h, w = check.integer(h, "h", 1), check.integer(w, "w", 1)
     r, s = check.integer(r, "r", 1), check.integer(s, "s", 1)
     stride = hw_pair(stride, "stride")
-    out_h, out_w = _output_hw(h, w, r, s, stride, _conv_padding(padding, h, w, r, s, stride))
-    _check_output(out_h, out_w, f"a {r}x{s} window", padding, stride, h, w)
+    out_h, out_w = output_hw(h, w, r, s, stride, conv_padding(padding, h, w, r, s, stride))
+    check_output(out_h, out_w, f"a {r}x{s} window", padding, stride, h, w)
     return out_h, out_w
 
 
@@ -273,7 +273,7 @@ def _conv2d_direct_nchw(x, w, sh, sw, pt, pl, out):  # IN x (N,C,H,W), w (R,S,C,
 
 
 @numba.njit(parallel=True, cache=True)
-def _col2im_nhwc(dcols, r_size, s_size, sh, sw, pt, pl, out_h, out_w, dx):  # OUT dx (N,H,W,C), zeroed
+def col2im_nhwc(dcols, r_size, s_size, sh, sw, pt, pl, out_h, out_w, dx):  # OUT dx (N,H,W,C), zeroed
     """The adjoint of im2col, as a gather: each input pixel sums the column entries that read it.
 
     One thread owns each input row (n, ih), so no two threads touch the same dx element, and the
@@ -318,7 +318,7 @@ def conv2d_cache(x, w, stride=1, padding="SAME", data_format="NHWC", cols=None):
     _check_format(data_format)
     stride = hw_pair(stride, "stride")
     h, wd = x.shape[1:3] if data_format == "NHWC" else x.shape[2:4]
-    return ConvCache(x, w, stride, _conv_padding(padding, h, wd, w.shape[0], w.shape[1], stride), data_format, cols)
+    return ConvCache(x, w, stride, conv_padding(padding, h, wd, w.shape[0], w.shape[1], stride), data_format, cols)
 
 
 def _jit_fits(x, w, stride, data_format):
@@ -366,9 +366,9 @@ def conv2d_forward(x, w, stride=1, padding="SAME", data_format="NHWC", algorithm
     n_size, h, wd, c = x_nhwc.shape
     r, s, c_w, k = w.shape
     check.equal("w.shape[2]", c_w, f"x.shape[{3 if data_format == 'NHWC' else 1}]", c, "the input channels")
-    (pt, pb), (pl, pr) = _conv_padding(padding, h, wd, r, s, stride)
-    out_h, out_w = _output_hw(h, wd, r, s, stride, ((pt, pb), (pl, pr)))
-    _check_output(out_h, out_w, f"the {r}x{s} kernel w", padding, stride, h, wd)
+    (pt, pb), (pl, pr) = conv_padding(padding, h, wd, r, s, stride)
+    out_h, out_w = output_hw(h, wd, r, s, stride, ((pt, pb), (pl, pr)))
+    check_output(out_h, out_w, f"the {r}x{s} kernel w", padding, stride, h, wd)
     if bias is not None:
         bias = check.array(bias, "bias", 1, check.REALS, f"({k},)")
         check.shape(bias, "bias", (k,), "one value per output channel")
@@ -425,7 +425,7 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algori
     x_nhwc = x if data_format == "NHWC" else x.transpose(0, 2, 3, 1)
     n_size, h, wd, c = x_nhwc.shape
     r, s, _, k = w.shape
-    out_h, out_w = _output_hw(h, wd, r, s, stride, pads)
+    out_h, out_w = output_hw(h, wd, r, s, stride, pads)
     dout = check.array(dout, "dout", 4, check.FLOATS)
     check.shape(dout, "dout", _to_layout((n_size, out_h, out_w, k), data_format),
                 f"the shape of the forward output in {data_format}")
@@ -453,7 +453,7 @@ def conv2d_backward(dout, cache, need_dx=True, gemm="blas", need_dw=True, algori
     group = max(1, min(n_size, (2 << 20) // max(1, rows * wt.shape[1] * dx.itemsize)))
     for i in range(0, n_size, group):
         dcols = matmul(d2[i * rows : (i + group) * rows], wt)
-        _col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx[i : i + group])
+        col2im_nhwc(dcols, r, s, stride[0], stride[1], pads[0][0], pads[1][0], out_h, out_w, dx[i : i + group])
     if data_format == "NCHW":
         dx = np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
     return dx, dw
@@ -569,12 +569,12 @@ def _pool_setup(x, ksize, stride, padding, data_format, dtypes):
     ksize, stride = hw_pair(ksize, "ksize"), hw_pair(stride, "stride")
     x_nhwc = np.ascontiguousarray(x if data_format == "NHWC" else x.transpose(0, 2, 3, 1))
     n_size, h, w, c = x_nhwc.shape
-    (pt, pb), (pl, pr) = _conv_padding(padding, h, w, ksize[0], ksize[1], stride)
+    (pt, pb), (pl, pr) = conv_padding(padding, h, w, ksize[0], ksize[1], stride)
     if max(pt, pb) >= ksize[0] or max(pl, pr) >= ksize[1]:
         raise ValueError(f"padding={padding!r} must be smaller than ksize={ksize} on every side: a window lying "
                          "entirely in the padding has nothing to pool")
-    out_h, out_w = _output_hw(h, w, ksize[0], ksize[1], stride, ((pt, pb), (pl, pr)))
-    _check_output(out_h, out_w, f"ksize={ksize}", padding, stride, h, w)
+    out_h, out_w = output_hw(h, w, ksize[0], ksize[1], stride, ((pt, pb), (pl, pr)))
+    check_output(out_h, out_w, f"ksize={ksize}", padding, stride, h, w)
     return x, x_nhwc, ksize, stride, (pt, pl), (n_size, out_h, out_w, c)
 
 
@@ -1153,9 +1153,9 @@ def conv2d_blocked_forward(xb, wb, stride=1, padding="SAME", bias=None, relu=Fal
         raise ValueError(f"xb.shape={xb.shape} and wb.shape={wb.shape} must have H, W, R, S and the block >= 1")
     if ksize is not None:
         check.equal("ksize", hw_pair(ksize, "ksize"), "wb.shape[2:4]", (r, s), "the kernel size the weights hold")
-    (pt, pb), (pl, pr) = _conv_padding(padding, h, w, r, s, stride)
-    out_h, out_w = _output_hw(h, w, r, s, stride, ((pt, pb), (pl, pr)))
-    _check_output(out_h, out_w, f"the {r}x{s} kernel wb", padding, stride, h, w)
+    (pt, pb), (pl, pr) = conv_padding(padding, h, w, r, s, stride)
+    out_h, out_w = output_hw(h, w, r, s, stride, ((pt, pb), (pl, pr)))
+    check_output(out_h, out_w, f"the {r}x{s} kernel wb", padding, stride, h, w)
     full_bias = np.zeros(kb * blk, dtype=xb.dtype)
     if bias is not None:
         bias = check.array(bias, "bias", 1, check.REALS, "(K,)")

@@ -426,7 +426,7 @@ class QuantizedCNN:
         from . import int8
         from .quantization import requantize
 
-        gemm_path = "reference" if self.path == "reference" else "portable"
+        gemm_path = self.path if self.path in ("reference", "amx") else "portable"  # amx: tdpbusd, one stage a pass
         stages, a = {}, x[..., None]
         for name in ("conv1", "conv2"):
             layer = self.layers[name]

@@ -330,7 +330,7 @@ def target_has(*names) -> bool:
     return all(usable.get(name, False) for name in names)
 
 
-def _request_tile_permission() -> str | None:
+def request_tile_permission() -> str | None:
     """Ask Linux for the AMX tile state for this process: None if granted, else why not."""
     import ctypes
 
@@ -356,7 +356,7 @@ def amx_status() -> tuple:
     missing = [name for name in ("amx_tile", "amx_int8") if not features.get(name)]
     if missing:
         return False, f"the CPU has no {' or '.join(missing)}"
-    refused = _request_tile_permission()
+    refused = request_tile_permission()
     if refused:
         return False, refused
     return True, "amx_tile and amx_int8, and the kernel granted the tile state"

@@ -47,7 +47,7 @@ POOL = [
 
 
 def pads_of(padding, h, w, r, s, stride):
-    return K._conv_padding(padding, h, w, r, s, stride)
+    return K.conv_padding(padding, h, w, r, s, stride)
 
 
 def close(a, b, what):

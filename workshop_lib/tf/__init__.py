@@ -85,7 +85,7 @@ from .ops import (
     zeros,
     zeros_like,
 )
-from .session import ConfigProto, GPUOptions, GraphOptions, InteractiveSession, Session
+from .session import ConfigProto, GPUOptions, GraphOptions, InteractiveSession, RewriterConfig, Session
 
 GraphKeys = type("GraphKeys", (), {"GLOBAL_VARIABLES": "variables", "TRAINABLE_VARIABLES": "trainable_variables",
                                    "GLOBAL_STEP": "global_step", "LOSSES": "losses"})
@@ -143,3 +143,16 @@ def add_to_collection(name, value):
 sub = subtract
 mul = multiply
 div = divide
+
+
+class mixed_precision:  # noqa: N801 - TensorFlow 1's ``tf.compat.v1.mixed_precision``
+    """``enable_mixed_precision_graph_rewrite(opt)``: bf16 mixed precision (see :mod:`.options`)."""
+
+    enable_mixed_precision_graph_rewrite = staticmethod(train.experimental.enable_mixed_precision_graph_rewrite)
+    disable_mixed_precision_graph_rewrite = staticmethod(train.experimental.disable_mixed_precision_graph_rewrite)
+
+
+class compat:  # noqa: N801 - ``tf.compat.v1`` is this module, as ``import tensorflow.compat.v1 as tf`` expects
+    import sys as _sys
+
+    v1 = _sys.modules[__name__]

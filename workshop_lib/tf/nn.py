@@ -68,10 +68,11 @@ def conv2d(input, filter=None, strides=(1, 1, 1, 1), padding="SAME", data_format
         dx = make_op("Conv2DBackpropInput", [g, xin, win], lambda ctx, gv, xv, wv: (kernels.conv2d_backward(
             gv, cache(xv, wv, None), need_dw=False, gemm=ctx.gemm_algorithm,
             algorithm=ctx.conv_algorithm)[0],), [xin.dtype], [xin.shape],
-            attrs={"data_format": data_format}).outputs[0]
+            attrs={"data_format": data_format, "strides": strides, "padding": padding}).outputs[0]
         dw = make_op("Conv2DBackpropFilter", [g, xin, win, workspace], lambda ctx, gv, xv, wv, cols: (
             kernels.conv2d_backward(gv, cache(xv, wv, cols), need_dx=False, gemm=ctx.gemm_algorithm)[1],),
-            [win.dtype], [win.shape], attrs={"data_format": data_format}).outputs[0]
+            [win.dtype], [win.shape], attrs={"data_format": data_format, "strides": strides,
+                                             "padding": padding}).outputs[0]
         return [dx, dw]
 
     out_shape = _pool_out_shape(x, wshape[:2], strides, padding, data_format, wshape[3])

@@ -14,6 +14,9 @@ put in their place. Every entry has ``inputs``, ``outputs``, ``control_inputs``,
   channels, and the pooling and ReLU after them, run in nChw16c (16 channels = one AVX-512 register of
   float32); values stay blocked from op to op, and a :class:`Reorder` entry converts them only where a
   plain-layout op reads them or the caller fetches them. :func:`reorder_counts` counts those entries.
+- :func:`mixed_precision` (``GraphOptions(precision="bf16")``, and TensorFlow 1's two switches): convolutions
+  and matmuls on bf16 operands with fp32 accumulation, everything else fp32; a :class:`Cast` entry where a
+  value enters bf16 (:func:`cast_counts` counts them).
 
 The one idea: because the graph is defined before it runs, the engine can rewrite it first.
 """
@@ -28,7 +31,8 @@ from .. import kernels
 from .trace import describe, op_fields
 
 __all__ = ["FusedOp", "fuse", "FusedGradOp", "fuse_gradients", "fused_gradient_count", "Reorder", "BlockedOp",
-           "BlockedValue", "propagate_layout", "reorder_counts"]
+           "BlockedValue", "propagate_layout", "reorder_counts", "BF16_OPS", "Cast", "CastValue", "Bf16Op",
+           "mixed_precision", "cast_counts"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,3 +355,136 @@ def reorder_counts(plan):
     """How many reorders one run of ``plan`` does: ``{"reorders": activations, "weight_reorders": weights}``."""
     counts = Counter(entry.stat for entry in plan if isinstance(entry, Reorder))
     return {"reorders": counts["reorders"], "weight_reorders": counts["weight_reorders"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed precision (bf16)
+
+# TensorFlow's auto-mixed-precision lists, in spirit: these run on bf16 operands (fp32 accumulation); every
+# other op (softmax and cross-entropy, reductions, bias and ReLU gradients, pooling, dropout, the optimizer's
+# update) stays fp32, and the variables stay fp32 master copies
+BF16_OPS = ("Conv2D", "MatMul", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+
+
+class CastValue:
+    """Stands in a plan for a tensor's value rounded to bf16 (uint16 bits): the key of its array."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.name = tensor.name + "/bf16"
+
+    def __repr__(self):
+        return f"<CastValue of {self.tensor.name}>"
+
+
+class Cast:
+    """A plan entry rounding one fp32 value to bf16 (nearest even) where a bf16 op reads it (counted in Session.stats).
+
+    ``stat`` is ``"weight_casts"`` for a variable (the fp32 master weights, cast every step) and ``"casts"``
+    for activations and gradients.
+    """
+
+    type = "Cast"
+
+    def __init__(self, tensor):
+        from .. import bf16
+
+        self.convert_bf16 = bf16.convert_bf16
+        self.inputs, self.outputs, self.control_inputs, self.attrs = [tensor], [CastValue(tensor)], [], {}
+        self.name = tensor.name + "/cast_bf16"
+        self.stat = "weight_casts" if tensor.op.type in ("VariableV2", "Variable") else "casts"
+
+    def compute(self, ctx, value):
+        return (self.convert_bf16(np.ascontiguousarray(value, dtype=np.float32)),)
+
+    def trace_fields(self, args, result):
+        return ["cast", "fp32->bf16", describe(result[0])]
+
+
+class Bf16Op:
+    """A plan entry running a convolution or matmul (fused or not, or a gradient of one) on bf16 operands.
+
+    Its float inputs are :class:`CastValue` (bf16 bits); it accumulates in fp32 and returns fp32, with the
+    bias and ReLU of a fused entry applied to the fp32 accumulators, so its consumers are fp32 ops as before.
+    """
+
+    def __init__(self, entry, inputs, forward_attrs=None):
+        from .. import bf16
+
+        self._bf16 = bf16
+        self.entry = entry
+        self.main = entry.main if isinstance(entry, FusedOp) else entry
+        self.type = "_Bf16" + entry.type.lstrip("_")
+        self.name, self.attrs = entry.name, dict(forward_attrs or {}, **self.main.attrs)
+        self.inputs, self.outputs, self.control_inputs = inputs, entry.outputs, entry.control_inputs
+
+    def compute(self, ctx, *args):
+        b, a, kind = self._bf16, self.attrs, self.main.type
+        if kind == "MatMul":
+            x, y = args[0], args[1]
+            x = x.T if a["transpose_a"] else x
+            y = y.T if a["transpose_b"] else y
+            out = b.gemm_bf16(x, y)  # transposed views: the packing reads them in place
+            if isinstance(self.entry, FusedOp):
+                out += args[2]
+                if self.entry.relu:
+                    np.maximum(out, 0, out=out)
+            return (out,)
+        if kind == "Conv2D":
+            fused = isinstance(self.entry, FusedOp)
+            return b.conv2d_bf16(args[0], args[1], a["strides"], a["padding"], bias=args[2] if fused else None,
+                                 relu=fused and self.entry.relu, return_cols=True)  # the workspace: bf16 columns
+        g, x, w = args[:3]
+        cols = args[3] if len(args) > 3 and isinstance(args[3], np.ndarray) and args[3].dtype == np.uint16 else None
+        dx, dw = b.conv2d_backward_bf16(g, x, w, a["strides"], a["padding"], need_dx=kind == "Conv2DBackpropInput",
+                                        need_dw=kind == "Conv2DBackpropFilter", cols=cols)
+        return (dx if kind == "Conv2DBackpropInput" else dw,)
+
+    def trace_fields(self, args, result):
+        return op_fields(self.type, "bf16", self.attrs.get("data_format", "-"), args, result)
+
+
+def _bf16_inputs(entry):
+    """Which inputs of ``entry`` it reads as bf16 (positions), or None if it stays fp32."""
+    main = entry.main if isinstance(entry, FusedOp) else entry
+    if main.type not in BF16_OPS or main.attrs.get("data_format", "NHWC") != "NHWC":
+        return None
+    if main.type.startswith("Conv2DBackprop") and "strides" not in main.attrs:
+        return None  # a gradient built without its forward's geometry
+    if any(t.dtype.name != "float32" for t in main.inputs[:2]):
+        return None
+    return (0, 1, 2) if main.type.startswith("Conv2DBackprop") else (0, 1)
+
+
+def mixed_precision(plan, fetched=()):
+    """bf16 compute, fp32 everything else: TensorFlow's oneDNN bfloat16 auto-mixed-precision, on this engine.
+
+    Convolutions (forward, backward-data, backward-weights) and matmuls (forward and both gradients, fused
+    with their bias and ReLU or not) read their operands as bf16 and accumulate in fp32
+    (:mod:`workshop_lib.bf16`). Softmax, cross-entropy, reductions, pooling, ReLU and bias gradients and the
+    optimizer run in fp32 on fp32 values; the variables are fp32 master weights, cast to bf16 where a bf16
+    op reads them. A :class:`Cast` entry rounds a value once, just before its first bf16 reader, and every
+    bf16 reader shares it (a layer's input serves its forward and its weight gradient; a gradient serves both
+    of a convolution's gradients). No loss scaling: bf16 has fp32's exponent range.
+    """
+    casts, out = {}, []
+    for entry in plan:
+        positions = _bf16_inputs(entry)
+        if positions is None:
+            out.append(entry)
+            continue
+        inputs = list(entry.inputs)
+        for i in positions:
+            t = inputs[i]
+            if t not in casts:
+                casts[t] = Cast(t)
+                out.append(casts[t])
+            inputs[i] = casts[t].outputs[0]
+        out.append(Bf16Op(entry, inputs))
+    return out
+
+
+def cast_counts(plan):
+    """How many casts to bf16 one run of ``plan`` does: ``{"casts": activations and gradients, "weight_casts": ...}``."""
+    counts = Counter(entry.stat for entry in plan if isinstance(entry, Cast))
+    return {"casts": counts["casts"], "weight_casts": counts["weight_casts"]}

@@ -30,10 +30,10 @@ from .core import (
     get_default_graph,
     topological_order,
 )
-from .options import GraphOptions
+from .options import GraphOptions, RewriterConfig, compute_precision
 from .trace import Trace
 
-__all__ = ["ConfigProto", "GraphOptions", "Session", "InteractiveSession", "RunContext"]
+__all__ = ["ConfigProto", "GraphOptions", "RewriterConfig", "Session", "InteractiveSession", "RunContext"]
 
 
 class ConfigProto:
@@ -125,7 +125,8 @@ class Session:
         self._plans = {}
         self._liveness = {}  # (plan, fetches) -> the values each entry reads last (see _last_reads)
         self._lock = threading.RLock()
-        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0, "fused_gradients": 0}
+        self.stats = {"runs": 0, "ops_executed": 0, "reorders": 0, "weight_reorders": 0, "fused_gradients": 0,
+                      "casts": 0, "weight_casts": 0}
         kernels.keep_freed_memory()  # reuse big temporaries from step to step, as TF's own allocator does
 
     # context management ---------------------------------------------------------------------
@@ -223,7 +224,9 @@ class Session:
         """The entries to execute, each after its inputs, rewritten by the graph passes that are on."""
         opts = self.config.graph_options
         layout = opts.layout if opts.kernels == "optimized" else "native"
-        key = (tuple(id(t) for t in targets), frozenset(id(t) for t in feeds), self.graph.version, opts.fusion, layout)
+        precision = compute_precision(opts)
+        key = (tuple(id(t) for t in targets), frozenset(id(t) for t in feeds), self.graph.version, opts.fusion, layout,
+               precision)
         if key in self._plans:
             return self._plans[key]
         roots = [t if isinstance(t, Operation) else t.op for t in targets if not (isinstance(t, Tensor) and t in feeds)]
@@ -232,9 +235,12 @@ class Session:
         fetched = {t for t in targets if isinstance(t, Tensor)}
         if opts.fusion:
             plan = passes.fuse_gradients(passes.fuse(plan, fetched), fetched)
+        if precision == "bf16":
+            plan = passes.mixed_precision(plan, fetched)
         if layout == "blocked":
             plan = passes.propagate_layout(plan, fetched)
-        self._plans[key] = plan, passes.reorder_counts(plan), passes.fused_gradient_count(plan)
+        self._plans[key] = plan, {**passes.reorder_counts(plan), **passes.cast_counts(plan)}, \
+            passes.fused_gradient_count(plan)
         return self._plans[key]
 
     def _last_reads(self, plan, targets):

@@ -788,3 +788,12 @@ class MonitoredTrainingSession:
             self.close()
         else:
             self._session.close()
+
+
+class experimental:  # noqa: N801 - TensorFlow 1's namespace ``tf.train.experimental``
+    """``tf.train.experimental.enable_mixed_precision_graph_rewrite(opt)``: bf16 mixed precision on this engine."""
+
+    from .options import disable_mixed_precision_graph_rewrite, enable_mixed_precision_graph_rewrite
+
+    enable_mixed_precision_graph_rewrite = staticmethod(enable_mixed_precision_graph_rewrite)
+    disable_mixed_precision_graph_rewrite = staticmethod(disable_mixed_precision_graph_rewrite)
