@@ -68,7 +68,22 @@ def test_machine_state_flags_a_loaded_machine_and_names_it_in_the_verdict():
 
 def test_real_machine_state_has_the_fields_a_figure_needs():
     state = bench.machine_state()
-    assert set(state) == {"load", "cpu", "usable_cpus", "threads"} and state["usable_cpus"] >= 1
+    assert {"load", "cpu", "usable_cpus", "threads", "busy_s", "own_s", "wall_s", "all_cpus"} <= set(state)
+    assert state["usable_cpus"] >= 1
+
+
+def test_loaded_means_other_programs_ran_not_our_own_work():
+    """The load average counts the measuring process itself; the CPU time others used during the figure does not."""
+    def state(load, busy, own, wall):
+        return {"load": load, "cpu": "test", "usable_cpus": 2, "threads": {}, "busy_s": busy, "own_s": own,
+                "wall_s": wall, "all_cpus": 2}
+
+    ours = bench.MachineNote(state(1.9, 100.0, 10.0, 0.0), state(1.9, 102.0, 12.0, 1.0))  # 2 CPU-s, all ours
+    assert ours.others == 0.0 and not ours.loaded and "LOADED" not in str(ours)
+    shared = bench.MachineNote(state(0.1, 100.0, 10.0, 0.0), state(0.1, 102.0, 11.0, 1.0))  # 1 of 2 CPU-s others'
+    assert shared.others == 0.5 and shared.loaded and "50% of the CPUs" in shared.loaded_note()
+    no_proc = bench.MachineNote(state(1.5, None, 10.0, 0.0), state(1.5, None, 11.0, 1.0))  # no /proc/stat
+    assert no_proc.others is None and no_proc.loaded  # falls back to the load average: 1.5 >= half of 2 CPUs
 
 
 def test_compare_interleaves_the_variants_round_by_round():

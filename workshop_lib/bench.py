@@ -532,10 +532,29 @@ def machine_state():
             threads["numba"] = int(numba.get_num_threads())
         except Exception:  # noqa: BLE001 - a refused NUMBA_NUM_THREADS: the figure still gets a state
             pass
-    return {"load": load, "cpu": cpu_model(), "usable_cpus": core_counts()["usable"], "threads": threads}
+    busy, cpus = _busy_cpu_seconds()
+    own = os.times()
+    return {"load": load, "cpu": cpu_model(), "usable_cpus": core_counts()["usable"], "threads": threads,
+            "busy_s": busy, "all_cpus": cpus, "own_s": own.user + own.system + own.children_user + own.children_system,
+            "wall_s": time.monotonic()}
 
 
-LOADED_FRACTION = 0.5  # loaded: other programs' 1-minute load average before the measurement >= half the usable CPUs
+def _busy_cpu_seconds():
+    """(CPU seconds every process of the machine has run, CPUs counted), from /proc/stat; (None, None) elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        fields = [int(v) for v in lines[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None, None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait; guest time is already in user
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal (steal: other VMs had the core)
+    cpus = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    return busy / os.sysconf("SC_CLK_TCK"), cpus or None
+
+
+LOADED_FRACTION = 0.5  # without /proc/stat: loaded when the 1-minute load average before is >= half the usable CPUs
+OTHERS_FRACTION = 0.2  # with it: loaded when other processes ran on >= this share of the CPUs during the measurement
 
 
 class MachineNote:
@@ -545,11 +564,24 @@ class MachineNote:
         self.before, self.after = before, after
         self.cpu, self.usable_cpus, self.threads = before["cpu"], before["usable_cpus"], before["threads"]
         self.load_before, self.load_after = before["load"], after["load"]
-        self.loaded = self.load_before is not None and self.load_before >= LOADED_FRACTION * self.usable_cpus
+        # what other processes ran meanwhile: the machine's busy CPU time less this process's own (and its children's
+        # that ended, e.g. mpiexec's ranks), over the CPUs and the wall time; the load average counts our own work
+        self.others = None
+        keys = ("busy_s", "own_s", "wall_s", "all_cpus")
+        if all(before.get(k) is not None and after.get(k) is not None for k in keys):
+            wall = after["wall_s"] - before["wall_s"]
+            if wall > 0.05:
+                others = (after["busy_s"] - before["busy_s"]) - (after["own_s"] - before["own_s"])
+                self.others = min(1.0, max(0.0, others / (wall * before["all_cpus"])))
+        if self.others is not None:
+            self.loaded = self.others >= OTHERS_FRACTION
+        else:
+            self.loaded = self.load_before is not None and self.load_before >= LOADED_FRACTION * self.usable_cpus
 
     def as_dict(self):
         return {"cpu": self.cpu, "usable_cpus": self.usable_cpus, "threads": self.threads,
-                "load_before": self.load_before, "load_after": self.load_after, "loaded": self.loaded}
+                "load_before": self.load_before, "load_after": self.load_after, "others": self.others,
+                "loaded": self.loaded}
 
     def __str__(self):
         if self.load_before is None:
@@ -557,7 +589,16 @@ class MachineNote:
         else:
             load = f"load average {self.load_before:.2f} -> {self.load_after:.2f} on {self.usable_cpus} CPU(s)"
         plan = ", ".join(f"{k}={v}" for k, v in self.threads.items()) or "threads: library defaults"
-        return f"{self.cpu}; {load}; {plan}" + ("; LOADED: other programs wanted the cores" if self.loaded else "")
+        others = "" if self.others is None else f"; other programs used {100 * self.others:.0f}% of the CPUs"
+        return f"{self.cpu}; {load}{others}; {plan}" + ("; LOADED: other programs wanted the cores" if self.loaded else "")
+
+    def loaded_note(self):
+        """The sentence a verdict adds when the machine was loaded (empty otherwise)."""
+        if not self.loaded:
+            return ""
+        if self.others is not None:
+            return f" (Measured while other programs used {100 * self.others:.0f}% of the CPUs.)"
+        return f" (Measured while the machine was loaded: load average {self.load_before:.2f} on {self.usable_cpus} CPU(s).)"
 
 
 class Measurement:
@@ -720,9 +761,8 @@ class Verdict:
         else:
             text += f": {self.outcome} {'in every round' if self.over.startswith('over') else 'across the spread'}" + \
                 ("." if self.threshold == 1.0 else f", by more than {sig(self.threshold)}x.")
-        if self.machine is not None and self.machine.loaded:
-            text += (f" (Measured while the machine was loaded: load average {self.machine.load_before:.2f} "
-                     f"on {self.machine.usable_cpus} CPU(s).)")
+        if self.machine is not None:
+            text += self.machine.loaded_note()
         return text
 
     __repr__ = __str__
