@@ -234,17 +234,17 @@ def test_discovery_brings_the_job_back_up_to_max_np(tmp_path):
     out = tmp_path / "result.json"
 
     def more_slots(events):
-        if sum(e["event"] == "commit" for e in events) >= 3:
+        if sum(e["event"] == "commit" for e in events) >= 1:  # early: an idle machine runs the epochs in seconds
             hosts.write_text("localhost:3\n")
 
-    proc, events = _drive(tmp_path / "elastic", 2, 2, ["--batches-per-epoch", "60", "--out", str(out)],
+    proc, events = _drive(tmp_path / "elastic", 2, 2, ["--batches-per-epoch", "200", "--out", str(out)],
                           extra=["--max-np", "3", "--host-discovery-script", str(script)], on_event=more_slots)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [e["size"] for e in events if e["event"] == "launch"] == [2, 3]
     interrupted = next(e for e in events if e["event"] == "interrupted")
     resumed = next(e for e in events if e["event"] == "resumed")
     assert (resumed["commit"], resumed["step"]) == (interrupted["commit"], interrupted["step"])
-    assert json.loads(out.read_text())["global_step"] == 2 * 60 + 1
+    assert json.loads(out.read_text())["global_step"] == 2 * 200 + 1
 
 
 @pytest.mark.mpi
@@ -284,7 +284,7 @@ def _sharded_run(mpirun, n, folder, out, sharded, steps=8, elastic_dir=None, dum
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("n", [2, 4])
 def test_sharded_adam_gives_the_losses_of_plain_data_parallelism(mpirun, tmp_path, n):
-    from workshop_lib.comm import _chunk_bounds
+    from workshop_lib.comm.ring import chunk_bounds
 
     plain = _sharded_run(mpirun, n, tmp_path, "plain.json", False, dump="plain.npz")
     zero = _sharded_run(mpirun, n, tmp_path, "zero.json", True, dump="zero.npz")
@@ -295,7 +295,7 @@ def test_sharded_adam_gives_the_losses_of_plain_data_parallelism(mpirun, tmp_pat
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
     # rank 0's bytes: its ring chunk of m and v, and the two float32 powers; the plain run's: m and v in full
     params = 20 * 64 + 64 + 64 * 33 + 33
-    bounds = _chunk_bounds(params, n)
+    bounds = chunk_bounds(params, n)
     assert plain["state_bytes"] == 2 * 4 * params
     assert zero["state_bytes"] == 2 * 4 * (bounds[2] - bounds[1]) + 8
 

@@ -51,6 +51,7 @@ def _scaled_down(name, folder):
         "kmeans_quantize": ["--image", str(_small_image(folder / "small.png")), "--colors", "4", "--max-iter", "3",
                             "--out", str(folder / "quantized.png")],
         "link_timing": ["--sizes", "8", "65536", "--repeats", "1"],
+        "model_parallel_fc": ["--rounds", "1", "--calls", "2"],
         "mpi_hello": [],
         "tensorflow_mnist": ["--steps", "20", "--batch-size", "20", "--log-every", "10",
                              "--checkpoint-dir", str(folder / "checkpoints")],
@@ -86,7 +87,7 @@ def test_every_batch_template_runs_as_one_mpi_world_with_its_threads_and_binding
     _one_world_of_two(text)
     if name == "kmeans_quantize":
         assert (folder / "quantized.png").stat().st_size > 0
-    if name in ("allreduce_timing", "link_timing"):
+    if name in ("allreduce_timing", "link_timing", "model_parallel_fc"):
         assert '"ranks": 2' in text
 
 

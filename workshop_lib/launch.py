@@ -659,14 +659,16 @@ class ElasticDriver:
             for reader in readers:
                 reader.start()
             next_check = time.monotonic() + self.interval
-            first_dead, watched = None, {}
+            first_dead, watched, settled = None, {}, False
             while proc.poll() is None:
-                time.sleep(0.05)
-                if first_dead is None:  # which rank ends first (the launcher then ends the others)
+                time.sleep(0.02)
+                if not settled:  # which rank ends first (the launcher then ends the others)
                     watched = watched if len(watched) == size else self._pids()
                     gone = [(rank, pid) for pid, rank in watched.items() if not self._alive(pid)]
                     if gone and len(watched) == size:
-                        first_dead = min(gone)
+                        # two or more gone between two looks: which was first is unknown, and the launcher's own
+                        # report (the pid it names) decides in cause()
+                        first_dead, settled = (gone[0] if len(gone) == 1 else None), True
                 if self.discovery is not None and size < self.max_np and time.monotonic() > next_check:
                     next_check = time.monotonic() + self.interval
                     more = self.discover()
