@@ -161,7 +161,11 @@ def _env():
 
 def _events(folder):
     path = folder / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists():
+        return []
+    text = path.read_text()
+    # the driver may be appending a line right now: only whole lines (ended by their newline) are events yet
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def _drive(folder, n, min_np, script_args, kills=(), extra=(), timeout=150, on_event=None):
