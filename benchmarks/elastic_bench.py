@@ -40,8 +40,9 @@ KINDS = ("kill", "raise", "kill", "hang", "kill")
 
 
 def _events(folder):
-    path = folder / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    from workshop_lib.elastic import read_events  # whole lines only: the driver may be writing one
+
+    return read_events(folder)
 
 
 def _load():

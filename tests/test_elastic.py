@@ -112,7 +112,7 @@ def test_tensorflow_state_restores_variables_and_attributes(no_driver, fresh_gra
         seen = hvd.elastic.run(lambda s: (s.epoch, session.run(w).copy(), int(session.run(step))))(state)
     assert seen[0] == 4 and seen[2] == 1
     np.testing.assert_array_equal(seen[1], committed)
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = _events(tmp_path)
     assert events[-1]["event"] == "resumed" and events[-1]["step"] == 1
 
 
@@ -160,12 +160,9 @@ def _env():
 
 
 def _events(folder):
-    path = folder / "events.jsonl"
-    if not path.exists():
-        return []
-    text = path.read_text()
-    # the driver may be appending a line right now: only whole lines (ended by their newline) are events yet
-    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+    from workshop_lib.elastic import read_events
+
+    return read_events(folder)
 
 
 def _drive(folder, n, min_np, script_args, kills=(), extra=(), timeout=150, on_event=None):

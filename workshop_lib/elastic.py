@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["run", "State", "ObjectState", "TensorFlowState", "HorovodInternalError", "HostsUpdatedInterrupt",
-           "ELASTIC_DIR", "ELASTIC_RESTART", "HOSTS_UPDATED", "INTERRUPTED", "EVENTS"]
+           "ELASTIC_DIR", "ELASTIC_RESTART", "HOSTS_UPDATED", "INTERRUPTED", "EVENTS", "read_events"]
 
 # set by the driver for every rank of a launch
 ELASTIC_DIR = "WORKSHOP_ELASTIC_DIR"  # commits, the event log, the rank pids, the driver's notices
@@ -122,6 +122,28 @@ def log_event(directory, **event):
     event = {"t": time.time(), **event}
     with open(Path(directory) / EVENTS, "a") as f:
         f.write(json.dumps(event) + "\n")
+
+
+def read_events(directory):
+    """The events :func:`log_event` wrote to ``directory``/events.jsonl so far, oldest first.
+
+    Safe to call while a job runs: a line still being written (no newline yet) is left for the next call.
+
+    Parameters
+    ----------
+    directory : str or Path
+        The elastic folder.
+
+    Returns
+    -------
+    list of dict
+        Empty when nothing was logged yet.
+    """
+    path = Path(directory) / EVENTS
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 def _say(text):
